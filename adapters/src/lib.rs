@@ -1,0 +1,20 @@
+//! LoRA adapters for leaf.
+//!
+//! * [`config`]: the base model's Hugging Face `config.json` (Llama family).
+//! * [`peft`]: PEFT-format adapters (`adapter_config.json` + `adapter_model.safetensors`).
+//! * [`validate`]: checks an adapter against a base model before anything serves it.
+//! * [`store`]: the versioned on-disk store with atomic publish, promote and roll back.
+//! * [`merge`]: base weights + scale * B A, for servers that need merged weights.
+//! * [`model`]: the trainable Llama-family decoder with LoRA layers (candle).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod merge;
+pub mod model;
+pub mod peft;
+pub mod store;
+pub mod validate;
+
+pub use config::LlamaConfig;
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! The trainable Llama-family decoder with LoRA (being written).

@@ -1,0 +1,1 @@
+//! Runnable programs that use leaf; see `src/bin/`.

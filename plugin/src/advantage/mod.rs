@@ -1,0 +1,1 @@
+//! Advantage estimators: LEAF span advantages and the GRPO baseline (being written).

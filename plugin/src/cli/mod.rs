@@ -1,0 +1,17 @@
+//! One module per `leaf` subcommand; each exposes `Args` (clap) and `run`.
+
+pub mod adapter;
+pub mod advantages;
+pub mod bench_train;
+pub mod jsonl;
+pub mod reward;
+
+/// Logs go to stderr (stdout carries the JSON results); `RUST_LOG` filters them.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,37 @@
+//! The one error type of `leaf-plugin`.
+
+use std::path::PathBuf;
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A group of rollouts failed validation.
+    #[error(transparent)]
+    Group(#[from] crate::rollout::GroupError),
+    /// A reward could not be computed.
+    #[error(transparent)]
+    Reward(#[from] crate::reward::RewardError),
+    /// Audio could not be decoded or featurised.
+    #[error(transparent)]
+    Audio(#[from] crate::audio::AudioError),
+    /// The speech workload (units, tokenizer, tasks) failed.
+    #[error(transparent)]
+    Speech(#[from] crate::speech::SpeechError),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] crate::trainer::TrainError),
+    /// An adapter, the store or the trainable model failed.
+    #[error(transparent)]
+    Adapter(#[from] leaf_adapters::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,15 @@
+//! leaf: continual LEAF post-training inside a mistral.rs speech-LLM server.
+//!
+//! Data flows one way: server -> [`harvest`] -> [`advantage`] (LEAF trees) -> [`trainer`]
+//! -> adapter store (`leaf-adapters`) -> server. See `ARCHITECTURE.md` at the workspace root.
+#![warn(missing_docs)]
+
+pub mod advantage;
+pub mod audio;
+pub mod error;
+pub mod reward;
+pub mod rollout;
+pub mod speech;
+pub mod trainer;
+
+pub use error::{Error, Result};
