@@ -46,6 +46,9 @@ pub enum Error {
     /// The versioned store refused an operation.
     #[error("adapter store: {0}")]
     Store(String),
+    /// The trainable model refused its input (bad token ids, lengths, options).
+    #[error("model: {0}")]
+    Model(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
