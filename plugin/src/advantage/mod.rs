@@ -1,1 +1,87 @@
-//! Advantage estimators: LEAF span advantages and the GRPO baseline (being written).
+//! Advantage estimators: LEAF span advantages and the GRPO baseline behind one seam.
+//!
+//! Both turn a validated [`Group`] into one advantage per generated token. Which one runs is
+//! configuration ([`EstimatorConfig`]); everything downstream only sees
+//! [`AdvantageEstimator`]. Every estimator is deterministic: the same group gives the same
+//! advantages to the last bit.
+
+mod boundaries;
+mod grpo;
+mod leaf;
+pub mod synthetic;
+mod tree;
+
+pub use boundaries::{select_boundaries, separation};
+pub use grpo::Grpo;
+pub use leaf::{Leaf, LeafConfig, Terms};
+pub use tree::{ForkStats, LeafTree, Node, Span};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::Group;
+
+/// Per-token advantages of one group, plus the LEAF tree when LEAF produced them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Advantages {
+    /// `per_token[i][t]` is the advantage of token `t` of response `i`.
+    pub per_token: Vec<Vec<f64>>,
+    /// The recovered prefix tree (LEAF only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<LeafTree>,
+}
+
+/// The seam every trainer uses: a group in, per-token advantages out.
+pub trait AdvantageEstimator: Send + Sync {
+    /// Short name (`"leaf"`, `"grpo"`), used in logs, metrics and reports.
+    fn name(&self) -> &'static str;
+
+    /// Advantages for every token of every response of `group`.
+    fn estimate(&self, group: &Group) -> Advantages;
+}
+
+/// Which estimator to run, as it appears in configuration files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "estimator", rename_all = "lowercase")]
+pub enum EstimatorConfig {
+    /// LEAF span advantages.
+    Leaf(LeafConfig),
+    /// GRPO's per-response advantage.
+    Grpo,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        EstimatorConfig::Leaf(LeafConfig::default())
+    }
+}
+
+impl EstimatorConfig {
+    /// Builds the configured estimator.
+    pub fn build(&self) -> Box<dyn AdvantageEstimator> {
+        match self {
+            EstimatorConfig::Leaf(cfg) => Box::new(Leaf::new(cfg.clone())),
+            EstimatorConfig::Grpo => Box::new(Grpo),
+        }
+    }
+
+    /// The estimator's short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EstimatorConfig::Leaf(_) => "leaf",
+            EstimatorConfig::Grpo => "grpo",
+        }
+    }
+}
+
+/// Mean of `values` summed in order (deterministic).
+pub(crate) fn mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let n = values.len();
+    values.sum::<f64>() / n as f64
+}
+
+/// Sample standard deviation (divides by `n - 1`; a single value divides by 1).
+pub(crate) fn sample_std(values: &[f64], mean: f64) -> f64 {
+    let ss: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
+    let denom = if values.len() > 1 { values.len() - 1 } else { 1 };
+    (ss / denom as f64).sqrt()
+}
