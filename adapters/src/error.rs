@@ -46,6 +46,12 @@ pub enum Error {
     /// The versioned store refused an operation.
     #[error("adapter store: {0}")]
     Store(String),
+    /// The store has no version with this id.
+    #[error("adapter store: unknown version {0}")]
+    UnknownVersion(String),
+    /// A rollback was asked for but no earlier current version exists.
+    #[error("adapter store: no previous version to roll back to")]
+    NoRollbackTarget,
     /// The trainable model refused its input (bad token ids, lengths, options).
     #[error("model: {0}")]
     Model(String),
