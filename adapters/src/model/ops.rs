@@ -1,0 +1,136 @@
+//! Differentiable building blocks of the decoder.
+//!
+//! candle's fused kernels (`candle_nn::ops::softmax_last_dim`, `rms_norm`, `log_softmax` on some
+//! back-ends, `rotary_emb::rope`, `sdpa`) are registered with `apply_op*_no_bwd`: they run, but
+//! the gradient stops at them without an error. Everything here is written with basic tensor
+//! ops that candle knows how to differentiate, and follows the arithmetic of the fused kernels
+//! (and of mistral.rs 0.8.1, which serves the same weights) so the values agree.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+///
+/// Same formula and order of operations as `candle_nn::ops::rms_norm` (which mistral.rs uses),
+/// but differentiable with respect to `x` and `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let denom = (mean_sq + eps)?.sqrt()?;
+    x.broadcast_div(&denom)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension, `exp(x - max) / sum(exp(x - max))`.
+///
+/// The maximum is detached: softmax is shift-invariant, so its true gradient through the
+/// maximum is zero, and detaching saves the work. Rows that are all `-inf` give NaN, as the fused
+/// kernel does; masks built by [`attention_mask`] always leave one finite entry per row.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Log-softmax over the last dimension, `x - max - log(sum(exp(x - max)))`.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// SiLU, `x * sigmoid(x)`.
+///
+/// candle's unary `silu` op has a backward rule (unlike `candle_nn::ops::sigmoid`'s fused
+/// kernel), and it is the op mistral.rs applies, so it is used as is for identical values.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// The RoPE tables `cos` and `sin`, each `[seq_len, head_dim / 2]`, computed exactly as
+/// mistral.rs 0.8.1 computes them (`RotaryEmbedding::new`): inverse frequencies
+/// `1 / theta^(i / head_dim)` for even `i` in `f32`, positions as `f32`, the outer product as a
+/// matmul in `f32`, then `sin`/`cos` in `f32` and a cast to `dtype`.
+pub fn rope_tables(
+    theta: f64,
+    head_dim: usize,
+    seq_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let base = theta as f32;
+    let inv_freq: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let half = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = u32::try_from(seq_len)
+        .map_err(|_| candle_core::Error::Msg(format!("sequence length {seq_len} too long")))?;
+    let t = Tensor::arange(0u32, positions, device)?
+        .to_dtype(DType::F32)?
+        .reshape((seq_len, 1))?;
+    let freqs = t.matmul(&inv_freq)?;
+    let sin = freqs.sin()?.to_dtype(dtype)?;
+    let cos = freqs.cos()?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Rotary position embedding in Hugging Face's `rotate_half` convention (GPT-NeoX style, the
+/// one `candle_nn::rotary_emb::rope` and mistral.rs's Llama use):
+/// `out[..h] = x1 * cos - x2 * sin`, `out[h..] = x1 * sin + x2 * cos` with `x1 = x[..h]`,
+/// `x2 = x[h..]`, `h = head_dim / 2`.
+///
+/// `x` is `[batch, heads, seq, head_dim]`; `cos` and `sin` are `[seq, head_dim / 2]` (from
+/// [`rope_tables`]). Written as `x * [cos, cos] + rotate_half(x) * [sin, sin]`, which rounds
+/// exactly like the fused kernel.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_b, _h, seq, dim) = x.dims4()?;
+    let (cos_seq, half) = cos.dims2()?;
+    if half * 2 != dim || cos_seq < seq || sin.dims2()? != (cos_seq, half) {
+        candle_core::bail!(
+            "rope: x {:?} does not match cos {:?} / sin {:?}",
+            x.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let cos = cos.narrow(0, 0, seq)?;
+    let sin = sin.narrow(0, 0, seq)?;
+    let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+    let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
+}
+
+/// Repeats each key/value head `n_rep` times along the head axis (grouped-query attention):
+/// `[b, kv_heads, t, d] -> [b, kv_heads * n_rep, t, d]`, query head `i` reading kv head
+/// `i / n_rep`, as in Hugging Face and mistral.rs.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))
+}
+
+/// The additive attention mask `[batch, 1, seq, seq]`: `0` where query `i` may attend key `j`
+/// (`j <= i` and key `j` is a real token of that row), `-inf` elsewhere.
+///
+/// `lens[b]` is the number of real tokens of row `b` (right padding). A padded query row still
+/// sees key 0, so no row is all `-inf`; its outputs are never read.
+pub fn attention_mask(lens: &[usize], seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(lens.len() * seq * seq);
+    for &len in lens {
+        for i in 0..seq {
+            for j in 0..seq {
+                let visible = j <= i && (j < len || j == 0);
+                data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(data, (lens.len(), 1, seq, seq), device)?.to_dtype(dtype)
+}
