@@ -73,10 +73,14 @@ impl EstimatorConfig {
     }
 }
 
-/// Mean of `values` summed in order (deterministic).
-pub(crate) fn mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
+/// Mean of `values`, summed in order (deterministic) as offsets from the first value, so
+/// that equal values give exactly that value (and equal rewards exactly zero advantages).
+pub(crate) fn mean(mut values: impl ExactSizeIterator<Item = f64>) -> f64 {
     let n = values.len();
-    values.sum::<f64>() / n as f64
+    let Some(first) = values.next() else {
+        return 0.0;
+    };
+    first + values.map(|v| v - first).sum::<f64>() / n as f64
 }
 
 /// Sample standard deviation (divides by `n - 1`; a single value divides by 1).
