@@ -25,6 +25,9 @@ enum Command {
     Adapter(cli::adapter::Command),
     /// Time one LoRA training step and print tokens per second as JSON.
     BenchTrain(cli::bench_train::Args),
+    /// Fit the discrete-unit codebook, or print the units of a WAV file.
+    #[command(subcommand)]
+    Units(cli::units::Command),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Reward(args) => cli::reward::run(args),
         Command::Adapter(cmd) => cli::adapter::run(cmd),
         Command::BenchTrain(args) => cli::bench_train::run(args),
+        Command::Units(cmd) => cli::units::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ pub mod advantages;
 pub mod bench_train;
 pub mod jsonl;
 pub mod reward;
+pub mod units;
 
 /// Logs go to stderr (stdout carries the JSON results); `RUST_LOG` filters them.
 pub fn init_tracing() {
