@@ -40,7 +40,9 @@ pub struct PeftConfig {
     pub peft_type: String,
     /// LoRA rank r.
     pub r: usize,
-    /// LoRA alpha; the update is scaled by `lora_alpha / r`.
+    /// LoRA alpha; the update is scaled by `lora_alpha / r`. Written as an integer when it is
+    /// one, as PEFT writes it.
+    #[serde(serialize_with = "serialize_alpha")]
     pub lora_alpha: f64,
     /// Dropout on the LoRA input during training (0 at inference).
     #[serde(default)]
@@ -92,6 +94,17 @@ pub struct PeftConfig {
     /// Any other fields found in the file, kept verbatim.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+fn serialize_alpha<S: serde::Serializer>(
+    alpha: &f64,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    if alpha.is_finite() && alpha.fract() == 0.0 && alpha.abs() < 9.0e15 {
+        s.serialize_i64(*alpha as i64)
+    } else {
+        s.serialize_f64(*alpha)
+    }
 }
 
 fn default_bias() -> String {
