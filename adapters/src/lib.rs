@@ -18,3 +18,4 @@ pub mod validate;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use peft::{LoraAdapter, LoraPart, PeftConfig};
