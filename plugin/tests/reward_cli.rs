@@ -136,6 +136,9 @@ fn reads_input_file_and_rejects_unknown_metric() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
 }
 
+/// Reads the expected raw score from a golden row.
+type Expected = fn(&serde_json::Value) -> f64;
+
 #[test]
 fn goldens_through_the_binary() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/rewards/goldens.jsonl");
@@ -149,23 +152,23 @@ fn goldens_through_the_binary() {
         .iter()
         .map(|r| serde_json::json!({"hyp": r["hyp"], "ref": r["ref"]}).to_string() + "\n")
         .collect();
-    let checks: [(&[&str], &dyn Fn(&serde_json::Value) -> f64); 6] = [
-        (&["--metric", "bleu"], &|r| {
+    let checks: [(&[&str], Expected); 6] = [
+        (&["--metric", "bleu"], |r| {
             r["bleu"]["score"].as_f64().unwrap_or(f64::NAN)
         }),
-        (&["--metric", "chrf", "--lowercase"], &|r| {
+        (&["--metric", "chrf", "--lowercase"], |r| {
             r["chrf_lc"].as_f64().unwrap_or(f64::NAN)
         }),
-        (&["--metric", "chrf++"], &|r| {
+        (&["--metric", "chrf++"], |r| {
             r["chrfpp"].as_f64().unwrap_or(f64::NAN)
         }),
-        (&["--metric", "wer"], &|r| {
+        (&["--metric", "wer"], |r| {
             r["wer"]["rate"].as_f64().unwrap_or(f64::NAN)
         }),
-        (&["--metric", "cer", "--lowercase"], &|r| {
+        (&["--metric", "cer", "--lowercase"], |r| {
             r["cer_lc"]["rate"].as_f64().unwrap_or(f64::NAN)
         }),
-        (&["--metric", "exact"], &|r| {
+        (&["--metric", "exact"], |r| {
             r["exact"].as_f64().unwrap_or(f64::NAN)
         }),
     ];

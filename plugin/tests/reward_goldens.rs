@@ -78,7 +78,9 @@ struct Report {
 impl Report {
     fn close(&mut self, what: &str, g: &Golden, expected: f64, got: f64) {
         self.checked += 1;
-        if !((expected - got).abs() <= TOL) {
+        // Written so that NaN on either side fails.
+        let within = (expected - got).abs() <= TOL;
+        if !within {
             self.failures.push(format!(
                 "{what}: hyp={:?} ref={:?} expected {expected} got {got}",
                 g.hyp, g.reference
