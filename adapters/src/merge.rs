@@ -188,7 +188,9 @@ pub fn merge_model_dir(
                 src.display()
             ))
         })?;
-        let mut out: Vec<(String, safetensors::Dtype, Vec<usize>, Option<Vec<u8>>)> = Vec::new();
+        // Each tensor with its merged bytes, if the adapter updates it.
+        let mut out: Vec<(String, safetensors::tensor::TensorView<'_>, Option<Vec<u8>>)> =
+            Vec::new();
         for (name, view) in st.tensors() {
             let new_data = match pending.remove(&name) {
                 None => None,
@@ -209,17 +211,17 @@ pub fn merge_model_dir(
                     Some(add_in_place(&name, view.dtype(), view.data(), &d)?)
                 }
             };
-            out.push((name, view.dtype(), view.shape().to_vec(), new_data));
+            out.push((name, view, new_data));
         }
         let mut views = Vec::with_capacity(out.len());
-        for (name, dtype, shape, new_data) in &out {
+        for (name, view, new_data) in &out {
             let data: &[u8] = match new_data {
                 Some(d) => d,
-                None => st.tensor(name)?.data(),
+                None => view.data(),
             };
             views.push((
                 name.as_str(),
-                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)?,
+                safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), data)?,
             ));
         }
         let metadata = header

@@ -624,7 +624,8 @@ fn unsupported_configs_are_rejected() {
     let base = tiny_base();
     let good = random_adapter(&base, 2, 4.0, &["q_proj"], 8);
     let lim = Limits::default();
-    let cases: Vec<(Box<dyn Fn(&mut PeftConfig)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut PeftConfig)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|c| c.target_modules.push("lm_head".into())),
             "unknown target module",
