@@ -539,12 +539,13 @@ pub fn generate(
     Ok(out)
 }
 
-/// Every text a task can contain (instructions and all answer words), for learning the text
-/// tokenizer's merges. Fixed order.
+/// Every text a task prompt or answer can contain (chat role headers, instructions and all answer
+/// words), for learning the text tokenizer's merges. Fixed order.
 pub fn task_texts() -> Vec<String> {
-    let mut texts: Vec<String> = TaskKind::ALL
+    let mut texts: Vec<String> = ["system\n", "user\n", "assistant\n"]
         .iter()
-        .map(|k| k.instruction().to_string())
+        .map(|s| s.to_string())
+        .chain(TaskKind::ALL.iter().map(|k| k.instruction().to_string()))
         .collect();
     for n in 0..=numbers::MAX_NUMBER {
         for word in [numbers::english(n), numbers::german(n)]
