@@ -235,7 +235,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        let cases: Vec<(fn(&mut TrainConfig), &str)> = vec![
+        type Mutation = fn(&mut TrainConfig);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.clip_eps = 0.0, "clip_eps"),
             (|c| c.kl_beta = f64::NAN, "kl_beta"),
             (|c| c.learning_rate = -1.0, "learning_rate"),

@@ -74,22 +74,22 @@ impl Adam {
         let t = i32::try_from(self.t).unwrap_or(i32::MAX);
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        for i in 0..self.vars.len() {
-            let g = &grads[i];
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+        let slots = self.m.iter_mut().zip(self.v.iter_mut());
+        for ((var, g), (m_slot, v_slot)) in self.vars.iter().zip(grads).zip(slots) {
+            let m = ((&*m_slot * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            let v = ((&*v_slot * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let m_hat = (&m / bc1)?;
             let v_hat = (&v / bc2)?;
             let update = m_hat.div(&(v_hat.sqrt()? + self.eps)?)?;
-            let theta = self.vars[i].as_tensor();
+            let theta = var.as_tensor();
             let theta = if self.weight_decay > 0.0 {
                 (theta * (1.0 - lr * self.weight_decay))?
             } else {
                 theta.clone()
             };
-            self.vars[i].set(&(theta - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            var.set(&(theta - (update * lr)?)?)?;
+            *m_slot = m;
+            *v_slot = v;
         }
         Ok(())
     }
