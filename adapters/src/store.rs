@@ -371,10 +371,11 @@ impl AdapterStore {
     }
 
     /// Makes `id` the current version; the old current one becomes the rollback target.
-    /// Promoting the current version changes nothing.
+    /// Promoting the current version changes nothing. The version is read and its content hash
+    /// checked first, so a damaged version never becomes current.
     pub fn promote(&self, id: &VersionId) -> Result<()> {
         let _guard = self.lock();
-        self.path(id)?;
+        self.get(id)?;
         let mut record = self.read_record()?;
         if record.current.as_ref() == Some(id) {
             return Ok(());
@@ -393,12 +394,14 @@ impl AdapterStore {
     }
 
     /// Makes the previous current version current again and returns it; an error if there is
-    /// none. Versions in the history that no longer exist are skipped.
+    /// none, or if it is damaged (its content no longer matches its id). Versions in the history
+    /// that no longer exist are skipped.
     pub fn rollback(&self) -> Result<VersionId> {
         let _guard = self.lock();
         let mut record = self.read_record()?;
         while let Some(candidate) = record.previous.pop() {
             if self.version_dir(&candidate).join(META_FILE).is_file() {
+                self.get(&candidate)?;
                 record.current = Some(candidate.clone());
                 self.write_record(&record)?;
                 tracing::info!(version = %candidate, "rolled back adapter version");

@@ -69,6 +69,7 @@ pub fn validate(
     limits: &Limits,
 ) -> Result<ValidationReport> {
     check_config(adapter, limits)?;
+    check_size(adapter.num_parameters(), limits)?;
     let cfg = &adapter.config;
     let targets: BTreeSet<&str> = cfg.target_modules.iter().map(String::as_str).collect();
     let layers: Vec<usize> = match &cfg.layers_to_transform {
@@ -145,9 +146,7 @@ pub fn validate(
             }
         }
     }
-    let report = summary(adapter, layers)?;
-    check_size(&report, limits)?;
-    Ok(report)
+    summary(adapter, layers)
 }
 
 /// The checks that need no base model: the config, tensor names, targets, dtypes, values,
@@ -155,6 +154,7 @@ pub fn validate(
 /// and the limits. Returns the adapter's summary.
 pub fn inspect(adapter: &LoraAdapter, limits: &Limits) -> Result<ValidationReport> {
     check_config(adapter, limits)?;
+    check_size(adapter.num_parameters(), limits)?;
     let cfg = &adapter.config;
     let targets: BTreeSet<&str> = cfg.target_modules.iter().map(String::as_str).collect();
     // (module, part) -> (shape, first tensor with it)
@@ -223,9 +223,7 @@ pub fn inspect(adapter: &LoraAdapter, limits: &Limits) -> Result<ValidationRepor
             }
         }
     }
-    let report = summary(adapter, layers)?;
-    check_size(&report, limits)?;
-    Ok(report)
+    summary(adapter, layers)
 }
 
 fn parse_name(name: &str) -> Result<(usize, String, LoraPart)> {
@@ -346,11 +344,11 @@ fn summary(adapter: &LoraAdapter, layers: Vec<usize>) -> Result<ValidationReport
     })
 }
 
-fn check_size(report: &ValidationReport, limits: &Limits) -> Result<()> {
-    if report.num_parameters > limits.max_parameters {
+fn check_size(num_parameters: usize, limits: &Limits) -> Result<()> {
+    if num_parameters > limits.max_parameters {
         return Err(Error::Adapter(format!(
-            "{} parameters exceed the limit {}",
-            report.num_parameters, limits.max_parameters
+            "{num_parameters} parameters exceed the limit {}",
+            limits.max_parameters
         )));
     }
     Ok(())

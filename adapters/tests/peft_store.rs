@@ -1000,6 +1000,38 @@ fn corrupt_version_and_record_are_detected() {
     std::fs::write(&wpath, &bytes).unwrap();
     let e = store.get(&id).unwrap_err();
     assert!(e.to_string().contains("corrupt"), "{e}");
+    // A damaged version never becomes current, by promotion or by rollback.
+    assert!(store
+        .promote(&id)
+        .unwrap_err()
+        .to_string()
+        .contains("corrupt"));
+    assert_eq!(store.current().unwrap(), None);
+    let other = store
+        .publish(
+            &random_adapter(&base, 2, 4.0, &["q_proj"], 51),
+            meta(1, None),
+        )
+        .unwrap();
+    let good = store
+        .publish(
+            &random_adapter(&base, 2, 4.0, &["q_proj"], 52),
+            meta(2, None),
+        )
+        .unwrap();
+    store.promote(&other).unwrap();
+    store.promote(&good).unwrap();
+    let wpath = store.path(&other).unwrap().join(WEIGHTS_FILE);
+    let mut bytes = std::fs::read(&wpath).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x01;
+    std::fs::write(&wpath, &bytes).unwrap();
+    assert!(store
+        .rollback()
+        .unwrap_err()
+        .to_string()
+        .contains("corrupt"));
+    assert_eq!(store.current().unwrap(), Some(good));
 
     std::fs::write(dir.path().join("current.json"), "{not json").unwrap();
     assert!(matches!(
