@@ -14,7 +14,7 @@ pub struct Features {
 impl Features {
     /// Wraps row-major data; `data.len()` must be a multiple of `dims` (and `dims > 0`).
     pub fn new(data: Vec<f32>, dims: usize) -> Result<Self, AudioError> {
-        if dims == 0 || data.len() % dims != 0 {
+        if dims == 0 || !data.len().is_multiple_of(dims) {
             return Err(AudioError::Shape(format!(
                 "{} values do not form rows of {dims}",
                 data.len()

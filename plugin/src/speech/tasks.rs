@@ -501,10 +501,12 @@ pub fn generate(
             "no {split:?} clips to build tasks from"
         )));
     }
-    let speakers: Vec<(&str, Vec<(u8, Vec<u32>)>)> = avail
+    // Per speaker: (digit, sorted takes) for every digit recorded.
+    type Recorded = Vec<(u8, Vec<u32>)>;
+    let speakers: Vec<(&str, Recorded)> = avail
         .into_iter()
         .map(|(s, m)| {
-            let mut digits: Vec<(u8, Vec<u32>)> = m.into_iter().collect();
+            let mut digits: Recorded = m.into_iter().collect();
             digits.iter_mut().for_each(|(_, t)| t.sort_unstable());
             (s, digits)
         })

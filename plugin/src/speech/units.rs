@@ -298,7 +298,7 @@ impl Codebook {
                     changed: 0,
                 };
                 let mut labels = Vec::with_capacity(hi - lo);
-                for i in lo..hi {
+                for (i, &prev) in (lo..hi).zip(&assign[lo..hi]) {
                     let x = rows(i);
                     let (j, _) = nearest(x, &centroids, &norms, dims);
                     let ju = j as usize;
@@ -307,7 +307,7 @@ impl Codebook {
                     for (s, &v) in st.sums[ju * dims..(ju + 1) * dims].iter_mut().zip(x) {
                         *s += f64::from(v);
                     }
-                    if assign[i] != j {
+                    if prev != j {
                         st.changed += 1;
                     }
                     labels.push(j);
@@ -370,7 +370,7 @@ impl Codebook {
                     centroids[j * dims..(j + 1) * dims].copy_from_slice(&src);
                 }
             }
-            let empty = total.counts.iter().any(|&c| c == 0);
+            let empty = total.counts.contains(&0);
             let improved = (prev_inertia - inertia) / prev_inertia.max(f64::MIN_POSITIVE);
             if !empty && (total.changed == 0 || (iter > 0 && improved < config.tolerance)) {
                 report.converged = true;
