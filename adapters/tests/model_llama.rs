@@ -819,3 +819,26 @@ fn loaded_adapter_alpha_sets_the_scale() {
     let n2: f64 = flat(&d2).iter().map(|v| v * v).sum();
     assert!(n2 > 1.5 * n1, "{n2} vs {n1}");
 }
+
+#[test]
+fn half_precision_models_give_f32_logprobs_close_to_f32() {
+    let o32 = options(DType::F32, Trainable::Lora(lora(4, 0.0)));
+    let m32 = LlamaModel::random(&tiny(false), 12, &o32).unwrap();
+    let tensors: HashMap<String, Tensor> = m32.base_tensors().into_iter().collect();
+    let batch = test_batch();
+    let want = flat(&m32.logprobs(&batch, false).unwrap());
+    // candle's CPU matmul has no bf16 kernel; f16 exercises the same upcasting path.
+    let dtype = DType::F16;
+    let m = LlamaModel::from_tensors(
+        tiny(false),
+        tensors,
+        &options(dtype, Trainable::Lora(lora(4, 0.0))),
+    )
+    .unwrap();
+    assert_eq!(m.logprob_dtype(), DType::F32);
+    let lp = m.logprobs(&batch, true).unwrap();
+    assert_eq!(lp.dtype(), DType::F32);
+    for (a, b) in flat(&lp).iter().zip(&want) {
+        assert!((a - b).abs() < 0.05, "{dtype:?}: {a} vs {b}");
+    }
+}

@@ -64,6 +64,23 @@ fn rms_norm_matches_fused() {
 }
 
 #[test]
+fn half_precision_rms_norm_matches_fused() {
+    for dtype in [DType::BF16, DType::F16] {
+        let x = rand_t(&[4, 64], 21, dtype);
+        let w = rand_t(&[64], 22, dtype);
+        let ours = ops::rms_norm(&x, &w, 1e-5).unwrap();
+        let fused = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+        assert_eq!(ours.dtype(), dtype);
+        // Both round the f32 denominator to the half type, then divide and scale in it.
+        assert!(
+            max_abs_diff(&ours, &fused) < 2e-2,
+            "{dtype:?}: {}",
+            max_abs_diff(&ours, &fused)
+        );
+    }
+}
+
+#[test]
 fn softmax_and_log_softmax_match_fused() {
     for seed in 0..4 {
         let x = (rand_t(&[4, 7, 33], seed, DType::F32) * 5.0).unwrap();

@@ -305,6 +305,16 @@ impl LlamaModel {
         self.dtype
     }
 
+    /// Dtype of log-probs and logits-derived values: `F64` for an `F64` model, else `F32`
+    /// (half-precision models upcast their logits before the log-softmax, as Hugging Face
+    /// trainers do).
+    pub fn logprob_dtype(&self) -> DType {
+        match self.dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        }
+    }
+
     /// Device.
     pub fn device(&self) -> &Device {
         &self.device
@@ -508,7 +518,8 @@ impl LlamaModel {
 
     /// Log-probs `[batch, max_completion]` of each completion token after its prompt under the
     /// policy (`lora = true`) or the base model (`lora = false`), in evaluation mode (no
-    /// dropout). Padded slots hold 0; [`Batch::mask`] tells them apart.
+    /// dropout), in [`LlamaModel::logprob_dtype`]. Padded slots hold 0; [`Batch::mask`] tells
+    /// them apart.
     pub fn logprobs(&self, batch: &Batch, lora: bool) -> Result<Tensor> {
         let pass = if lora { Pass::POLICY } else { Pass::BASE };
         self.logprobs_with(batch, &pass)
@@ -525,14 +536,14 @@ impl LlamaModel {
         let picked = h
             .reshape((b * t, self.config.hidden_size))?
             .index_select(&index, 0)?;
-        let logits = self.head(&picked)?;
+        let logits = self.head(&picked)?.to_dtype(self.logprob_dtype())?;
         let logp = ops::log_softmax_last_dim(&logits)?;
         let targets = batch
             .targets()
             .to_device(&self.device)?
             .reshape((b * c, 1))?;
         let token = logp.gather(&targets, 1)?.reshape((b, c))?;
-        let mask = batch.mask(self.dtype)?.to_device(&self.device)?;
+        let mask = batch.mask(self.logprob_dtype())?.to_device(&self.device)?;
         Ok(token.mul(&mask)?)
     }
 

@@ -12,9 +12,17 @@ use candle_core::{DType, Device, Result, Tensor, D};
 ///
 /// Same formula and order of operations as `candle_nn::ops::rms_norm` (which mistral.rs uses),
 /// but differentiable with respect to `x` and `weight`.
+///
+/// For half-precision inputs the mean of squares and its square root are computed in `f32` and
+/// rounded back, as the fused kernel does.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let denom = (mean_sq + eps)?.sqrt()?;
+    let dtype = x.dtype();
+    let wide = match dtype {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    let mean_sq = wide.sqr()?.mean_keepdim(D::Minus1)?;
+    let denom = (mean_sq + eps)?.sqrt()?.to_dtype(dtype)?;
     x.broadcast_div(&denom)?.broadcast_mul(weight)
 }
 

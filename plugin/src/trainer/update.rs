@@ -263,7 +263,7 @@ impl Trainer {
 
     fn micro_batch(&self, samples: &[&TrainSample]) -> Result<Micro, TrainError> {
         let device = self.model.device();
-        let dtype = self.model.dtype();
+        let dtype = self.model.logprob_dtype();
         let pairs: Vec<(&[u32], &[u32])> = samples
             .iter()
             .map(|s| (s.prompt.as_slice(), s.completion.as_slice()))
@@ -400,7 +400,7 @@ impl Trainer {
         let vars = self.optimizer.vars();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut totals = Totals::default();
-        let dtype = self.model.dtype();
+        let dtype = self.model.logprob_dtype();
         let eps = self.config.clip_eps;
         for (mi, m) in micros.iter().enumerate() {
             let seed = self.dropout_seed(epoch, mi);
@@ -483,7 +483,7 @@ impl Trainer {
         old: &Tensor,
         totals: &mut Totals,
     ) -> Result<Tensor, TrainError> {
-        let dtype = self.model.dtype();
+        let dtype = self.model.logprob_dtype();
         let shape = old.dims2()?;
         if !m.tis_rows.iter().any(|t| *t) {
             return Ok(Tensor::ones(shape, dtype, self.model.device())?);
