@@ -3,15 +3,18 @@
 //! Audio becomes unit tokens that sit in the prompt of an ordinary Llama-family model:
 //! [`units::UnitEncoder`] turns a WAV file into unit ids, [`tokenizer::SpeechTokenizer`] turns
 //! an instruction plus units into the prompt ids mistral.rs computes for the same chat request,
-//! and [`tasks`] generates the recognition, translation and spoken-QA examples from recordings.
+//! [`tasks`] generates the recognition, translation and spoken-QA examples from recordings, and
+//! [`prepare::ExampleEncoder`] turns examples into prompt and answer ids (with augmentation).
 
 pub mod augment;
 pub mod numbers;
+pub mod prepare;
 pub mod tasks;
 pub mod tokenizer;
 pub mod units;
 
 pub use augment::{AugmentConfig, Augmenter};
+pub use prepare::{EncodedExample, ExampleEncoder};
 pub use tasks::{Clip, Corpus, Example, Split, TaskConfig, TaskFamily, TaskKind};
 pub use tokenizer::{ChatMessage, ContentPart, SpecialIds, SpeechTokenizer};
 pub use units::{collapse, Codebook, KMeansConfig, UnitEncoder};

@@ -139,7 +139,7 @@ fn norms_of(centroids: &[f32], dims: usize) -> Vec<f32> {
     centroids.chunks_exact(dims).map(|c| dot(c, c)).collect()
 }
 
-fn thread_count(requested: usize) -> usize {
+pub(crate) fn thread_count(requested: usize) -> usize {
     if requested > 0 {
         requested
     } else {
@@ -150,7 +150,11 @@ fn thread_count(requested: usize) -> usize {
 }
 
 /// Runs `f` on every chunk index in `0..n_chunks` over `threads` workers; results in chunk order.
-fn par_chunks<T: Send>(n_chunks: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub(crate) fn par_chunks<T: Send>(
+    n_chunks: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
     let threads = threads.clamp(1, n_chunks.max(1));
     if threads == 1 {
         return (0..n_chunks).map(f).collect();
