@@ -3,7 +3,7 @@
 //! Files written next to the model, in the Hugging Face layout mistral.rs 0.8.1 loads:
 //! - `tokenizer.json`: ByteLevel pre-tokenizer and decoder, a BPE model whose vocabulary is the
 //!   256 byte symbols, the merges learned from the task texts, then the special tokens
-//!   (`<|pad|>`, `<|bos|>`, `<|eos|>`, `<|im_start|>`, `<|im_end|>`, `<|audio_start|>`,
+//!   (`<|pad|>`, `<|bos|>`, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|audio_start|>`,
 //!   `<|audio_end|>`) and one `<|unit_N|>` per unit, all of them also added special tokens;
 //! - `tokenizer_config.json`: `bos_token`, `eos_token`, `pad_token` and [`CHAT_TEMPLATE`], a
 //!   ChatML template that renders an audio content part (`{"type": "audio", "units": [..]}`) as
@@ -28,8 +28,8 @@ use super::SpeechError;
 pub const PAD: &str = "<|pad|>";
 /// Beginning of a sequence; the chat template starts with it.
 pub const BOS: &str = "<|bos|>";
-/// End of a sequence.
-pub const EOS: &str = "<|eos|>";
+/// End of a sequence (the name llguidance's token trie recognises as end of sequence).
+pub const EOS: &str = "<|endoftext|>";
 /// Opens a chat turn.
 pub const IM_START: &str = "<|im_start|>";
 /// Closes a chat turn; the model ends its answer with it.
@@ -174,7 +174,7 @@ pub struct SpecialIds {
     pub pad: u32,
     /// `<|bos|>`.
     pub bos: u32,
-    /// `<|eos|>`.
+    /// `<|endoftext|>`.
     pub eos: u32,
     /// `<|im_start|>`.
     pub im_start: u32,
