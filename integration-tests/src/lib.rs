@@ -1,1 +1,170 @@
-//! Shared helpers of the end-to-end tests.
+//! Shared helpers of the end-to-end tests: a tiny Llama speech LM written to a temporary
+//! directory (no download), random PEFT adapters for it, and a server on top.
+//!
+//! The model is the trainable decoder of `leaf-adapters` initialised at random (2 layers,
+//! d = 64, GQA 4/2 heads) with the speech tokenizer of `leaf-plugin` (byte-level BPE without
+//! merges, chat tokens and 16 unit tokens). The LM head is scaled up so the next-token
+//! distributions are peaked rather than near uniform, which makes log-prob comparisons
+//! discriminating.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use leaf_adapters::model::{checkpoint, LlamaModel, ModelOptions, Trainable};
+use leaf_adapters::peft::{LoraAdapter, PeftConfig};
+use leaf_adapters::LlamaConfig;
+use leaf_plugin::harvest::{RewardSource, SealedGroup};
+use leaf_plugin::serving::{LeafServer, ServerConfig};
+use leaf_plugin::speech::SpeechTokenizer;
+
+/// Factor applied to the random LM head (peaked next-token distributions).
+pub const HEAD_SCALE: f64 = 60.0;
+/// LoRA rank of the test adapters.
+pub const RANK: usize = 4;
+/// LoRA alpha of the test adapters.
+pub const ALPHA: f64 = 8.0;
+
+/// A tiny model directory that lives as long as this value.
+pub struct TinyModel {
+    /// Holds the temporary directory.
+    pub tmp: tempfile::TempDir,
+    /// The model directory.
+    pub dir: PathBuf,
+    /// Its tokenizer.
+    pub tokenizer: SpeechTokenizer,
+    /// Its config.
+    pub config: LlamaConfig,
+}
+
+/// Writes the tiny model (deterministic in `seed`).
+pub fn tiny_model(seed: u64) -> Result<TinyModel> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir)?;
+    let tokenizer = SpeechTokenizer::build(&[], 16)?;
+    tokenizer.save(&dir)?;
+    let ids = tokenizer.ids().clone();
+    let config = LlamaConfig {
+        architectures: vec!["LlamaForCausalLM".into()],
+        hidden_act: "silu".into(),
+        hidden_size: 64,
+        intermediate_size: 128,
+        vocab_size: tokenizer.vocab_size(),
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        bos_token_id: Some(ids.bos),
+        eos_token_id: Some(ids.eos),
+        rope_scaling: None,
+        model_type: "llama".into(),
+        torch_dtype: "float32".into(),
+    };
+    let model = LlamaModel::random(
+        &config,
+        seed,
+        &ModelOptions {
+            trainable: Trainable::Nothing,
+            ..ModelOptions::default()
+        },
+    )?;
+    let tensors = model
+        .base_tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == "lm_head.weight" {
+                Ok((n, (t * HEAD_SCALE)?))
+            } else {
+                Ok((n, t))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    checkpoint::save_dir(&dir, &config, tensors)?;
+    Ok(TinyModel {
+        tmp,
+        dir,
+        tokenizer,
+        config,
+    })
+}
+
+/// A small deterministic generator (the tests need no RNG crate).
+fn lcg(state: &mut u64) -> f32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// A rank-4 adapter on every projection with random `A` and `B` (deterministic in `seed`,
+/// entries of `B` in [-scale, scale]).
+pub fn random_adapter(config: &LlamaConfig, seed: u64, scale: f32) -> Result<LoraAdapter> {
+    let targets = leaf_adapters::config::ALL_TARGETS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut adapter = LoraAdapter::init(PeftConfig::new(RANK, ALPHA, targets, "tiny"), config, seed)?;
+    let mut state = seed ^ 0x5DEECE66D;
+    let names: Vec<String> = adapter.tensors.keys().cloned().collect();
+    for name in names {
+        if name.contains("lora_B") {
+            let t = &adapter.tensors[&name];
+            let n = t.elem_count();
+            let values: Vec<f32> = (0..n).map(|_| lcg(&mut state) * scale).collect();
+            let b = Tensor::from_vec(values, t.dims(), &Device::Cpu)?;
+            adapter.tensors.insert(name, b);
+        }
+    }
+    Ok(adapter)
+}
+
+/// The trainable model with `adapter` loaded (LoRA options matching [`random_adapter`]).
+pub fn trainer_model(dir: &Path, adapter: Option<&LoraAdapter>) -> Result<LlamaModel> {
+    let lora = leaf_adapters::model::LoraOptions {
+        rank: RANK,
+        alpha: ALPHA,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let mut model = LlamaModel::load(
+        dir,
+        &ModelOptions {
+            dtype: DType::F32,
+            trainable: Trainable::Lora(lora),
+            ..ModelOptions::default()
+        },
+    )?;
+    if let Some(a) = adapter {
+        model.load_adapter(a)?;
+    }
+    Ok(model)
+}
+
+/// Starts a server on `config` with `reward`.
+pub async fn start(
+    config: ServerConfig,
+    reward: Arc<dyn RewardSource>,
+) -> Result<(Arc<LeafServer>, crossbeam_channel::Receiver<SealedGroup>)> {
+    LeafServer::start(config, reward)
+        .await
+        .context("starting the server")
+}
+
+/// Waits (on a blocking thread) for the next sealed group, up to `secs` seconds.
+pub async fn next_group(
+    rx: &crossbeam_channel::Receiver<SealedGroup>,
+    secs: u64,
+) -> Option<SealedGroup> {
+    let rx = rx.clone();
+    tokio::task::spawn_blocking(move || {
+        rx.recv_timeout(std::time::Duration::from_secs(secs)).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}

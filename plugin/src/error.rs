@@ -26,6 +26,14 @@ pub enum Error {
     /// An adapter, the store or the trainable model failed.
     #[error(transparent)]
     Adapter(#[from] leaf_adapters::Error),
+    /// Serving, hot-swap or the online trainer failed.
+    #[cfg(feature = "serve")]
+    #[error(transparent)]
+    Serve(#[from] crate::serving::ServeError),
+    /// Harvesting (groups, rewards, feedback) failed.
+    #[cfg(feature = "serve")]
+    #[error(transparent)]
+    Harvest(#[from] crate::harvest::HarvestError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -12,4 +12,11 @@ pub mod rollout;
 pub mod speech;
 pub mod trainer;
 
+#[cfg(feature = "serve")]
+pub mod harvest;
+#[cfg(feature = "serve")]
+pub mod online;
+#[cfg(feature = "serve")]
+pub mod serving;
+
 pub use error::{Error, Result};

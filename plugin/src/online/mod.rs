@@ -1,0 +1,336 @@
+//! The background trainer: sealed groups -> advantages -> LoRA updates -> published versions
+//! -> hot-swap.
+//!
+//! [`OnlineTrainer::spawn`] starts one dedicated OS thread (training never runs on the async
+//! runtime, and the serving path never waits for it: it only meets the trainer through the
+//! bounded sealed-group queue of [`crate::harvest::GroupAssembler`], which drops and counts
+//! when full). Each update takes `groups_per_update` sealed groups, turns each into a validated
+//! [`Group`], runs the configured estimator (LEAF or GRPO) and one [`Trainer::step`] over all
+//! their samples (each sample keeps its behaviour log-probs and the version that served it, so
+//! the trainer's truncated importance weighting can correct stale samples). Every
+//! `publish_every` updates the adapter is exported, published to the store and promoted, which
+//! hot-swaps the server onto it.
+//!
+//! Shutdown ([`OnlineTrainer::shutdown`]) either **finishes** (trains on every group it holds
+//! or finds queued, then publishes and promotes the result) or **persists** (writes the queued
+//! and partially batched groups to a JSON-lines file and publishes, without promoting, any
+//! unpublished updates), as configured.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use leaf_adapters::store::{VersionId, VersionMeta};
+use serde::{Deserialize, Serialize};
+
+use crate::advantage::EstimatorConfig;
+use crate::harvest::SealedGroup;
+use crate::rollout::{Group, Rollout, RolloutMeta};
+use crate::serving::{LeafServer, ServeError, BASE_VERSION};
+use crate::trainer::{TrainConfig, TrainSample, Trainer};
+
+/// What shutdown does with what the trainer holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "path")]
+pub enum ShutdownMode {
+    /// Train on everything held and queued, then publish and promote.
+    Finish,
+    /// Write held and queued groups to this JSON-lines file; publish unpublished updates
+    /// without promoting them.
+    Persist(PathBuf),
+}
+
+/// Configuration of the online trainer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnlineConfig {
+    /// LEAF or GRPO.
+    pub estimator: EstimatorConfig,
+    /// The LoRA update.
+    pub train: TrainConfig,
+    /// Sealed groups per update. Default 1.
+    pub groups_per_update: usize,
+    /// Publish and hot-swap every this many updates. Default 10.
+    pub publish_every: u64,
+    /// What shutdown does.
+    pub shutdown: ShutdownMode,
+    /// Written into the adapter's `base_model_name_or_path`.
+    pub base_name: String,
+}
+
+impl Default for OnlineConfig {
+    fn default() -> Self {
+        OnlineConfig {
+            estimator: EstimatorConfig::default(),
+            train: TrainConfig::default(),
+            groups_per_update: 1,
+            publish_every: 10,
+            shutdown: ShutdownMode::Finish,
+            base_name: "leaf-base".into(),
+        }
+    }
+}
+
+/// What the trainer did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OnlineReport {
+    /// Updates done.
+    pub updates: u64,
+    /// Groups trained on.
+    pub groups_trained: u64,
+    /// Groups refused by validation.
+    pub groups_invalid: u64,
+    /// Versions published (and promoted, in finish mode).
+    pub published: Vec<String>,
+    /// Publishes or swaps that failed (the served version stayed).
+    pub publish_failures: u64,
+    /// Groups written to the persistence file at shutdown.
+    pub groups_persisted: u64,
+    /// Mean loss of the last update.
+    pub last_loss: Option<f64>,
+}
+
+/// The running trainer thread.
+#[derive(Debug)]
+pub struct OnlineTrainer {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<OnlineReport, ServeError>>,
+}
+
+struct Loop {
+    server: Arc<LeafServer>,
+    runtime: tokio::runtime::Handle,
+    config: OnlineConfig,
+    trainer: Trainer,
+    estimator: Box<dyn crate::advantage::AdvantageEstimator>,
+    report: OnlineReport,
+    since_publish: u64,
+}
+
+impl OnlineTrainer {
+    /// Starts the trainer on its own thread. The trainer's model is the server's base model
+    /// with fresh LoRA per `config.train.lora`, or the store's current version when one is
+    /// served. `runtime` is the runtime the server runs on (swaps are driven through it).
+    pub fn spawn(
+        server: Arc<LeafServer>,
+        groups: Receiver<SealedGroup>,
+        config: OnlineConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, ServeError> {
+        if config.groups_per_update == 0 || config.publish_every == 0 {
+            return Err(ServeError::Config(
+                "online: groups_per_update and publish_every must be positive".into(),
+            ));
+        }
+        let store = server.store().ok_or(ServeError::NoStore)?;
+        let mut trainer = Trainer::from_base(
+            server.model().dir(),
+            config.train.clone(),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let current = server.current_version();
+        if current != BASE_VERSION {
+            let id = VersionId::parse(&current).map_err(ServeError::Adapter)?;
+            let adapter = store.get(&id).map_err(ServeError::Adapter)?;
+            trainer
+                .model_mut()
+                .load_adapter(&adapter)
+                .map_err(ServeError::Adapter)?;
+        }
+        trainer.set_policy_version(current);
+        let estimator = config.estimator.build();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let mut state = Loop {
+            server,
+            runtime,
+            config,
+            trainer,
+            estimator,
+            report: OnlineReport::default(),
+            since_publish: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("leaf-online".into())
+            .spawn(move || state.run(groups, &stop2))
+            .map_err(|e| ServeError::Config(format!("cannot spawn the trainer thread: {e}")))?;
+        Ok(OnlineTrainer { stop, handle })
+    }
+
+    /// Whether the thread is still running.
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
+    /// Stops the loop, finishes or persists what it holds (see the module docs) and returns
+    /// the report. Blocks: call it from a plain thread or `spawn_blocking`.
+    pub fn shutdown(self) -> Result<OnlineReport, ServeError> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .join()
+            .map_err(|_| ServeError::Config("the trainer thread panicked".into()))?
+    }
+}
+
+impl Loop {
+    fn run(&mut self, rx: Receiver<SealedGroup>, stop: &AtomicBool) -> Result<OnlineReport, ServeError> {
+        let mut held: Vec<SealedGroup> = Vec::new();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(g) => held.push(g),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if held.len() >= self.config.groups_per_update {
+                let batch = std::mem::take(&mut held);
+                self.update(&batch)?;
+            }
+        }
+        // Shutdown: what is held plus what is queued.
+        held.extend(rx.try_iter());
+        match self.config.shutdown.clone() {
+            ShutdownMode::Finish => {
+                for batch in held.chunks(self.config.groups_per_update) {
+                    self.update(batch)?;
+                }
+                if self.since_publish > 0 {
+                    self.publish(true);
+                }
+            }
+            ShutdownMode::Persist(path) => {
+                self.persist(&path, &held)?;
+                if self.since_publish > 0 {
+                    self.publish(false);
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.report))
+    }
+
+    fn update(&mut self, batch: &[SealedGroup]) -> Result<(), ServeError> {
+        let mut samples = Vec::new();
+        for sealed in batch {
+            let rollouts: Vec<Rollout> = sealed
+                .members
+                .iter()
+                .map(|(s, r)| Rollout {
+                    tokens: s.completion_ids.clone(),
+                    logprobs: s.logprobs.clone(),
+                    reward: *r,
+                    meta: Some(RolloutMeta {
+                        request_id: s.request_id.clone(),
+                        prompt_id: s.prompt_key.clone(),
+                        adapter_version: s.adapter_version.clone(),
+                    }),
+                })
+                .collect();
+            let group = match Group::new(sealed.id.clone(), rollouts) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
+                    self.report.groups_invalid += 1;
+                    metrics::counter!("leaf_groups_invalid_total").increment(1);
+                    continue;
+                }
+            };
+            let adv = self.estimator.estimate(&group);
+            for ((s, _), a) in sealed.members.iter().zip(adv.per_token) {
+                samples.push(TrainSample {
+                    prompt: s.prompt_ids.clone(),
+                    completion: s.completion_ids.clone(),
+                    advantages: a,
+                    behaviour_logprobs: s.logprobs.clone(),
+                    behaviour_version: s.adapter_version.clone(),
+                });
+            }
+            self.report.groups_trained += 1;
+        }
+        if samples.iter().all(|s| s.completion.is_empty()) {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let stats = self.trainer.step(&samples)?;
+        metrics::histogram!("leaf_update_seconds").record(t0.elapsed().as_secs_f64());
+        self.report.updates += 1;
+        self.report.last_loss = Some(stats.loss);
+        self.since_publish += 1;
+        self.server.note_update();
+        if self.since_publish >= self.config.publish_every {
+            self.publish(true);
+        }
+        Ok(())
+    }
+
+    /// Exports, publishes and (with `promote`) hot-swaps the adapter. A failure is logged and
+    /// counted; the served version stays.
+    fn publish(&mut self, promote: bool) {
+        let result = (|| -> Result<String, ServeError> {
+            let store = self.server.store().ok_or(ServeError::NoStore)?;
+            let adapter = self
+                .trainer
+                .model()
+                .export_adapter(&self.config.base_name)
+                .map_err(ServeError::Adapter)?;
+            let parent = VersionId::parse(&self.server.current_version()).ok();
+            let mut notes = serde_json::Map::new();
+            notes.insert("estimator".into(), self.config.estimator.name().into());
+            let id = store
+                .publish(
+                    &adapter,
+                    VersionMeta {
+                        parent,
+                        step: Some(self.trainer.steps()),
+                        notes,
+                    },
+                )
+                .map_err(ServeError::Adapter)?;
+            if promote {
+                let server = self.server.clone();
+                let v = id.to_string();
+                self.runtime.block_on(async move { server.promote(&v).await })?;
+            }
+            Ok(id.to_string())
+        })();
+        match result {
+            Ok(id) => {
+                self.trainer.set_policy_version(id.clone());
+                self.report.published.push(id);
+                self.since_publish = 0;
+                metrics::counter!("leaf_versions_published_total").increment(1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the adapter failed; the served version stays");
+                self.report.publish_failures += 1;
+                metrics::counter!("leaf_publish_failures_total").increment(1);
+            }
+        }
+    }
+
+    fn persist(&mut self, path: &std::path::Path, groups: &[SealedGroup]) -> Result<(), ServeError> {
+        let io = |e| ServeError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        for g in groups {
+            let line = serde_json::to_string(g)
+                .map_err(|e| ServeError::Config(format!("cannot serialise group {}: {e}", g.id)))?;
+            writeln!(f, "{line}").map_err(io)?;
+            self.report.groups_persisted += 1;
+        }
+        f.sync_all().map_err(io)
+    }
+}

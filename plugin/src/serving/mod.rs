@@ -1,0 +1,101 @@
+//! The serving plugin: the one door requests go through on their way into mistral.rs.
+//!
+//! [`LeafServer`] wraps an `Arc<MistralRs>` and owns everything the engine's sharp edges
+//! (`../shared/MISTRALRS-0.8.1-NOTES.md`) would otherwise expose:
+//!
+//! * every request carries its own [`crate::harvest::SamplingTap`] and is pinned to the engine
+//!   of one adapter version (`policy@k`), so each harvested sample records the version that
+//!   produced it; the engine runs greedy on the tap's one-hot logits;
+//! * the response receiver is moved into a task that drains it to the end, so a client that
+//!   goes away (its future dropped) can never drop the receiver early; it cancels through the
+//!   tap, which forces the stop token;
+//! * engines run without the prefix cache, so the tap's first context is the whole prompt;
+//! * versions are loaded on a brand-new thread with the thread-local LoRA list cleared
+//!   ([`model::load_pipeline`]), validated, probed, added, made the default; the old engine
+//!   is drained and removed on the blocking pool (`remove_model` is never reachable from async
+//!   code), then `malloc_trim(0)` hands its memory back;
+//! * a version that fails to load, validate or answer the probe is removed again and the
+//!   current version keeps serving.
+//!
+//! **The leaked thread.** Each engine mistral.rs creates starts an interval-logger thread that
+//! never exits (it sleeps 5 s in a loop; about 8 KiB resident, 2 MiB virtual stack). Every swap
+//! therefore leaks one idle thread. The plugin counts them ([`ServerStatus::leaked_threads`])
+//! and bounds them with [`ServerConfig::max_swaps`]: past it, swaps are refused with
+//! [`ServeError::SwapLimit`] (restart the process to reset; at the default 4096 that is at most
+//! about 32 MiB resident).
+
+pub mod model;
+pub mod server;
+
+pub use model::{load_pipeline, ModelDir};
+pub use server::{
+    rss_bytes, thread_count, ChatReply, ChatRequest, GroupPolicy, LeafServer, Message, Part,
+    SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
+};
+
+use std::path::PathBuf;
+
+/// Serving, hot-swap or the online trainer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model directory is unusable.
+    #[error("model {path}: {reason}")]
+    Model {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An adapter was refused (invalid, corrupt, unknown version, store failure).
+    #[error("adapter refused: {0}")]
+    Adapter(#[source] leaf_adapters::Error),
+    /// mistral.rs could not load a version; the current one keeps serving.
+    #[error("load failed: {0}")]
+    Load(String),
+    /// The new engine did not answer the probe request; the current one keeps serving.
+    #[error("version {version} failed its probe: {reason}")]
+    Probe {
+        /// The version.
+        version: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The engine refused or failed the request.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// The request is invalid; the message names the field.
+    #[error("invalid request: {0}")]
+    Request(String),
+    /// The request ended without a final response (its engine went away).
+    #[error("request {0} was aborted by the engine")]
+    Aborted(String),
+    /// No adapter store is configured.
+    #[error("no adapter store is configured")]
+    NoStore,
+    /// The configured number of swaps is used up (see the module docs on leaked threads).
+    #[error("swap limit of {0} reached (each swap leaks one idle engine thread); restart to reset")]
+    SwapLimit(u64),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A configuration value is invalid; the message names it.
+    #[error("config: {0}")]
+    Config(String),
+    /// Audio could not be turned into units.
+    #[error(transparent)]
+    Speech(#[from] crate::speech::SpeechError),
+    /// Harvesting failed.
+    #[error(transparent)]
+    Harvest(#[from] crate::harvest::HarvestError),
+    /// The online trainer failed.
+    #[error(transparent)]
+    Train(#[from] crate::trainer::TrainError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
