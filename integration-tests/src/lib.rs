@@ -38,8 +38,13 @@ pub struct TinyModel {
     pub config: LlamaConfig,
 }
 
-/// Writes the tiny model (deterministic in `seed`).
+/// Writes the tiny model (deterministic in `seed`): d = 64, inner 128.
 pub fn tiny_model(seed: u64) -> Result<TinyModel> {
+    tiny_model_sized(seed, 64, 128)
+}
+
+/// Writes a 2-layer model of width `hidden` and MLP width `intermediate`.
+pub fn tiny_model_sized(seed: u64, hidden: usize, intermediate: usize) -> Result<TinyModel> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("model");
     std::fs::create_dir_all(&dir)?;
@@ -49,8 +54,8 @@ pub fn tiny_model(seed: u64) -> Result<TinyModel> {
     let config = LlamaConfig {
         architectures: vec!["LlamaForCausalLM".into()],
         hidden_act: "silu".into(),
-        hidden_size: 64,
-        intermediate_size: 128,
+        hidden_size: hidden,
+        intermediate_size: intermediate,
         vocab_size: tokenizer.vocab_size(),
         num_hidden_layers: 2,
         num_attention_heads: 4,
@@ -99,6 +104,16 @@ fn lcg(state: &mut u64) -> f32 {
         .wrapping_mul(6364136223846793005)
         .wrapping_add(1442695040888963407);
     ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// Bytes of the model's weights (f32).
+pub fn weight_bytes(config: &LlamaConfig) -> usize {
+    let per_layer: usize = leaf_adapters::config::ALL_TARGETS
+        .iter()
+        .filter_map(|m| config.module_shape(m))
+        .map(|(o, i)| o * i)
+        .sum();
+    4 * (2 * config.vocab_size * config.hidden_size + config.num_hidden_layers * per_layer)
 }
 
 /// A rank-4 adapter on every projection with random `A` and `B` (deterministic in `seed`,

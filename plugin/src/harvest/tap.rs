@@ -238,7 +238,7 @@ impl SamplingTap {
                 st.idx.extend(0..v as u32);
                 let mass = nucleus(&st.z, cfg.top_p, &mut st.idx);
                 if st.idx.contains(&c) {
-                    zc - lse - mass.ln()
+                    (zc - lse - mass.ln()).min(0.0)
                 } else {
                     f64::NEG_INFINITY
                 }
@@ -266,7 +266,8 @@ impl SamplingTap {
                 (draw(&st.z, members, u * mass), mass)
             };
             let lp = (logits[chosen] as f64 * inv_t - lse) - if mass >= 1.0 { 0.0 } else { mass.ln() };
-            (chosen as u32, lp)
+            // A one-token nucleus gives ln p - ln p, which rounding can leave a hair above 0.
+            (chosen as u32, lp.min(0.0))
         };
         if cfg.top_logprobs > 0 {
             // Recompute the log-probs (the z buffer may hold probabilities now).

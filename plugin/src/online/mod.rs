@@ -93,6 +93,10 @@ pub struct OnlineReport {
     pub groups_persisted: u64,
     /// Mean loss of the last update.
     pub last_loss: Option<f64>,
+    /// Updates that failed (the batch is dropped; the loop goes on).
+    pub update_failures: u64,
+    /// The last update error, if any.
+    pub last_error: Option<String>,
 }
 
 /// The running trainer thread.
@@ -192,7 +196,7 @@ impl Loop {
             }
             if held.len() >= self.config.groups_per_update {
                 let batch = std::mem::take(&mut held);
-                self.update(&batch)?;
+                self.update_or_count(&batch);
             }
         }
         // Shutdown: what is held plus what is queued.
@@ -200,7 +204,7 @@ impl Loop {
         match self.config.shutdown.clone() {
             ShutdownMode::Finish => {
                 for batch in held.chunks(self.config.groups_per_update) {
-                    self.update(batch)?;
+                    self.update_or_count(batch);
                 }
                 if self.since_publish > 0 {
                     self.publish(true);
@@ -214,6 +218,16 @@ impl Loop {
             }
         }
         Ok(std::mem::take(&mut self.report))
+    }
+
+    /// An update whose failure is logged and counted instead of ending the loop.
+    fn update_or_count(&mut self, batch: &[SealedGroup]) {
+        if let Err(e) = self.update(batch) {
+            tracing::warn!(error = %e, "online update failed; batch dropped");
+            self.report.update_failures += 1;
+            self.report.last_error = Some(e.to_string());
+            metrics::counter!("leaf_update_failures_total").increment(1);
+        }
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> Result<(), ServeError> {

@@ -271,6 +271,8 @@ pub struct SwapReport {
     pub load_ms: f64,
     /// Adding the engine, probing it and making it the default, ms.
     pub activate_ms: f64,
+    /// Requests in flight on the old engine when the new one became the default.
+    pub drained_requests: usize,
     /// Waiting for the old engine's in-flight requests, ms.
     pub drain_ms: f64,
     /// Removing the old engine and trimming the heap, ms.
@@ -1075,6 +1077,21 @@ impl LeafServer {
     pub async fn promote(self: &Arc<Self>, version: &str) -> Result<SwapReport, ServeError> {
         let store = self.store.as_ref().ok_or(ServeError::NoStore)?;
         let id = store.resolve(version).map_err(ServeError::Adapter)?;
+        if self.current_version() == id.as_str() {
+            // Already served: nothing to load; just record it as current in the store.
+            store.promote(&id).map_err(ServeError::Adapter)?;
+            let slot = self.slot();
+            return Ok(SwapReport {
+                from_version: slot.version.clone(),
+                to_version: slot.version.clone(),
+                engine_id: slot.engine_id.clone(),
+                load_ms: 0.0,
+                activate_ms: 0.0,
+                drained_requests: 0,
+                drain_ms: 0.0,
+                remove_ms: 0.0,
+            });
+        }
         let dir = store.path(&id).map_err(ServeError::Adapter)?;
         // The content must still hash to its id.
         store.get(&id).map_err(ServeError::Adapter)?;
@@ -1183,6 +1200,7 @@ impl LeafServer {
         metrics::counter!("leaf_swaps_total").increment(1);
         tracing::info!(from = %old.version, to = %version, engine = %engine_id, "swapped adapter version");
         // Drain the old engine, then remove it off the async runtime.
+        let drained_requests = old.inflight.load(Ordering::SeqCst);
         let t2 = Instant::now();
         let deadline = Duration::from_secs_f64(self.config.drain_timeout_s);
         while old.inflight.load(Ordering::SeqCst) > 0 && t2.elapsed() < deadline {
@@ -1199,6 +1217,7 @@ impl LeafServer {
             engine_id,
             load_ms,
             activate_ms,
+            drained_requests,
             drain_ms,
             remove_ms,
         })

@@ -1,0 +1,171 @@
+//! The online trainer against a real engine: sealed groups -> updates -> publish -> hot-swap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leaf_adapters::model::LoraOptions;
+use leaf_adapters::store::AdapterStore;
+use leaf_integration_tests::{start, tiny_model};
+use leaf_plugin::harvest::{
+    AssemblerConfig, ReferenceReward, RewardContext, RewardSource, SealedGroup,
+};
+use leaf_plugin::online::{OnlineConfig, OnlineTrainer, ShutdownMode};
+use leaf_plugin::reward::{Metric, RewardOptions};
+use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServerConfig, BASE_VERSION};
+use leaf_plugin::trainer::TrainConfig;
+
+/// Rewards the share of even ids in the completion: varies within a group, so the
+/// advantages (and the update) are not zero.
+struct EvenIds;
+
+#[async_trait::async_trait]
+impl RewardSource for EvenIds {
+    fn name(&self) -> &str {
+        "even-ids"
+    }
+
+    async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
+        let n = ctx.completion_ids.len().max(1) as f64;
+        Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
+    }
+}
+
+fn ask(text: &str, reference: &str, seed: u64) -> ChatRequest {
+    ChatRequest {
+        messages: vec![Message::text("user", text)],
+        max_tokens: Some(8),
+        temperature: Some(1.0),
+        top_p: Some(0.9),
+        seed: Some(seed),
+        reference: Some(reference.into()),
+        ..ChatRequest::default()
+    }
+}
+
+fn server_config(m: &leaf_integration_tests::TinyModel) -> ServerConfig {
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.store_dir = Some(m.tmp.path().join("store"));
+    cfg.assembler = AssemblerConfig {
+        group_size: 4,
+        ..AssemblerConfig::default()
+    };
+    cfg.group_policy = GroupPolicy {
+        fork_fraction: 1.0,
+        ..GroupPolicy::default()
+    };
+    cfg
+}
+
+fn online_config(groups_per_update: usize, shutdown: ShutdownMode) -> OnlineConfig {
+    OnlineConfig {
+        train: TrainConfig {
+            learning_rate: 1e-2,
+            total_steps: 10,
+            lora: LoraOptions {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                ..LoraOptions::default()
+            },
+            ..TrainConfig::default()
+        },
+        groups_per_update,
+        publish_every: 1,
+        shutdown,
+        ..OnlineConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_trainer_updates_publishes_and_swaps() -> anyhow::Result<()> {
+    let m = tiny_model(8)?;
+    let reward = Arc::new(EvenIds);
+    let (server, rx) = start(server_config(&m), reward).await?;
+    let online = OnlineTrainer::spawn(
+        server.clone(),
+        rx,
+        online_config(1, ShutdownMode::Finish),
+        tokio::runtime::Handle::current(),
+    )?;
+    server.chat(ask("Say three.", "three", 1)).await?;
+    let mut swapped = false;
+    for _ in 0..600 {
+        if server.current_version() != BASE_VERSION {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !swapped {
+        let status = server.status();
+        let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
+        panic!("no version was published and swapped in: {status:?}; {report:?}");
+    }
+    let v1 = server.current_version();
+    let st = server.status();
+    assert!(st.updates_done >= 1);
+    assert_eq!(st.previous_version.as_deref(), Some(BASE_VERSION));
+    // A second prompt: held or queued at shutdown, finished by it.
+    server.chat(ask("Say five.", "five", 2)).await?;
+    let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
+    eprintln!("online report {report:?}");
+    assert!(report.updates >= 1);
+    assert!(report.published.contains(&v1));
+    assert!(report.last_loss.is_some_and(|l| l != 0.0), "the update did nothing");
+    // The published adapter moved away from the zero update it started from.
+    let store0 = AdapterStore::open(&m.tmp.path().join("store"))?;
+    let adapter = store0.get(&leaf_adapters::store::VersionId::parse(&v1)?)?;
+    let b_norm: f64 = adapter
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.contains("lora_B"))
+        .map(|(_, t)| {
+            t.sqr()
+                .and_then(|x| x.sum_all())
+                .and_then(|x| x.to_scalar::<f32>())
+                .unwrap_or(0.0) as f64
+        })
+        .sum();
+    assert!(b_norm > 0.0, "lora_B is still zero");
+    let store = AdapterStore::open(&m.tmp.path().join("store"))?;
+    let current = store.current()?.expect("a current version").to_string();
+    assert_eq!(current, server.current_version());
+    let reply = server.chat(ask("Again.", "x", 3)).await?;
+    assert_eq!(reply.adapter_version, current);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persist_shutdown_writes_held_groups() -> anyhow::Result<()> {
+    let m = tiny_model(9)?;
+    let reward = Arc::new(ReferenceReward::new(Metric::Chrf, RewardOptions::default()));
+    let (server, rx) = start(server_config(&m), reward).await?;
+    let path = m.tmp.path().join("held.jsonl");
+    let online = OnlineTrainer::spawn(
+        server.clone(),
+        rx,
+        online_config(100, ShutdownMode::Persist(path.clone())),
+        tokio::runtime::Handle::current(),
+    )?;
+    server.chat(ask("Say one.", "one", 4)).await?;
+    for _ in 0..600 {
+        if server.status().groups_sealed >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.status().groups_sealed, 1);
+    let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
+    assert_eq!(report.updates, 0);
+    assert_eq!(report.groups_persisted, 1);
+    assert!(report.published.is_empty());
+    let text = std::fs::read_to_string(&path)?;
+    let groups: Vec<SealedGroup> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].members.len(), 4);
+    assert_eq!(server.current_version(), BASE_VERSION);
+    Ok(())
+}
