@@ -3,10 +3,11 @@
 //! The spec walks every candidate `(i, p)` in order of decreasing surprisal (ties: lower
 //! response index, then lower position) and accepts a position when it is at least `delta`
 //! away from every accepted one. Acceptance depends only on the position, so the k-th
-//! accepted position is the first candidate in that order that is compatible with the
-//! k - 1 accepted before it. That lets us keep, per position, only its best candidate
-//! (highest surprisal, lowest response index) and take B arg-maxes over positions:
-//! O(total tokens + B * longest response) instead of a sort.
+//! accepted position is the first candidate in that order that is compatible with the k - 1
+//! accepted before it. So instead of sorting we keep, per position, the highest surprisal
+//! over responses (one vectorisable pass over all tokens) and take B arg-maxes over
+//! positions; only when several positions tie on surprisal do we look up which response
+//! holds each, to apply the tie-break exactly. O(total tokens + B * longest response).
 
 use crate::rollout::Rollout;
 
@@ -34,49 +35,63 @@ pub fn select_boundaries(
     if max_len <= start {
         return (Vec::new(), Some(delta));
     }
-    // best[p - start] = (surprisal, response) of the first candidate at p in sorted order.
-    let width = max_len - start;
-    let mut best_s = vec![f64::NEG_INFINITY; width];
-    let mut best_i = vec![usize::MAX; width];
-    for (i, r) in rollouts.iter().enumerate() {
-        if r.len() <= start {
-            continue;
-        }
-        let lp = &r.logprobs[start..];
-        for ((s_best, i_best), &l) in best_s.iter_mut().zip(best_i.iter_mut()).zip(lp) {
+    // best[k] = highest surprisal at position start + k over the responses that reach it;
+    // -inf where none does (surprisals are finite: the group is validated).
+    let mut best = vec![f64::NEG_INFINITY; max_len - start];
+    for r in rollouts.iter().filter(|r| r.len() > start) {
+        for (b, &l) in best.iter_mut().zip(&r.logprobs[start..]) {
             let s = -l;
-            // Strictly greater: on equal surprisal the lower response index (seen first) stays.
-            if s > *s_best || *i_best == usize::MAX {
-                *s_best = s;
-                *i_best = i;
-            }
+            *b = if s > *b { s } else { *b };
         }
     }
+    // The lowest response index holding surprisal `s` at position `p` (tie-break key).
+    let holder = |p: usize, s: f64| {
+        rollouts.iter().position(|r| r.logprobs.get(p).is_some_and(|&l| -l == s)).unwrap_or(usize::MAX)
+    };
     let mut accepted: Vec<usize> = Vec::with_capacity(fork_budget);
+    // `blocked` holds the accepted positions, ascending; the allowed positions are the gaps
+    // between their exclusion windows (q - delta, q + delta).
+    let mut blocked: Vec<usize> = Vec::with_capacity(fork_budget);
     while accepted.len() < fork_budget {
-        let mut pick: Option<usize> = None;
-        for (k, (&s, &i)) in best_s.iter().zip(&best_i).enumerate() {
-            if i == usize::MAX {
-                continue;
+        let mut top = f64::NEG_INFINITY;
+        let mut at = usize::MAX;
+        let mut tied = false;
+        let mut lo = 0usize;
+        for bound in blocked.iter().map(|&q| Some(q)).chain(std::iter::once(None)) {
+            let hi = bound.map_or(best.len(), |q| (q - start).saturating_sub(delta - 1).min(best.len()));
+            for k in lo..hi.max(lo) {
+                let s = best[k];
+                if s > top {
+                    (top, at, tied) = (s, k, false);
+                } else if s == top {
+                    tied = true;
+                }
             }
-            let p = start + k;
-            if accepted.iter().any(|&q| p.abs_diff(q) < delta) {
-                continue;
-            }
-            // Order: higher surprisal, then lower response index, then lower position
-            // (positions are scanned ascending, so keeping the first one settles the last).
-            let better = match pick {
-                None => true,
-                Some(kb) => s > best_s[kb] || (s == best_s[kb] && i < best_i[kb]),
-            };
-            if better {
-                pick = Some(k);
+            if let Some(q) = bound {
+                lo = (q - start + delta).min(best.len());
             }
         }
-        match pick {
-            Some(k) => accepted.push(start + k),
-            None => break,
+        if top == f64::NEG_INFINITY {
+            break;
         }
+        if tied {
+            // Several allowed positions share the top surprisal: lower response index first,
+            // then lower position (`at` is the lowest position so far).
+            let mut at_holder = holder(start + at, top);
+            for k in at + 1..best.len() {
+                let p = start + k;
+                if best[k] == top && blocked.iter().all(|&q| p.abs_diff(q) >= delta) {
+                    let h = holder(p, top);
+                    if h < at_holder {
+                        (at, at_holder) = (k, h);
+                    }
+                }
+            }
+        }
+        let p = start + at;
+        accepted.push(p);
+        let slot = blocked.partition_point(|&q| q < p);
+        blocked.insert(slot, p);
     }
     accepted.sort_unstable();
     (accepted, Some(delta))

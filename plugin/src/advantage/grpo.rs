@@ -37,6 +37,6 @@ impl AdvantageEstimator for Grpo {
             .zip(group.rollouts())
             .map(|(a, r)| vec![a; r.len()])
             .collect();
-        Advantages { per_token, tree: None }
+        Advantages { per_token, stats: None, tree: None }
     }
 }

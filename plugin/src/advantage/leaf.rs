@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::boundaries::select_boundaries;
-use super::tree::{build_nodes, spans_of, ForkStats, LeafTree, Span};
+use super::tree::{build_nodes, build_spans, fallback_spans, Forest, ForkStats, LeafTree, Node, Span};
 use super::{AdvantageEstimator, Advantages};
 use crate::rollout::Group;
 
@@ -63,6 +63,17 @@ pub struct Leaf {
 /// Floor of the span standard deviation in the z-score.
 const STD_FLOOR: f64 = 1e-6;
 
+/// Everything LEAF computes for one group, in flat arrays.
+struct Computed {
+    boundaries: Vec<usize>,
+    delta: Option<usize>,
+    root_value: f64,
+    forest: Forest,
+    span_mean: f64,
+    span_std: f64,
+    stats: ForkStats,
+}
+
 impl Leaf {
     /// A LEAF estimator with the given configuration.
     pub fn new(config: LeafConfig) -> Self {
@@ -74,69 +85,108 @@ impl Leaf {
         &self.config
     }
 
-    /// Recovers the tree and the normalised span values of `group`.
-    pub fn tree(&self, group: &Group) -> LeafTree {
+    fn compute(&self, group: &Group) -> Computed {
         let rollouts = group.rollouts();
         let root_value = super::mean(rollouts.iter().map(|r| r.reward));
         let (boundaries, delta) =
             select_boundaries(rollouts, self.config.fork_budget, self.config.min_prefix);
-        let (nodes, mut spans): (_, Vec<Vec<Span>>) = if boundaries.is_empty() {
-            // Fallback: one span per non-empty response, advantage reward - V0.
-            let spans = rollouts
-                .iter()
-                .map(|r| {
-                    if r.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![Span { start: 0, end: r.len(), node: None, raw: r.reward - root_value, normalized: 0.0 }]
-                    }
-                })
-                .collect();
-            (Vec::new(), spans)
+        let mut forest = Forest::default();
+        if boundaries.is_empty() {
+            fallback_spans(rollouts, root_value, &mut forest);
         } else {
-            let (nodes, paths) = build_nodes(rollouts, &boundaries);
-            let spans = rollouts
-                .iter()
-                .zip(&paths)
-                .map(|(r, path)| spans_of(r, path, &nodes, root_value, self.config.terms))
-                .collect();
-            (nodes, spans)
-        };
-
-        // Step 4: z-score every span of every response together.
-        let raw: Vec<f64> = spans.iter().flatten().map(|s| s.raw).collect();
-        let (span_mean, span_std) = if raw.is_empty() {
-            (0.0, STD_FLOOR)
-        } else {
-            let m = super::mean(raw.iter().copied());
-            (m, super::sample_std(&raw, m).max(STD_FLOOR))
-        };
-        for span in spans.iter_mut().flatten() {
-            span.normalized = (span.raw - span_mean) / span_std;
+            build_nodes(rollouts, &boundaries, &mut forest);
+            build_spans(rollouts, boundaries.len(), root_value, self.config.terms, &mut forest);
         }
-
-        let fired = boundaries
-            .iter()
-            .filter(|&&p| nodes.iter().any(|n| n.position == p))
-            .count();
-        let depth = spans.iter().map(|s| s.iter().filter(|s| s.node.is_some()).count()).max();
+        // Step 4's scale: mean and floored sample std over every span of every response.
+        let (span_mean, span_std) = match forest.spans.first() {
+            None => (0.0, STD_FLOOR),
+            Some(_) => {
+                let m = super::mean(forest.spans.iter().map(|s| s.raw));
+                let ss: f64 = forest.spans.iter().map(|s| (s.raw - m) * (s.raw - m)).sum();
+                let n = forest.spans.len();
+                let sd = (ss / if n > 1 { (n - 1) as f64 } else { 1.0 }).sqrt();
+                (m, sd.max(STD_FLOOR))
+            }
+        };
+        let fired = boundaries.iter().filter(|&&p| forest.nodes.iter().any(|n| n.position == p)).count();
+        let depth = forest.path_len.iter().copied().max().unwrap_or(0) as u64;
         let stats = ForkStats {
             groups: 1,
             boundaries: boundaries.len() as u64,
             fired_boundaries: fired as u64,
-            nodes: nodes.len() as u64,
-            usable_nodes: nodes
-                .iter()
-                .filter(|n| {
-                    let first = rollouts[n.members[0]].reward;
-                    n.members.iter().any(|&m| rollouts[m].reward != first)
-                })
-                .count() as u64,
-            node_members: nodes.iter().map(|n| n.size as u64).sum(),
-            max_depth: depth.unwrap_or(0) as u64,
-            depth_sum: depth.unwrap_or(0) as u64,
+            nodes: forest.nodes.len() as u64,
+            usable_nodes: forest.nodes.iter().filter(|n| n.usable).count() as u64,
+            node_members: forest.nodes.iter().map(|n| n.size as u64).sum(),
+            max_depth: depth,
+            depth_sum: depth,
         };
-        LeafTree { boundaries, delta, root_value, nodes, spans, span_mean, span_std, stats }
+        Computed { boundaries, delta, root_value, forest, span_mean, span_std, stats }
+    }
+
+    /// Per-token advantages: each token gets the normalised value of the span holding it.
+    fn broadcast(group: &Group, c: &Computed) -> Vec<Vec<f64>> {
+        let spans = &c.forest.spans;
+        group
+            .rollouts()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut adv = vec![0.0; r.len()];
+                for span in &spans[c.forest.span_ofs[i]..c.forest.span_ofs[i + 1]] {
+                    let end = span.end.min(r.len());
+                    if span.start < end {
+                        adv[span.start..end].fill((span.raw - c.span_mean) / c.span_std);
+                    }
+                }
+                adv
+            })
+            .collect()
+    }
+
+    /// Recovers the tree of `group` in readable form (nodes with members, spans per response).
+    pub fn tree(&self, group: &Group) -> LeafTree {
+        Self::readable(group, &self.compute(group))
+    }
+
+    fn readable(group: &Group, c: &Computed) -> LeafTree {
+        let f = &c.forest;
+        let width = c.boundaries.len();
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); f.nodes.len()];
+        for i in 0..group.len() {
+            for d in 0..f.path_len.get(i).copied().unwrap_or(0) {
+                members[f.paths[i * width + d] as usize].push(i);
+            }
+        }
+        let nodes = f
+            .nodes
+            .iter()
+            .zip(members)
+            .map(|(n, members)| Node { position: n.position, members, value: n.value, size: n.size })
+            .collect();
+        let spans = (0..group.len())
+            .map(|i| {
+                f.spans[f.span_ofs[i]..f.span_ofs[i + 1]]
+                    .iter()
+                    .map(|s| Span {
+                        start: s.start,
+                        end: s.end,
+                        node: (s.node != u32::MAX).then_some(s.node as usize),
+                        raw: s.raw,
+                        normalized: (s.raw - c.span_mean) / c.span_std,
+                    })
+                    .collect()
+            })
+            .collect();
+        LeafTree {
+            boundaries: c.boundaries.clone(),
+            delta: c.delta,
+            root_value: c.root_value,
+            nodes,
+            spans,
+            span_mean: c.span_mean,
+            span_std: c.span_std,
+            stats: c.stats,
+        }
     }
 }
 
@@ -146,22 +196,13 @@ impl AdvantageEstimator for Leaf {
     }
 
     fn estimate(&self, group: &Group) -> Advantages {
-        let tree = self.tree(group);
-        let per_token = group
-            .rollouts()
-            .iter()
-            .zip(&tree.spans)
-            .map(|(r, spans)| {
-                let mut adv = vec![0.0; r.len()];
-                for span in spans {
-                    let end = span.end.min(r.len());
-                    if span.start < end {
-                        adv[span.start..end].fill(span.normalized);
-                    }
-                }
-                adv
-            })
-            .collect();
-        Advantages { per_token, tree: Some(tree) }
+        let c = self.compute(group);
+        Advantages { per_token: Self::broadcast(group, &c), stats: Some(c.stats), tree: None }
+    }
+
+    fn estimate_with_tree(&self, group: &Group) -> Advantages {
+        let c = self.compute(group);
+        let tree = Self::readable(group, &c);
+        Advantages { per_token: Self::broadcast(group, &c), stats: Some(c.stats), tree: Some(tree) }
     }
 }

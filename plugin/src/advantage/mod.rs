@@ -20,12 +20,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::rollout::Group;
 
-/// Per-token advantages of one group, plus the LEAF tree when LEAF produced them.
+/// Per-token advantages of one group, plus LEAF's fork counts and, on request, its tree.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Advantages {
     /// `per_token[i][t]` is the advantage of token `t` of response `i`.
     pub per_token: Vec<Vec<f64>>,
-    /// The recovered prefix tree (LEAF only).
+    /// Fork counts of this group (LEAF only); add them up with [`ForkStats::merge`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<ForkStats>,
+    /// The recovered prefix tree (LEAF, from [`AdvantageEstimator::estimate_with_tree`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tree: Option<LeafTree>,
 }
@@ -35,8 +38,14 @@ pub trait AdvantageEstimator: Send + Sync {
     /// Short name (`"leaf"`, `"grpo"`), used in logs, metrics and reports.
     fn name(&self) -> &'static str;
 
-    /// Advantages for every token of every response of `group`.
+    /// Advantages for every token of every response of `group` (the training hot path).
     fn estimate(&self, group: &Group) -> Advantages;
+
+    /// Like [`estimate`](Self::estimate), with the estimator's tree for inspection where it
+    /// has one.
+    fn estimate_with_tree(&self, group: &Group) -> Advantages {
+        self.estimate(group)
+    }
 }
 
 /// Which estimator to run, as it appears in configuration files.

@@ -129,87 +129,134 @@ fn ratio(num: u64, den: u64) -> Option<f64> {
     (den > 0).then(|| num as f64 / den as f64)
 }
 
+/// A node while the tree is computed: what [`Node`] holds, without the member list.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawNode {
+    pub position: usize,
+    pub value: f64,
+    pub size: usize,
+    pub usable: bool,
+}
+
+/// A span while the tree is computed: `node` is `u32::MAX` for a tail or fallback span.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawSpan {
+    pub start: usize,
+    pub end: usize,
+    pub node: u32,
+    pub raw: f64,
+}
+
+/// Steps 2-3 in flat arrays (a handful of allocations per group, whatever K is).
+#[derive(Debug, Default)]
+pub(super) struct Forest {
+    pub nodes: Vec<RawNode>,
+    /// `paths[i * width + d]`: the d-th node on response i's path (`width` = boundaries).
+    pub paths: Vec<u32>,
+    pub path_len: Vec<usize>,
+    /// All spans, response by response; response i owns `spans[span_ofs[i]..span_ofs[i + 1]]`.
+    pub spans: Vec<RawSpan>,
+    pub span_ofs: Vec<usize>,
+}
+
 /// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2).
 ///
-/// Returns the nodes and, per response, the indices of the nodes on its path. Equal keys at a
-/// later boundary imply equal keys at an earlier one, so each boundary only refines the
-/// classes of the previous one and compares the new segment of the key.
-pub(super) fn build_nodes(
-    rollouts: &[Rollout],
-    boundaries: &[usize],
-) -> (Vec<Node>, Vec<Vec<usize>>) {
+/// Equal keys at a later boundary imply equal keys at an earlier one, so each boundary only
+/// refines the classes of the previous one and compares the new segment of the key. A class
+/// is named by its lowest member; classes of two or more become nodes, in boundary order and
+/// then by lowest member.
+pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &mut Forest) {
     let k = rollouts.len();
-    let mut class = vec![0usize; k];
-    let mut next_class = vec![0usize; k];
-    let mut reps: Vec<usize> = Vec::with_capacity(k);
-    let mut nodes = Vec::new();
-    let mut paths: Vec<Vec<usize>> = vec![Vec::new(); k];
-    let mut members_of: Vec<Vec<usize>> = Vec::with_capacity(k);
+    let width = boundaries.len();
+    let mut scratch = vec![0usize; 4 * k];
+    let (class, rest) = scratch.split_at_mut(k);
+    let (next, rest) = rest.split_at_mut(k);
+    let (size, node_of) = rest.split_at_mut(k);
+    forest.paths.clear();
+    forest.paths.resize(k * width, u32::MAX);
+    forest.path_len.clear();
+    forest.path_len.resize(k, 0);
     let mut prev = 0usize;
     for &p in boundaries {
-        reps.clear();
-        members_of.clear();
+        size.fill(0);
         for i in 0..k {
             let key_i = &rollouts[i].tokens[..rollouts[i].len().min(p)];
-            let found = reps.iter().position(|&j| {
-                let key_j = &rollouts[j].tokens[..rollouts[j].len().min(p)];
-                class[j] == class[i]
-                    && key_j.len() == key_i.len()
-                    && key_j[prev.min(key_j.len())..] == key_i[prev.min(key_i.len())..]
-            });
-            let c = match found {
-                Some(c) => c,
-                None => {
-                    reps.push(i);
-                    members_of.push(Vec::new());
-                    reps.len() - 1
-                }
-            };
-            next_class[i] = c;
-            members_of[c].push(i);
+            let rep = (0..i)
+                .find(|&j| {
+                    next[j] == j && class[j] == class[i] && {
+                        let key_j = &rollouts[j].tokens[..rollouts[j].len().min(p)];
+                        key_j.len() == key_i.len()
+                            && key_j[prev.min(key_j.len())..] == key_i[prev.min(key_i.len())..]
+                    }
+                })
+                .unwrap_or(i);
+            next[i] = rep;
+            size[rep] += 1;
         }
-        std::mem::swap(&mut class, &mut next_class);
-        for members in members_of.iter().filter(|m| m.len() >= 2) {
-            let value = super::mean(members.iter().map(|&m| rollouts[m].reward));
-            for &m in members {
-                paths[m].push(nodes.len());
+        class.copy_from_slice(next);
+        for i in 0..k {
+            let rep = class[i];
+            if size[rep] < 2 {
+                continue;
             }
-            nodes.push(Node { position: p, members: members.clone(), value, size: members.len() });
+            if rep == i {
+                node_of[rep] = forest.nodes.len();
+                let first = rollouts[i].reward;
+                let mut sum = 0.0;
+                let mut usable = false;
+                for m in (i..k).filter(|&m| class[m] == rep) {
+                    sum += rollouts[m].reward - first;
+                    usable |= rollouts[m].reward != first;
+                }
+                let value = first + sum / size[rep] as f64;
+                forest.nodes.push(RawNode { position: p, value, size: size[rep], usable });
+            }
+            forest.paths[i * width + forest.path_len[i]] = node_of[rep] as u32;
+            forest.path_len[i] += 1;
         }
         prev = p;
     }
-    (nodes, paths)
 }
 
-/// Span advantages of one response (step 3), before normalisation.
-pub(super) fn spans_of(
-    rollout: &Rollout,
-    path: &[usize],
-    nodes: &[Node],
-    root_value: f64,
-    terms: Terms,
-) -> Vec<Span> {
+/// Span advantages of every response (step 3), before normalisation.
+pub(super) fn build_spans(rollouts: &[Rollout], width: usize, root_value: f64, terms: Terms, forest: &mut Forest) {
     let combine = |global: f64, local: f64| match terms {
         Terms::Both => global + local,
         Terms::Global => global,
         Terms::Local => local,
     };
-    let mut spans = Vec::with_capacity(path.len() + 1);
-    let (mut prev_pos, mut prev_v) = (0usize, root_value);
-    for &v in path {
-        let node = &nodes[v];
-        if node.position > prev_pos {
-            let raw =
-                combine(node.value - root_value, node.value - prev_v) / (node.size as f64).sqrt();
-            spans.push(Span { start: prev_pos, end: node.position, node: Some(v), raw, normalized: 0.0 });
-            prev_pos = node.position;
-            prev_v = node.value;
+    forest.spans.clear();
+    forest.span_ofs.clear();
+    forest.span_ofs.push(0);
+    for (i, r) in rollouts.iter().enumerate() {
+        let (mut prev_pos, mut prev_v) = (0usize, root_value);
+        let path = forest.paths.get(i * width..i * width + forest.path_len.get(i).copied().unwrap_or(0));
+        for &v in path.unwrap_or(&[]) {
+            let node = forest.nodes[v as usize];
+            if node.position > prev_pos {
+                let raw = combine(node.value - root_value, node.value - prev_v) / (node.size as f64).sqrt();
+                forest.spans.push(RawSpan { start: prev_pos, end: node.position, node: v, raw });
+                prev_pos = node.position;
+                prev_v = node.value;
+            }
         }
+        if prev_pos < r.len() {
+            let raw = combine(r.reward - root_value, r.reward - prev_v);
+            forest.spans.push(RawSpan { start: prev_pos, end: r.len(), node: u32::MAX, raw });
+        }
+        forest.span_ofs.push(forest.spans.len());
     }
-    let len = rollout.len();
-    if prev_pos < len {
-        let raw = combine(rollout.reward - root_value, rollout.reward - prev_v);
-        spans.push(Span { start: prev_pos, end: len, node: None, raw, normalized: 0.0 });
+}
+
+/// The no-boundary fallback: one span per non-empty response, advantage `reward - V0`.
+pub(super) fn fallback_spans(rollouts: &[Rollout], root_value: f64, forest: &mut Forest) {
+    forest.spans.clear();
+    forest.span_ofs.clear();
+    forest.span_ofs.push(0);
+    for r in rollouts {
+        if !r.is_empty() {
+            forest.spans.push(RawSpan { start: 0, end: r.len(), node: u32::MAX, raw: r.reward - root_value });
+        }
+        forest.span_ofs.push(forest.spans.len());
     }
-    spans
 }

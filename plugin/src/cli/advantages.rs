@@ -66,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     jsonl::for_each_line(input, |line| {
         let parsed: GroupLine = serde_json::from_str(line).context("malformed group")?;
         let group = Group::new(parsed.group_id, parsed.rollouts)?;
-        let adv = estimator.estimate(&group);
+        let adv = estimator.estimate_with_tree(&group);
         let mut out = serde_json::json!({ "group_id": group.id(), "advantages": adv.per_token });
         if let Some(tree) = adv.tree {
             let mut tree_json = serde_json::to_value(&tree)?;
