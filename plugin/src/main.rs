@@ -28,6 +28,10 @@ enum Command {
     /// Fit the discrete-unit codebook, or print the units of a WAV file.
     #[command(subcommand)]
     Units(cli::units::Command),
+    /// Train the small spoken-digit speech LM from scratch and write its model directory.
+    Pretrain(cli::pretrain::Args),
+    /// Evaluate a model directory on the spoken-digit tasks; prints one JSON object.
+    Eval(cli::eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,8 @@ fn main() -> ExitCode {
         Command::Adapter(cmd) => cli::adapter::run(cmd),
         Command::BenchTrain(args) => cli::bench_train::run(args),
         Command::Units(cmd) => cli::units::run(cmd),
+        Command::Pretrain(args) => cli::pretrain::run(args),
+        Command::Eval(args) => cli::eval::run(args),
     };
     match result {
         Ok(code) => code,

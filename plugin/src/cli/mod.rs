@@ -3,7 +3,9 @@
 pub mod adapter;
 pub mod advantages;
 pub mod bench_train;
+pub mod eval;
 pub mod jsonl;
+pub mod pretrain;
 pub mod reward;
 pub mod units;
 

@@ -7,8 +7,10 @@
 //! [`prepare::ExampleEncoder`] turns examples into prompt and answer ids (with augmentation).
 
 pub mod augment;
+pub mod eval;
 pub mod numbers;
 pub mod prepare;
+pub mod pretrain;
 pub mod tasks;
 pub mod tokenizer;
 pub mod units;

@@ -1,0 +1,93 @@
+//! `leaf pretrain`: trains the small spoken-digit speech LM from scratch and writes a Hugging
+//! Face-style model directory (see [`leaf_plugin::speech::pretrain`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use leaf_plugin::speech::pretrain::{
+    default_data_dir, pretrain, Holdout, PretrainConfig, ProgressBar, DEFAULT_MAX_SECONDS,
+    DEFAULT_STEPS, MODEL_INFO_FILE,
+};
+
+/// Arguments of `leaf pretrain`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Where to write the model directory (must not exist or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder of recordings named `{digit}_{speaker}_{take}.wav` [default:
+    /// ../shared/data/fsdd/recordings next to the workspace, then in the current directory].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
+    pub steps: usize,
+    /// Wall-clock cap of the training loop in seconds (0 = none).
+    #[arg(long, default_value_t = DEFAULT_MAX_SECONDS)]
+    pub max_seconds: f64,
+    /// Seed of the weights, codebook, examples and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Speaker left out of training: a name, `auto` (the last speaker in sorted order) or
+    /// `none`.
+    #[arg(long, default_value = "auto")]
+    pub holdout_speaker: String,
+    /// Examples per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Train on clean audio (no speed, volume, noise or SpecAugment perturbation).
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Test examples per task family for the model card (0 skips the evaluation).
+    #[arg(long, default_value_t = 200)]
+    pub eval_samples: usize,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs `leaf pretrain` and prints the report (`leaf_model.json`) as one JSON line.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let data = match a.data {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let defaults = PretrainConfig::default();
+    let config = PretrainConfig {
+        steps: a.steps,
+        max_seconds: a.max_seconds,
+        seed: a.seed,
+        holdout: Holdout::parse(&a.holdout_speaker),
+        batch_size: a.batch_size,
+        lr: a.lr,
+        augment: if a.no_augment { None } else { defaults.augment.clone() },
+        eval_samples: a.eval_samples,
+        ..defaults
+    };
+    let report = if a.quiet {
+        pretrain(&config, &data, &a.out, &mut |_| {})?
+    } else {
+        let mut bar = ProgressBar::new();
+        let r = pretrain(&config, &data, &a.out, &mut |e| bar.handle(e));
+        bar.finish();
+        r?
+    };
+    let mut summary = serde_json::to_value(&report)?;
+    if let Some(obj) = summary.as_object_mut() {
+        obj.insert("out".into(), serde_json::json!(a.out));
+        obj.insert(
+            "recognition_exact_match".into(),
+            serde_json::json!(report.recognition_accuracy()),
+        );
+        obj.insert(
+            "holdout_recognition_exact_match".into(),
+            serde_json::json!(report.holdout_recognition_accuracy()),
+        );
+        obj.insert("info_file".into(), serde_json::json!(MODEL_INFO_FILE));
+    }
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,907 @@
+//! Supervised pre-training of the small speech LM the rest of leaf runs on.
+//!
+//! A Llama-family decoder (2 layers, d = 128 by default) is trained from scratch, every weight,
+//! on the spoken-digit tasks ([`super::tasks`]): cross-entropy on the answer tokens only, Adam
+//! with decoupled weight decay, a cosine learning rate with warm-up, gradient clipping. Every
+//! training utterance is freshly augmented (speed and volume perturbation, noise, SpecAugment
+//! masks; [`super::augment`]) for robustness to unheard voices, and by default one speaker is
+//! left out of training entirely so the model card can state held-out-speaker accuracy.
+//!
+//! The budget is in steps, with a wall-clock cap. Given the seed the run is deterministic: the
+//! weights are seeded, examples and their augmentations are drawn from per-example seeds, batches
+//! are consumed in a fixed order, so two runs that end by the step budget write byte-identical
+//! weights.
+//!
+//! The output is a Hugging Face-style directory that mistral.rs 0.8.1 and
+//! [`LlamaModel::load`] both read: `config.json`, `model.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json`, the unit codebook `units.json`, a model card `README.md` and
+//! `leaf_model.json` with the training figures.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use leaf_adapters::model::{Batch, LlamaModel, ModelOptions, Pass, Trainable};
+use leaf_adapters::LlamaConfig;
+use serde::{Deserialize, Serialize};
+
+use super::augment::{AugmentConfig, Augmenter};
+use super::eval::{candle, evaluate, Decoding, EvalConfig, EvalReport};
+use super::prepare::{example_seed, EncodedExample, ExampleEncoder};
+use super::tasks::{generate, Corpus, Example, Split, TaskConfig, TaskKind, DEFAULT_DATA_DIR};
+use super::tokenizer::SpeechTokenizer;
+use super::units::{fit_corpus, Codebook, KMeansConfig, UnitEncoder, CODEBOOK_FILE};
+use super::SpeechError;
+use crate::audio::{FrontEnd, FrontEndConfig};
+use crate::trainer::optim::{clip_factor, global_norm, Adam};
+use crate::trainer::{CosineSchedule, TrainError};
+use crate::{Error, Result};
+
+/// File with the machine-readable training figures, inside the model directory.
+pub const MODEL_INFO_FILE: &str = "leaf_model.json";
+
+/// File of the model card.
+pub const MODEL_CARD_FILE: &str = "README.md";
+
+/// Default step budget: sized so the default run (codebook, training, evaluation) ends within
+/// ten minutes on two CPU cores.
+pub const DEFAULT_STEPS: usize = 1200;
+
+/// Default wall-clock cap of the training loop, in seconds.
+pub const DEFAULT_MAX_SECONDS: f64 = 480.0;
+
+/// Name of the cached default model inside a cache directory.
+pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base";
+
+const FORMAT: &str = "leaf-model";
+const VERSION: u32 = 1;
+
+/// The decoder's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Width d.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// SwiGLU inner width.
+    pub intermediate: usize,
+    /// Longest sequence.
+    pub max_positions: usize,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        Self {
+            layers: 2,
+            hidden: 128,
+            heads: 4,
+            kv_heads: 4,
+            intermediate: 384,
+            max_positions: 1024,
+        }
+    }
+}
+
+/// Which speaker to leave out of training.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Holdout {
+    /// The last speaker in sorted order, when the recordings have at least two speakers.
+    Auto,
+    /// Train on every speaker.
+    None,
+    /// This speaker.
+    Speaker(String),
+}
+
+impl Holdout {
+    /// Parses a command-line value: `auto`, `none`, or a speaker name.
+    pub fn parse(s: &str) -> Holdout {
+        match s {
+            "auto" => Holdout::Auto,
+            "none" => Holdout::None,
+            other => Holdout::Speaker(other.to_string()),
+        }
+    }
+
+    /// The speaker left out of a corpus with `speakers` (sorted).
+    pub fn resolve(&self, speakers: &[String]) -> std::result::Result<Option<String>, SpeechError> {
+        match self {
+            Holdout::None => Ok(None),
+            Holdout::Auto => Ok(if speakers.len() >= 2 {
+                speakers.last().cloned()
+            } else {
+                None
+            }),
+            Holdout::Speaker(s) => {
+                if !speakers.contains(s) {
+                    return Err(SpeechError::Config(format!(
+                        "holdout speaker {s:?} is not in the recordings (speakers: {})",
+                        speakers.join(", ")
+                    )));
+                }
+                if speakers.len() < 2 {
+                    return Err(SpeechError::Config(format!(
+                        "cannot hold out {s:?}: it is the only speaker"
+                    )));
+                }
+                Ok(Some(s.clone()))
+            }
+        }
+    }
+}
+
+/// Every setting of a pre-training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Wall-clock cap of the training loop, seconds (0 = none).
+    pub max_seconds: f64,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Fraction of the steps spent warming up.
+    pub warmup_fraction: f64,
+    /// Final learning rate as a fraction of the peak.
+    pub lr_floor: f64,
+    /// Adam beta1.
+    pub beta1: f64,
+    /// Adam beta2.
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = none).
+    pub grad_clip: f64,
+    /// Seed of everything (weights, codebook, examples, augmentation).
+    pub seed: u64,
+    /// The speaker left out of training.
+    pub holdout: Holdout,
+    /// The decoder's shape.
+    pub shape: ModelShape,
+    /// Number of units in the codebook.
+    pub units: usize,
+    /// Most k-means iterations.
+    pub kmeans_iters: usize,
+    /// Augmentation of training audio (`None` trains on clean audio).
+    pub augment: Option<AugmentConfig>,
+    /// Test examples per task family for the model card (0 skips the evaluation).
+    pub eval_samples: usize,
+    /// Worker threads for audio work (0 = all cores); does not change the result.
+    pub threads: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: DEFAULT_STEPS,
+            max_seconds: DEFAULT_MAX_SECONDS,
+            batch_size: 32,
+            lr: 2e-3,
+            warmup_fraction: 0.03,
+            lr_floor: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            seed: 0,
+            holdout: Holdout::Auto,
+            shape: ModelShape::default(),
+            units: super::units::DEFAULT_UNITS,
+            kmeans_iters: 30,
+            augment: Some(AugmentConfig::default()),
+            eval_samples: 200,
+            threads: 0,
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// Checks every value; the error names the bad one.
+    pub fn validate(&self) -> std::result::Result<(), SpeechError> {
+        let bad = |m: String| Err(SpeechError::Config(m));
+        if self.steps == 0 {
+            return bad("steps must be positive".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be positive".into());
+        }
+        if !(self.max_seconds.is_finite() && self.max_seconds >= 0.0) {
+            return bad(format!("max_seconds {} must be >= 0", self.max_seconds));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr {} must be positive", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_fraction) || !(0.0..=1.0).contains(&self.lr_floor)
+        {
+            return bad("warmup_fraction and lr_floor must be in [0, 1]".into());
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("Adam betas must be in [0, 1)".into());
+        }
+        if !(self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
+            return bad("weight_decay and grad_clip must be >= 0".into());
+        }
+        if self.units == 0 {
+            return bad("units must be positive".into());
+        }
+        if let Some(a) = &self.augment {
+            a.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The model's `config.json` for a tokenizer.
+    pub fn llama_config(&self, tokenizer: &SpeechTokenizer) -> LlamaConfig {
+        let s = &self.shape;
+        LlamaConfig {
+            architectures: vec!["LlamaForCausalLM".into()],
+            hidden_act: "silu".into(),
+            hidden_size: s.hidden,
+            intermediate_size: s.intermediate,
+            vocab_size: tokenizer.vocab_size(),
+            num_hidden_layers: s.layers,
+            num_attention_heads: s.heads,
+            num_key_value_heads: Some(s.kv_heads),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: s.max_positions,
+            tie_word_embeddings: false,
+            bos_token_id: Some(tokenizer.ids().bos),
+            eos_token_id: Some(tokenizer.ids().eos),
+            rope_scaling: None,
+            model_type: "llama".into(),
+            torch_dtype: "float32".into(),
+        }
+    }
+}
+
+/// What a run reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProgressEvent {
+    /// A stage began ("fitting the unit codebook", "evaluating", ...).
+    Stage(String),
+    /// Training is about to start.
+    Start {
+        /// Planned steps.
+        steps: usize,
+    },
+    /// One optimizer step finished.
+    Step {
+        /// 1-based step number.
+        step: usize,
+        /// The step's loss (mean cross-entropy per answer token).
+        loss: f64,
+        /// Seconds since training began.
+        seconds: f64,
+    },
+}
+
+/// Statistics of one training step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Mean cross-entropy per answer token.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Answer tokens trained on.
+    pub answer_tokens: usize,
+    /// Input positions processed (prompt + answer - 1 per example).
+    pub tokens: usize,
+}
+
+/// One supervised step: cross-entropy on the answer tokens (a token mean over the batch), the
+/// gradient of every trainable weight, clipping to `grad_clip`, an Adam update at `lr`.
+pub fn train_step(
+    model: &LlamaModel,
+    optimizer: &mut Adam,
+    batch: &[EncodedExample],
+    lr: f64,
+    grad_clip: f64,
+) -> Result<StepStats> {
+    let pairs: Vec<(&[u32], &[u32])> = batch
+        .iter()
+        .map(|e| (e.prompt.as_slice(), e.answer.as_slice()))
+        .collect();
+    let b = Batch::new(&pairs, model.device())?;
+    let answer_tokens = b.num_tokens();
+    let tokens: usize = b.lens().iter().sum();
+    let logp = model.logprobs_with(&b, &Pass::BASE)?;
+    let loss = candle(
+        logp.sum_all()
+            .and_then(|s| s.affine(-1.0 / answer_tokens as f64, 0.0)),
+    )?;
+    let value = candle(loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()))?;
+    if !value.is_finite() {
+        return Err(TrainError::NonFinite {
+            what: format!("pre-training loss {value}"),
+        }
+        .into());
+    }
+    let grads = candle(loss.backward())?;
+    let grads = optimizer
+        .vars()
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.zeros_like(),
+        })
+        .collect::<candle_core::Result<Vec<Tensor>>>();
+    let grads = candle(grads)?;
+    let norm = candle(global_norm(&grads))?;
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            what: format!("gradient norm {norm}"),
+        }
+        .into());
+    }
+    let factor = clip_factor(norm, grad_clip);
+    let grads = if factor < 1.0 {
+        candle(
+            grads
+                .iter()
+                .map(|g| g * factor)
+                .collect::<candle_core::Result<Vec<_>>>(),
+        )?
+    } else {
+        grads
+    };
+    candle(optimizer.step(&grads, lr))?;
+    Ok(StepStats {
+        loss: value,
+        grad_norm: norm,
+        answer_tokens,
+        tokens,
+    })
+}
+
+/// A fresh Adam over every weight of a full-parameter model.
+pub fn optimizer_for(model: &LlamaModel, config: &PretrainConfig) -> Result<Adam> {
+    let vars = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
+    candle(Adam::new(
+        vars,
+        config.beta1,
+        config.beta2,
+        1e-8,
+        config.weight_decay,
+    ))
+}
+
+/// Figures of a finished run, as written to `leaf_model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainReport {
+    /// `"leaf-model"`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// The settings.
+    pub config: PretrainConfig,
+    /// Steps planned.
+    pub steps_planned: usize,
+    /// Steps run.
+    pub steps: usize,
+    /// `"steps"` when the step budget ended the run, `"time"` when the wall-clock cap did.
+    pub stopped_by: String,
+    /// Seconds in the training loop.
+    pub train_seconds: f64,
+    /// Seconds for the whole run (codebook, training, evaluation, writing).
+    pub total_seconds: f64,
+    /// Loss of the first step.
+    pub first_loss: f64,
+    /// Mean loss of the last 20 steps (or fewer).
+    pub final_loss: f64,
+    /// Answer tokens trained on.
+    pub answer_tokens: usize,
+    /// Input positions processed.
+    pub tokens: usize,
+    /// Input positions per second of training.
+    pub tokens_per_second: f64,
+    /// Number of parameters.
+    pub parameters: usize,
+    /// Speakers trained on.
+    pub train_speakers: Vec<String>,
+    /// The speaker left out of training.
+    pub holdout_speaker: Option<String>,
+    /// Training clips (takes 5 and up of the training speakers).
+    pub train_clips: usize,
+    /// Test-split evaluation (greedy), when it ran.
+    pub eval: Option<EvalReport>,
+}
+
+impl PretrainReport {
+    /// Test-split recognition exact match of the training speakers.
+    pub fn recognition_accuracy(&self) -> Option<f64> {
+        self.eval
+            .as_ref()
+            .and_then(|e| e.in_speaker.tasks.get("asr"))
+            .map(|s| s.exact_match)
+    }
+
+    /// Test-split recognition exact match of the held-out speaker.
+    pub fn holdout_recognition_accuracy(&self) -> Option<f64> {
+        self.eval
+            .as_ref()
+            .and_then(|e| e.holdout.as_ref())
+            .and_then(|h| h.tasks.get("asr"))
+            .map(|s| s.exact_match)
+    }
+
+    /// Reads `leaf_model.json` from a model directory.
+    pub fn load(dir: &Path) -> Result<PretrainReport> {
+        let path = dir.join(MODEL_INFO_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| {
+            SpeechError::Config(format!("{}: malformed: {e}", path.display())).into()
+        })
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The default recordings folder: [`DEFAULT_DATA_DIR`] resolved against the workspace this
+/// crate was built in (its manifest directory's parent), then against the current directory.
+/// Fails with both places named when neither holds it.
+pub fn default_data_dir() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = [
+        workspace.join(DEFAULT_DATA_DIR),
+        PathBuf::from(DEFAULT_DATA_DIR),
+    ];
+    for c in &candidates {
+        if c.is_dir() {
+            return Ok(c.clone());
+        }
+    }
+    Err(SpeechError::Data {
+        path: candidates[0].clone(),
+        reason: format!(
+            "the spoken-digit recordings are missing (also looked in {}); fetch the Free Spoken \
+             Digit Dataset recordings there or pass --data DIR",
+            candidates[1].display()
+        ),
+    }
+    .into())
+}
+
+/// Everything a model directory holds besides the weights: loads the tokenizer and codebook and
+/// builds the example encoder (no augmentation).
+pub fn load_encoder(dir: &Path) -> Result<ExampleEncoder> {
+    let tokenizer = SpeechTokenizer::load(dir)?;
+    let units = UnitEncoder::load(&dir.join(CODEBOOK_FILE))?;
+    Ok(ExampleEncoder::new(units, tokenizer, None)?)
+}
+
+/// Trains a model on the recordings in `data` and writes its directory to `out` (created; it
+/// must not exist or be empty). `progress` hears about stages and steps.
+pub fn pretrain(
+    config: &PretrainConfig,
+    data: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(&ProgressEvent),
+) -> Result<PretrainReport> {
+    let started = Instant::now();
+    config.validate()?;
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out).map_err(io(out))?;
+        if entries.next().is_some() {
+            return Err(SpeechError::Config(format!(
+                "output directory {} is not empty",
+                out.display()
+            ))
+            .into());
+        }
+    }
+    progress(&ProgressEvent::Stage("reading recordings".into()));
+    let mut corpus = Corpus::open(data)?;
+    corpus.preload()?;
+    let speakers = corpus.speakers();
+    let holdout = config.holdout.resolve(&speakers)?;
+    let train = corpus.filter(|c| {
+        c.split() == Split::Train && Some(c.speaker.as_str()) != holdout.as_deref()
+    });
+    if train.is_empty() {
+        return Err(SpeechError::Data {
+            path: data.to_path_buf(),
+            reason: "no training takes (5 and up) outside the held-out speaker".into(),
+        }
+        .into());
+    }
+
+    progress(&ProgressEvent::Stage("fitting the unit codebook".into()));
+    let frontend = FrontEnd::new(FrontEndConfig::default())?;
+    let codebook: Codebook = fit_corpus(
+        &train,
+        &frontend,
+        super::units::DEFAULT_POOL,
+        &KMeansConfig {
+            k: config.units,
+            seed: config.seed,
+            max_iters: config.kmeans_iters,
+            threads: config.threads,
+            ..KMeansConfig::default()
+        },
+    )?;
+    let units = UnitEncoder::new(codebook.clone())?;
+    let tokenizer = SpeechTokenizer::for_tasks(config.units)?;
+    let llama = config.llama_config(&tokenizer);
+    let options = ModelOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        trainable: Trainable::Full,
+        frozen_matmul: true,
+    };
+    let model = LlamaModel::random(&llama, config.seed, &options)?;
+    let parameters: usize = model
+        .trainable_vars()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let mut optimizer = optimizer_for(&model, config)?;
+    let schedule = CosineSchedule::new(
+        config.lr,
+        config.steps as u64,
+        config.warmup_fraction,
+        config.lr_floor,
+    );
+    let augmenter = config.augment.clone().map(Augmenter::new).transpose()?;
+    let train_encoder = ExampleEncoder::new(units.clone(), tokenizer.clone(), augmenter)?;
+    let examples = training_examples(config, &train)?;
+
+    progress(&ProgressEvent::Start {
+        steps: config.steps,
+    });
+    let loop_started = Instant::now();
+    let mut losses = Vec::with_capacity(config.steps);
+    let (mut answer_tokens, mut tokens) = (0usize, 0usize);
+    let mut stopped_by = "steps";
+    let aug_seed = example_seed(config.seed, 0xA0D1_0000);
+    std::thread::scope(|scope| -> Result<()> {
+        // Batches are encoded one step ahead on a second thread; each example's augmentation
+        // draws from its own seed, so what the model sees does not depend on timing.
+        let (tx, rx) = mpsc::sync_channel::<Result<Vec<EncodedExample>>>(2);
+        let examples = &examples;
+        let train_encoder = &train_encoder;
+        let train = &train;
+        let batch_size = config.batch_size;
+        scope.spawn(move || {
+            for chunk_start in (0..examples.len()).step_by(batch_size) {
+                let batch: Result<Vec<EncodedExample>> = (chunk_start
+                    ..(chunk_start + batch_size).min(examples.len()))
+                    .map(|i| {
+                        train_encoder
+                            .encode(train, &examples[i], example_seed(aug_seed, i as u64))
+                            .map_err(Error::from)
+                    })
+                    .collect();
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for step in 0..config.steps {
+            if config.max_seconds > 0.0 && loop_started.elapsed().as_secs_f64() > config.max_seconds
+            {
+                stopped_by = "time";
+                break;
+            }
+            let batch = rx.recv().map_err(|_| {
+                SpeechError::Config("the batch encoder stopped unexpectedly".into())
+            })??;
+            let stats = train_step(
+                &model,
+                &mut optimizer,
+                &batch,
+                schedule.lr(step as u64),
+                config.grad_clip,
+            )?;
+            losses.push(stats.loss);
+            answer_tokens += stats.answer_tokens;
+            tokens += stats.tokens;
+            progress(&ProgressEvent::Step {
+                step: step + 1,
+                loss: stats.loss,
+                seconds: loop_started.elapsed().as_secs_f64(),
+            });
+        }
+        // Dropping the receiver stops the encoder thread at its next send.
+        drop(rx);
+        Ok(())
+    })?;
+    let train_seconds = loop_started.elapsed().as_secs_f64();
+
+    progress(&ProgressEvent::Stage("writing the model".into()));
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    model.save(out)?;
+    tokenizer.save(out)?;
+    codebook.save(&out.join(CODEBOOK_FILE))?;
+
+    let eval = if config.eval_samples > 0 {
+        progress(&ProgressEvent::Stage("evaluating on the test takes".into()));
+        let encoder = ExampleEncoder::new(units, tokenizer, None)?;
+        Some(evaluate(
+            &model,
+            &encoder,
+            &corpus,
+            &EvalConfig {
+                samples: config.eval_samples,
+                seed: config.seed,
+                decoding: Decoding::Greedy,
+                holdout_speaker: holdout.clone(),
+                threads: config.threads,
+                ..EvalConfig::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let tail = &losses[losses.len().saturating_sub(20)..];
+    let report = PretrainReport {
+        format: FORMAT.into(),
+        version: VERSION,
+        config: config.clone(),
+        steps_planned: config.steps,
+        steps: losses.len(),
+        stopped_by: stopped_by.into(),
+        train_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        final_loss: if tail.is_empty() {
+            f64::NAN
+        } else {
+            tail.iter().sum::<f64>() / tail.len() as f64
+        },
+        answer_tokens,
+        tokens,
+        tokens_per_second: tokens as f64 / train_seconds.max(1e-9),
+        parameters,
+        train_speakers: train.speakers(),
+        holdout_speaker: holdout,
+        train_clips: train.len(),
+        eval,
+    };
+    let info = out.join(MODEL_INFO_FILE);
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| SpeechError::Config(format!("serialising the report: {e}")))?;
+    std::fs::write(&info, json).map_err(io(&info))?;
+    let card = out.join(MODEL_CARD_FILE);
+    std::fs::write(&card, model_card(&report)).map_err(io(&card))?;
+    Ok(report)
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".to_string(), |v| format!("{:.1} %", 100.0 * v))
+}
+
+/// The model card (`README.md`) of a run.
+pub fn model_card(r: &PretrainReport) -> String {
+    let c = &r.config;
+    let s = &c.shape;
+    let mut out = String::new();
+    out.push_str("---\nlibrary_name: leaf\nlicense: cc-by-sa-4.0\ntags:\n- speech\n- discrete-units\n- spoken-digits\n---\n\n");
+    out.push_str("# leaf spoken-digit base model\n\n");
+    out.push_str(&format!(
+        "A small Llama-family decoder ({} layers, d = {}, {} heads, {} parameters) trained from \
+         scratch by `leaf pretrain` on spoken-digit tasks built from Free Spoken Digit Dataset \
+         recordings. Audio enters the prompt as discrete units (`units.json`: {} k-means \
+         centroids over pooled log-mel frames) between `<|audio_start|>` and `<|audio_end|>`; \
+         the chat template in `tokenizer_config.json` places them where the audio content part \
+         was. mistral.rs 0.8.1 serves this directory as a plain Llama model.\n\n",
+        s.layers, s.hidden, s.heads, r.parameters, c.units
+    ));
+    out.push_str("## Training\n\n| figure | value |\n|---|---|\n");
+    for (k, v) in [
+        ("steps (run / planned)", format!("{} / {}", r.steps, r.steps_planned)),
+        ("stopped by", r.stopped_by.clone()),
+        ("training seconds", format!("{:.1}", r.train_seconds)),
+        ("total seconds", format!("{:.1}", r.total_seconds)),
+        ("batch size", c.batch_size.to_string()),
+        ("peak learning rate", format!("{}", c.lr)),
+        ("first loss", format!("{:.4}", r.first_loss)),
+        ("final loss (mean of last 20 steps)", format!("{:.4}", r.final_loss)),
+        ("tokens per second", format!("{:.0}", r.tokens_per_second)),
+        ("seed", c.seed.to_string()),
+        ("augmentation", if c.augment.is_some() { "speed, volume, noise, SpecAugment".into() } else { "none".to_string() }),
+        ("training speakers", r.train_speakers.join(", ")),
+        ("held-out speaker", r.holdout_speaker.clone().unwrap_or_else(|| "none".into())),
+        ("training clips (takes 5+)", r.train_clips.to_string()),
+    ] {
+        out.push_str(&format!("| {k} | {v} |\n"));
+    }
+    out.push_str("\n## Test-split accuracy (takes 0-4, greedy decoding)\n\n");
+    match &r.eval {
+        None => out.push_str("Not evaluated.\n"),
+        Some(e) => {
+            out.push_str("| speakers | task | examples | exact match | BLEU | chrF | WER |\n");
+            out.push_str("|---|---|---|---|---|---|---|\n");
+            let mut groups = vec![("in-speaker", &e.in_speaker)];
+            if let Some(h) = &e.holdout {
+                groups.push(("held-out speaker", h));
+            }
+            for (name, g) in groups {
+                for (task, sc) in &g.tasks {
+                    out.push_str(&format!(
+                        "| {name} ({}) | {task} | {} | {:.1} % | {:.1} | {:.1} | {:.3} |\n",
+                        g.speakers.join(", "),
+                        sc.examples,
+                        100.0 * sc.exact_match,
+                        sc.bleu,
+                        sc.chrf,
+                        sc.wer
+                    ));
+                }
+            }
+            out.push_str(&format!(
+                "\nRecognition exact match: {} in-speaker, {} on the held-out speaker.\n",
+                pct(r.recognition_accuracy()),
+                pct(r.holdout_recognition_accuracy())
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "\nThe same figures are in `{MODEL_INFO_FILE}`. Re-running `leaf pretrain` with the same \
+         seed and data reproduces the weights byte for byte when the step budget (not the \
+         wall-clock cap) ends the run.\n"
+    ));
+    out
+}
+
+/// The directory of the default model in `cache_dir`; trains it with the default settings on
+/// the recordings in `data_dir` when it is not there yet.
+///
+/// Training goes to a temporary directory inside `cache_dir` that is renamed into place when
+/// complete, so a crash never leaves a half-written model behind, and two processes racing each
+/// other both end up with one complete model. With `progress` a progress bar is drawn on stderr.
+pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -> Result<PathBuf> {
+    let target = cache_dir.join(DEFAULT_MODEL_NAME);
+    if target.join(MODEL_INFO_FILE).is_file() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = cache_dir.join(format!(
+        ".{DEFAULT_MODEL_NAME}.tmp-{}-{nonce}",
+        std::process::id()
+    ));
+    let config = PretrainConfig::default();
+    let result = if progress {
+        let mut bar = ProgressBar::new();
+        pretrain(&config, data_dir, &tmp, &mut |e| bar.handle(e))
+    } else {
+        pretrain(&config, data_dir, &tmp, &mut |_| {})
+    };
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match std::fs::rename(&tmp, &target) {
+        Ok(()) => Ok(target),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if target.join(MODEL_INFO_FILE).is_file() {
+                // Another process finished first.
+                Ok(target)
+            } else {
+                Err(io(&target)(e))
+            }
+        }
+    }
+}
+
+/// An `indicatif` progress bar for [`ProgressEvent`]s (stages as messages, steps as the bar).
+#[derive(Debug)]
+pub struct ProgressBar {
+    bar: indicatif::ProgressBar,
+}
+
+impl Default for ProgressBar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProgressBar {
+    /// A spinner until training starts, then a bar over the steps (drawn on stderr).
+    pub fn new() -> Self {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Self { bar }
+    }
+
+    /// Updates the bar.
+    pub fn handle(&mut self, event: &ProgressEvent) {
+        match event {
+            ProgressEvent::Stage(s) => self.bar.set_message(s.clone()),
+            ProgressEvent::Start { steps } => {
+                self.bar.set_length(*steps as u64);
+                self.bar.set_position(0);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "{spinner} pretrain [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+                ) {
+                    self.bar.set_style(style);
+                }
+                self.bar.set_message("");
+            }
+            ProgressEvent::Step { step, loss, .. } => {
+                self.bar.set_position(*step as u64);
+                if step % 10 == 0 {
+                    self.bar.set_message(format!("loss {loss:.3}"));
+                }
+            }
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Drop for ProgressBar {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The training examples of a run, in the order they are used (step `s` trains on
+/// `[s * batch_size, (s + 1) * batch_size)`).
+pub fn training_examples(config: &PretrainConfig, train: &Corpus) -> Result<Vec<Example>> {
+    Ok(generate(
+        train,
+        Split::Train,
+        &TaskKind::ALL,
+        config.steps * config.batch_size,
+        config.seed,
+        &TaskConfig::default(),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdout_resolution() {
+        let sp: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(Holdout::Auto.resolve(&sp).unwrap(), Some("c".into()));
+        assert_eq!(Holdout::None.resolve(&sp).unwrap(), None);
+        assert_eq!(
+            Holdout::parse("b").resolve(&sp).unwrap(),
+            Some("b".into())
+        );
+        assert!(Holdout::parse("zed").resolve(&sp).is_err());
+        assert_eq!(Holdout::Auto.resolve(&sp[..1]).unwrap(), None);
+        assert!(Holdout::parse("a").resolve(&sp[..1]).is_err());
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        assert!(PretrainConfig::default().validate().is_ok());
+        for (c, word) in [
+            (PretrainConfig { steps: 0, ..Default::default() }, "steps"),
+            (PretrainConfig { lr: -1.0, ..Default::default() }, "lr"),
+            (PretrainConfig { batch_size: 0, ..Default::default() }, "batch_size"),
+            (PretrainConfig { beta2: 1.0, ..Default::default() }, "betas"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(word), "{e}");
+        }
+    }
+}
