@@ -1,0 +1,248 @@
+//! `leaf pretrain` end to end at a tiny size: the directory it writes, that our trainer reloads
+//! it, that the same seed gives byte-identical weights, and that evaluation (library and
+//! `leaf eval`) returns sane figures.
+
+use std::path::{Path, PathBuf};
+
+use leaf_adapters::model::{LlamaModel, ModelOptions, Trainable};
+use leaf_adapters::LlamaConfig;
+use leaf_plugin::speech::eval::{evaluate, Decoding, EvalConfig};
+use leaf_plugin::speech::pretrain::{
+    load_encoder, pretrain, Holdout, ModelShape, PretrainConfig, PretrainReport, ProgressEvent,
+    MODEL_CARD_FILE, MODEL_INFO_FILE,
+};
+use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily};
+
+fn fsdd_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
+    assert!(
+        dir.is_dir(),
+        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
+        dir.display()
+    );
+    dir
+}
+
+/// A small recordings folder (two speakers, takes 0-7) made of links into FSDD: `--data` works
+/// with any folder of FSDD-named files, and the test stays fast.
+fn small_data(root: &Path) -> PathBuf {
+    let dir = root.join("recordings");
+    std::fs::create_dir_all(&dir).unwrap();
+    for speaker in ["george", "jackson"] {
+        for digit in 0..10 {
+            for take in 0..8 {
+                let name = format!("{digit}_{speaker}_{take}.wav");
+                let src = fsdd_dir().join(&name);
+                assert!(src.is_file(), "missing {}", src.display());
+                std::os::unix::fs::symlink(&src, dir.join(&name)).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+fn tiny_config(seed: u64) -> PretrainConfig {
+    PretrainConfig {
+        steps: 4,
+        max_seconds: 0.0,
+        batch_size: 4,
+        seed,
+        shape: ModelShape {
+            layers: 1,
+            hidden: 32,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 64,
+            max_positions: 512,
+        },
+        units: 16,
+        kmeans_iters: 5,
+        eval_samples: 3,
+        ..PretrainConfig::default()
+    }
+}
+
+#[test]
+fn tiny_pretrain_writes_a_loadable_deterministic_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path());
+    let a = tmp.path().join("a");
+    let mut events = Vec::new();
+    let report = pretrain(&tiny_config(7), &data, &a, &mut |e| events.push(e.clone())).unwrap();
+
+    // Progress: stages, a start, one event per step in order.
+    assert!(events.contains(&ProgressEvent::Start { steps: 4 }));
+    let steps: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::Step { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "units.json",
+        MODEL_CARD_FILE,
+        MODEL_INFO_FILE,
+    ] {
+        assert!(a.join(f).is_file(), "{f} missing");
+    }
+    // The report on disk is the one returned.
+    let on_disk = PretrainReport::load(&a).unwrap();
+    assert_eq!(on_disk.steps, 4);
+    assert_eq!(on_disk.stopped_by, "steps");
+    assert_eq!(on_disk.holdout_speaker.as_deref(), Some("jackson"));
+    assert_eq!(on_disk.train_speakers, vec!["george".to_string()]);
+    // George's takes 5-7 of ten digits.
+    assert_eq!(on_disk.train_clips, 30);
+    assert!(report.first_loss.is_finite() && report.final_loss.is_finite());
+    assert!(report.tokens > report.answer_tokens && report.answer_tokens > 0);
+    let eval = report.eval.as_ref().unwrap();
+    assert_eq!(eval.in_speaker.speakers, vec!["george".to_string()]);
+    assert_eq!(eval.holdout.as_ref().unwrap().speakers, vec!["jackson".to_string()]);
+    assert_eq!(eval.in_speaker.examples, 9);
+    let card = std::fs::read_to_string(a.join(MODEL_CARD_FILE)).unwrap();
+    assert!(card.contains("held-out speaker") && card.contains("jackson"));
+    assert!(card.contains("Recognition exact match"));
+
+    // Our trainer loads it back, with the config we asked for and the tokenizer's vocabulary.
+    let model = LlamaModel::load(
+        &a,
+        &ModelOptions {
+            trainable: Trainable::Nothing,
+            ..ModelOptions::default()
+        },
+    )
+    .unwrap();
+    let cfg = LlamaConfig::from_path(&a).unwrap();
+    let encoder = load_encoder(&a).unwrap();
+    assert_eq!(cfg.hidden_size, 32);
+    assert_eq!(cfg.num_key_value_heads, Some(1));
+    assert_eq!(cfg.vocab_size, encoder.tokenizer().vocab_size());
+    assert_eq!(cfg.eos_token_id, Some(encoder.tokenizer().ids().eos));
+    assert_eq!(model.config(), &cfg);
+
+    // Same seed, same bytes; another seed, other bytes.
+    let b = tmp.path().join("b");
+    pretrain(&tiny_config(7), &data, &b, &mut |_| {}).unwrap();
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert!(wa == wb, "same seed gave different weights");
+    assert_eq!(
+        std::fs::read(a.join("units.json")).unwrap(),
+        std::fs::read(b.join("units.json")).unwrap()
+    );
+    let c = tmp.path().join("c");
+    pretrain(&tiny_config(8), &data, &c, &mut |_| {}).unwrap();
+    assert!(wa != std::fs::read(c.join("model.safetensors")).unwrap());
+
+    // Evaluation through the library: counts and ranges.
+    let mut corpus = Corpus::open(&data).unwrap();
+    corpus.preload().unwrap();
+    let config = EvalConfig {
+        families: vec![TaskFamily::Asr, TaskFamily::Sqa],
+        samples: 5,
+        holdout_speaker: Some("jackson".into()),
+        ..EvalConfig::default()
+    };
+    let r = evaluate(&model, &encoder, &corpus, &config).unwrap();
+    assert_eq!(r.split, Split::Test);
+    assert_eq!(r.in_speaker.examples, 10);
+    assert_eq!(r.in_speaker.tasks.keys().collect::<Vec<_>>(), ["asr", "sqa"]);
+    for g in [&r.in_speaker, r.holdout.as_ref().unwrap()] {
+        for s in g.tasks.values() {
+            assert_eq!(s.examples, 5);
+            assert!((0.0..=1.0).contains(&s.exact_match));
+            assert!((0.0..=100.0).contains(&s.bleu) && (0.0..=100.0).contains(&s.chrf));
+            assert!(s.wer >= 0.0);
+        }
+    }
+    // Greedy evaluation is deterministic; sampling with a seed is too.
+    assert_eq!(
+        evaluate(&model, &encoder, &corpus, &config).unwrap().in_speaker,
+        r.in_speaker
+    );
+    let sampled = EvalConfig {
+        decoding: Decoding::Sample {
+            temperature: 1.0,
+            top_p: 0.9,
+        },
+        ..config.clone()
+    };
+    assert_eq!(
+        evaluate(&model, &encoder, &corpus, &sampled).unwrap().in_speaker,
+        evaluate(&model, &encoder, &corpus, &sampled).unwrap().in_speaker
+    );
+    // A speaker the recordings do not have is a clear error.
+    let bad = EvalConfig {
+        holdout_speaker: Some("nobody".into()),
+        ..config
+    };
+    let e = evaluate(&model, &encoder, &corpus, &bad).unwrap_err().to_string();
+    assert!(e.contains("nobody"), "{e}");
+
+    // `leaf eval` prints one JSON object with the same figures.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leaf"))
+        .args(["eval", "--model"])
+        .arg(&a)
+        .args(["--task", "asr", "--samples", "4", "--holdout-speaker", "jackson"])
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.trim().lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["in_speaker"]["tasks"]["asr"]["examples"], 4);
+    assert_eq!(v["holdout"]["tasks"]["asr"]["examples"], 4);
+    assert_eq!(v["decoding"]["mode"], "greedy");
+    let em = v["in_speaker"]["tasks"]["asr"]["exact_match"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&em));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-recordings");
+    let e = pretrain(&tiny_config(0), &missing, &tmp.path().join("m"), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no-such-recordings"), "{e}");
+
+    let full = tmp.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let data = small_data(tmp.path());
+    let e = pretrain(&tiny_config(0), &data, &full, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not empty"), "{e}");
+
+    let cfg = PretrainConfig {
+        holdout: Holdout::Speaker("nobody".into()),
+        ..tiny_config(0)
+    };
+    let e = pretrain(&cfg, &data, &tmp.path().join("m2"), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nobody"), "{e}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leaf"))
+        .args(["eval", "--model"])
+        .arg(tmp.path().join("no-model"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-model"), "{err}");
+}
