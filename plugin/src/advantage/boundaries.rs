@@ -59,8 +59,7 @@ pub fn select_boundaries(
         let mut lo = 0usize;
         for bound in blocked.iter().map(|&q| Some(q)).chain(std::iter::once(None)) {
             let hi = bound.map_or(best.len(), |q| (q - start).saturating_sub(delta - 1).min(best.len()));
-            for k in lo..hi.max(lo) {
-                let s = best[k];
+            for (k, &s) in best.iter().enumerate().take(hi).skip(lo) {
                 if s > top {
                     (top, at, tied) = (s, k, false);
                 } else if s == top {
@@ -78,9 +77,9 @@ pub fn select_boundaries(
             // Several allowed positions share the top surprisal: lower response index first,
             // then lower position (`at` is the lowest position so far).
             let mut at_holder = holder(start + at, top);
-            for k in at + 1..best.len() {
+            for (k, &s) in best.iter().enumerate().skip(at + 1) {
                 let p = start + k;
-                if best[k] == top && blocked.iter().all(|&q| p.abs_diff(q) >= delta) {
+                if s == top && blocked.iter().all(|&q| p.abs_diff(q) >= delta) {
                     let h = holder(p, top);
                     if h < at_holder {
                         (at, at_holder) = (k, h);
