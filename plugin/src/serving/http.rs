@@ -1,0 +1,477 @@
+//! The HTTP API (axum) in front of a [`LeafServer`].
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/chat/completions` | OpenAI-compatible chat; audio as an `input_audio` part (base64 WAV) or a `units` part; optional `"leaf": {"reference", "task"}`; the response adds `"leaf": {"request_id", "adapter_version"}` |
+//! | `POST /v1/feedback` | `{"request_id", "reward"}` (mutating) |
+//! | `GET /v1/adapters` | the store's versions and the served one |
+//! | `POST /v1/adapters/promote` | `{"version"}` (mutating) |
+//! | `POST /v1/adapters/rollback` | (mutating) |
+//! | `POST /v1/load_lora_adapter` | `{"lora_name", "lora_path"}`: validate, store, swap in (mutating; only below `adapter_root`, checked after resolving links; disabled without it) |
+//! | `GET /v1/leaf/status` | counters, rates, versions, queue depths and drops |
+//! | `GET /metrics` | Prometheus text (`leaf_*`) |
+//!
+//! Mutating routes need `Authorization: Bearer TOKEN` when a token is configured and answer
+//! 401 otherwise; without a token [`serve`] only listens on a loopback address. Every error is
+//! a 4xx/5xx with a JSON body `{"error": {"message", "type"}}`; malformed JSON and oversized
+//! bodies included.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::server::{ChatRequest, LeafServer, Message, Part};
+use super::ServeError;
+use crate::harvest::HarvestError;
+
+/// HTTP settings.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// Bearer token for the mutating routes; `None` allows them without auth, and [`serve`]
+    /// then only listens on loopback.
+    pub admin_token: Option<String>,
+    /// The only directory `load_lora_adapter` may read from; `None` disables that route.
+    pub adapter_root: Option<PathBuf>,
+    /// Largest request body in bytes (default 32 MiB when 0).
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone)]
+struct AppState {
+    server: Arc<LeafServer>,
+    config: Arc<HttpConfig>,
+    adapter_root: Option<PathBuf>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// An API error: a status and a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::new(r.status(), "invalid_request_error", r.body_text())
+    }
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        use leaf_adapters::Error as A;
+        let (status, kind) = match &e {
+            ServeError::Request(_) | ServeError::Speech(_) | ServeError::Config(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            ServeError::Harvest(HarvestError::UnknownRequest { .. }) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ServeError::Harvest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ServeError::Adapter(A::UnknownVersion(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            ServeError::Adapter(A::NoRollbackTarget) | ServeError::NoStore => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            ServeError::Adapter(A::Store(m)) if m.contains("not a version id") => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ServeError::Adapter(_) | ServeError::Load(_) | ServeError::Probe { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "adapter_refused")
+            }
+            ServeError::SwapLimit(_) => (StatusCode::CONFLICT, "conflict"),
+            ServeError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        };
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle (`None` when
+/// another recorder was installed first).
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// The router. `adapter_root` is resolved here; a root that does not exist is an error.
+pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, ServeError> {
+    let adapter_root = match &config.adapter_root {
+        Some(r) => Some(r.canonicalize().map_err(|source| ServeError::Io {
+            path: r.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let limit = if config.max_body_bytes == 0 {
+        32 << 20
+    } else {
+        config.max_body_bytes
+    };
+    let state = AppState {
+        server,
+        config: Arc::new(config),
+        adapter_root,
+        metrics: install_metrics(),
+    };
+    Ok(Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/feedback", post(feedback))
+        .route("/v1/adapters", get(adapters))
+        .route("/v1/adapters/promote", post(promote))
+        .route("/v1/adapters/rollback", post(rollback))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/leaf/status", get(status))
+        .route("/metrics", get(prometheus))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state))
+}
+
+/// Serves the API on `listen` until the task is dropped. Without an admin token only a
+/// loopback address is accepted.
+pub async fn serve(
+    server: Arc<LeafServer>,
+    config: HttpConfig,
+    listen: SocketAddr,
+) -> Result<(), ServeError> {
+    if config.admin_token.is_none() && !listen.ip().is_loopback() {
+        return Err(ServeError::Config(format!(
+            "refusing to listen on {listen} without an admin token (use a loopback address or set a token)"
+        )));
+    }
+    let app = router(server, config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from(listen.to_string()),
+            source,
+        })?;
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| ServeError::Io {
+            path: PathBuf::from(listen.to_string()),
+            source,
+        })
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.config.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare without an early exit on the first differing byte.
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        ))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    messages: Vec<MessageBody>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    logprobs: bool,
+    #[serde(default)]
+    top_logprobs: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    leaf: Option<LeafBody>,
+    /// Accepted and ignored (the plugin serves one model).
+    #[serde(default)]
+    #[allow(dead_code)]
+    model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LeafBody {
+    #[serde(default)]
+    reference: Option<String>,
+    #[serde(default)]
+    task: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageBody {
+    role: String,
+    content: ContentBody,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ContentBody {
+    Text(String),
+    Parts(Vec<PartBody>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum PartBody {
+    Text { text: String },
+    InputAudio { input_audio: AudioBody },
+    Audio { units: Vec<u32> },
+}
+
+#[derive(Debug, Deserialize)]
+struct AudioBody {
+    data: String,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn to_request(body: ChatBody) -> Result<ChatRequest, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", m);
+    let mut messages = Vec::with_capacity(body.messages.len());
+    for (i, m) in body.messages.into_iter().enumerate() {
+        let content = match m.content {
+            ContentBody::Text(t) => vec![Part::Text(t)],
+            ContentBody::Parts(parts) => {
+                let mut out = Vec::with_capacity(parts.len());
+                for (j, p) in parts.into_iter().enumerate() {
+                    out.push(match p {
+                        PartBody::Text { text } => Part::Text(text),
+                        PartBody::Audio { units } => Part::Units(units),
+                        PartBody::InputAudio { input_audio } => {
+                            if input_audio.format.as_deref().is_some_and(|f| f != "wav") {
+                                return Err(bad(format!(
+                                    "messages[{i}].content[{j}]: only wav audio is supported"
+                                )));
+                            }
+                            let wav = base64::engine::general_purpose::STANDARD
+                                .decode(input_audio.data.as_bytes())
+                                .map_err(|e| {
+                                    bad(format!("messages[{i}].content[{j}]: bad base64: {e}"))
+                                })?;
+                            Part::Wav(wav)
+                        }
+                    });
+                }
+                out
+            }
+        };
+        messages.push(Message {
+            role: m.role,
+            content,
+        });
+    }
+    let leaf = body.leaf.unwrap_or(LeafBody {
+        reference: None,
+        task: None,
+    });
+    Ok(ChatRequest {
+        messages,
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        temperature: body.temperature,
+        top_p: body.top_p,
+        logprobs: body.logprobs,
+        top_logprobs: body.top_logprobs.unwrap_or(0),
+        seed: body.seed,
+        reference: leaf.reference,
+        task: leaf.task,
+    })
+}
+
+async fn chat(
+    State(state): State<AppState>,
+    body: Result<Json<ChatBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    let req = to_request(body)?;
+    let reply = state.server.chat(req).await?;
+    let mut v = serde_json::to_value(&reply.response).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string())
+    })?;
+    if let Value::Object(map) = &mut v {
+        map.insert(
+            "leaf".into(),
+            json!({"request_id": reply.request_id, "adapter_version": reply.adapter_version,
+                   "logprob_base": "e"}),
+        );
+    }
+    Ok(Json(v))
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedbackBody {
+    request_id: String,
+    reward: f64,
+}
+
+async fn feedback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<FeedbackBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(body) = body?;
+    state.server.feedback(&body.request_id, body.reward)?;
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn adapters(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let current = state.server.current_version();
+    let versions = match state.server.store() {
+        Some(store) => serde_json::to_value(store.list().map_err(ServeError::Adapter)?)
+            .unwrap_or(Value::Null),
+        None => json!([]),
+    };
+    Ok(Json(json!({"serving": current, "versions": versions})))
+}
+
+#[derive(Debug, Deserialize)]
+struct PromoteBody {
+    version: String,
+}
+
+async fn promote(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PromoteBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(body) = body?;
+    let report = state.server.promote(&body.version).await?;
+    Ok(Json(json!(report)))
+}
+
+async fn rollback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let report = state.server.rollback().await?;
+    Ok(Json(json!(report)))
+}
+
+#[derive(Debug, Deserialize)]
+struct LoadBody {
+    lora_name: String,
+    lora_path: PathBuf,
+}
+
+/// `path` resolved (links followed) and inside `root`.
+fn inside(root: &Path, path: &Path) -> Result<PathBuf, ApiError> {
+    let resolved = path.canonicalize().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("lora_path {}: {e}", path.display()),
+        )
+    })?;
+    if resolved.starts_with(root) {
+        Ok(resolved)
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("lora_path {} is outside the adapter root", path.display()),
+        ))
+    }
+}
+
+async fn load_lora_adapter(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<LoadBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(body) = body?;
+    let root = state.adapter_root.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "load_lora_adapter is disabled (no adapter root configured)",
+        )
+    })?;
+    let dir = inside(root, &body.lora_path)?;
+    let report = state.server.load_adapter_dir(&dir).await?;
+    Ok(Json(json!({"lora_name": body.lora_name, "swap": report})))
+}
+
+async fn status(State(state): State<AppState>) -> Json<Value> {
+    let st = state.server.status();
+    let k = state.server.config().assembler.group_size.max(2) as f64;
+    let rate = |a: u64, b: f64| if b > 0.0 { a as f64 / b } else { 0.0 };
+    let mut v = json!(st);
+    if let Value::Object(map) = &mut v {
+        map.insert(
+            "fork_fire_rate".into(),
+            json!(rate(st.forks_fired, st.fork_candidates as f64)),
+        );
+        map.insert(
+            "usable_fork_rate".into(),
+            json!(rate(st.forks_usable, st.forks_fired as f64 * (k - 1.0))),
+        );
+    }
+    Json(v)
+}
+
+async fn prometheus(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(h) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "another metrics recorder is installed in this process",
+        )
+        .into_response(),
+    }
+}
