@@ -32,6 +32,16 @@ enum Command {
     Pretrain(cli::pretrain::Args),
     /// Evaluate a model directory on the spoken-digit tasks; prints one JSON object.
     Eval(cli::eval::Args),
+    /// Serve a model through mistral.rs with harvesting, online training, hot-swap and an
+    /// OpenAI-compatible HTTP API.
+    #[cfg(feature = "serve")]
+    Serve(leaf_plugin::serving::cli::ServeArgs),
+    /// The main job: serve, replay traffic, train continually, hot-swap, evaluate, report.
+    #[cfg(feature = "serve")]
+    Run(cli::run::Args),
+    /// LEAF against GRPO on the same budget over several seeds: table and figure.
+    #[cfg(feature = "serve")]
+    Compare(cli::compare::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +55,12 @@ fn main() -> ExitCode {
         Command::Units(cmd) => cli::units::run(cmd),
         Command::Pretrain(args) => cli::pretrain::run(args),
         Command::Eval(args) => cli::eval::run(args),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => leaf_plugin::serving::cli::run(args),
+        #[cfg(feature = "serve")]
+        Command::Run(args) => cli::run::run(args),
+        #[cfg(feature = "serve")]
+        Command::Compare(args) => cli::compare::run(args),
     };
     match result {
         Ok(code) => code,
