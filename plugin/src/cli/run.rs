@@ -1,0 +1,143 @@
+//! `leaf run`: the main job (see [`leaf_plugin::job::run`]); prints a summary and writes
+//! `report.json` and `reward_curve.png` to `--out`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use leaf_plugin::job::run::{default_cache_dir, run as run_job, Estimator, RunConfig};
+
+/// Arguments of `leaf run` (defaults: the tuned settings of [`RunConfig::default`]).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Rollouts (harvested samples) to train on.
+    #[arg(long, default_value_t = RunConfig::default().rollouts)]
+    pub rollouts: u64,
+    /// Advantage estimator.
+    #[arg(long, value_enum, default_value = "leaf")]
+    pub estimator: Estimator,
+    /// Seed of the traffic, the sampling and the LoRA initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (adapter store, report.json, reward_curve.png, state.json).
+    #[arg(long, default_value = "out/run")]
+    pub out: PathBuf,
+    /// Base model directory (skips preparing the default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Cache of the default model [default: $HOME/.cache/leaf/models].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Folder of the spoken-digit recordings [default: ../shared/data/fsdd/recordings].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Continue the run saved in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start afresh even when --out holds a run.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Group size K (samples per prompt).
+    #[arg(long, default_value_t = RunConfig::default().group_size)]
+    pub group_size: usize,
+    /// Groups per update B.
+    #[arg(long, default_value_t = RunConfig::default().groups_per_update)]
+    pub groups_per_update: usize,
+    /// Held-out check, publish and hot-swap every this many updates.
+    #[arg(long, default_value_t = RunConfig::default().publish_every)]
+    pub publish_every: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = RunConfig::default().learning_rate)]
+    pub lr: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = RunConfig::default().rank)]
+    pub rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = RunConfig::default().alpha)]
+    pub alpha: f64,
+    /// KL penalty weight.
+    #[arg(long, default_value_t = RunConfig::default().kl_beta)]
+    pub kl_beta: f64,
+    /// Concurrent traffic clients.
+    #[arg(long, default_value_t = RunConfig::default().clients)]
+    pub clients: usize,
+    /// Sampling temperature of the traffic.
+    #[arg(long, default_value_t = RunConfig::default().temperature)]
+    pub temperature: f64,
+    /// Nucleus mass of the traffic.
+    #[arg(long, default_value_t = RunConfig::default().top_p)]
+    pub top_p: f64,
+    /// Examples per task family of each held-out check.
+    #[arg(long, default_value_t = RunConfig::default().eval_samples)]
+    pub eval_samples: usize,
+    /// Examples per task family of the base and final evaluations.
+    #[arg(long, default_value_t = RunConfig::default().final_eval_samples)]
+    pub final_eval_samples: usize,
+    /// Held-out drop (reward) that counts as a collapse and triggers a rollback.
+    #[arg(long, default_value_t = RunConfig::default().collapse_drop)]
+    pub collapse_drop: f64,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Fault injection for tests: treat the loss of this update as NaN.
+    #[arg(long, hide = true)]
+    pub fault_nan_update: Option<u64>,
+}
+
+impl Args {
+    /// The run configuration these arguments describe.
+    pub fn config(&self) -> RunConfig {
+        RunConfig {
+            model: self.model.clone(),
+            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+            data_dir: self.data.clone(),
+            out: self.out.clone(),
+            estimator: self.estimator,
+            rollouts: self.rollouts,
+            seed: self.seed,
+            group_size: self.group_size,
+            groups_per_update: self.groups_per_update,
+            publish_every: self.publish_every,
+            learning_rate: self.lr,
+            rank: self.rank,
+            alpha: self.alpha,
+            kl_beta: self.kl_beta,
+            clients: self.clients,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            eval_samples: self.eval_samples,
+            final_eval_samples: self.final_eval_samples,
+            collapse_drop: self.collapse_drop,
+            resume: self.resume,
+            overwrite: self.overwrite,
+            progress: !self.quiet,
+            fault_nan_update: self.fault_nan_update,
+            ..RunConfig::default()
+        }
+    }
+}
+
+/// Runs `leaf run`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let config = a.config();
+    let report = run_job(&config)?;
+    eprintln!(
+        "leaf run: {} rollouts ({}), {} updates, {} swaps, {} rollbacks in {:.0} s",
+        report.rollouts,
+        report.estimator,
+        report.updates,
+        report.swaps,
+        report.rollbacks,
+        report.wall_seconds
+    );
+    eprintln!(
+        "leaf run: held-out reward {:.3} -> {:.3}, exact match {:.3} -> {:.3} (base -> final)",
+        report.base_reward, report.final_reward, report.base_exact_match, report.final_exact_match
+    );
+    eprintln!(
+        "leaf run: wrote {} and {}",
+        config.out.join("report.json").display(),
+        config.out.join("reward_curve.png").display()
+    );
+    eprintln!("leaf run: re-evaluate with: {}", report.reproduce);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,494 @@
+//! `leaf compare`: LEAF against GRPO with the same base model, traffic, rollout budget, LoRA
+//! rank and learning rate, over several seeds.
+//!
+//! Every (estimator, seed) pair is one [`super::run::run`] into `OUT/{estimator}-seed{seed}`
+//! (seed `s` drives the traffic order, sampling and LoRA initialisation; the held-out examples
+//! are the same for all). The curves of one estimator are aligned by check index (every run
+//! checks after the same number of updates) and summarised by their mean and their spread
+//! (sample standard deviation; the figure's band is min..max). Writes `compare.json`,
+//! `compare.md` and `compare.png`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::plot::{draw_panels, Panel, Series};
+use super::report::{write_json, ForkSummary, RunReport};
+use super::run::{run, Estimator, RunConfig};
+use super::JobError;
+use crate::advantage::ForkStats;
+use crate::speech::pretrain::{default_data_dir, ensure_default_model};
+
+/// Settings of a comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareConfig {
+    /// The settings shared by every run (its `out`, `seed`, `estimator`, `resume` and
+    /// `overwrite` are set per run).
+    pub run: RunConfig,
+    /// Seeds 0..seeds.
+    pub seeds: u64,
+    /// The estimators compared.
+    pub estimators: Vec<Estimator>,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+/// Mean and spread of some values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (0 for fewer than two values).
+    pub std: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Number of values.
+    pub n: usize,
+}
+
+impl Spread {
+    /// The spread of `values` (all zero for none).
+    pub fn of(values: &[f64]) -> Spread {
+        let n = values.len();
+        if n == 0 {
+            return Spread::default();
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std = if n < 2 {
+            0.0
+        } else {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        };
+        Spread {
+            mean,
+            std,
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n,
+        }
+    }
+}
+
+/// One aligned point of an estimator's curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SummaryPoint {
+    /// Mean rollouts at this check.
+    pub rollouts: f64,
+    /// Held-out reward over seeds.
+    pub reward: Spread,
+    /// Held-out exact match over seeds.
+    pub exact_match: Spread,
+    /// Per family: reward over seeds.
+    pub family_reward: BTreeMap<String, Spread>,
+    /// Per family: exact match over seeds.
+    pub family_exact: BTreeMap<String, Spread>,
+}
+
+/// One estimator over every seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EstimatorSummary {
+    /// `"leaf"` or `"grpo"`.
+    pub estimator: String,
+    /// Seeds run.
+    pub seeds: Vec<u64>,
+    /// Base model's held-out reward (the same for every seed).
+    pub base_reward: f64,
+    /// Base model's held-out exact match.
+    pub base_exact_match: f64,
+    /// Final adapter's held-out reward over seeds (final evaluation).
+    pub final_reward: Spread,
+    /// Final adapter's exact match over seeds.
+    pub final_exact_match: Spread,
+    /// Per family: final exact match over seeds.
+    pub final_family_exact: BTreeMap<String, Spread>,
+    /// Per family: final reward over seeds.
+    pub final_family_reward: BTreeMap<String, Spread>,
+    /// Fork statistics summed over seeds.
+    pub fork_stats: ForkSummary,
+    /// Swaps over seeds.
+    pub swaps: Spread,
+    /// Rollbacks over seeds.
+    pub rollbacks: Spread,
+    /// Wall seconds per run.
+    pub wall_seconds: Spread,
+    /// The aligned curve.
+    pub curve: Vec<SummaryPoint>,
+}
+
+/// One run of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Estimator.
+    pub estimator: String,
+    /// Seed.
+    pub seed: u64,
+    /// Its `report.json`.
+    pub report: PathBuf,
+    /// Held-out reward of the final adapter.
+    pub final_reward: f64,
+    /// Held-out exact match of the final adapter.
+    pub final_exact_match: f64,
+    /// Rollouts trained on.
+    pub rollouts: u64,
+    /// Swaps.
+    pub swaps: u64,
+}
+
+/// `compare.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareReport {
+    /// The shared settings.
+    pub settings: RunConfig,
+    /// Every run.
+    pub runs: Vec<RunSummary>,
+    /// Per estimator.
+    pub summary: Vec<EstimatorSummary>,
+    /// Seconds of the whole comparison.
+    pub wall_seconds: f64,
+}
+
+fn families(reports: &[&RunReport]) -> Vec<String> {
+    let mut f: Vec<String> = reports
+        .iter()
+        .flat_map(|r| r.final_eval.in_speaker.tasks.keys().cloned())
+        .collect();
+    f.sort();
+    f.dedup();
+    f
+}
+
+/// Summarises the runs of one estimator.
+pub fn summarise(estimator: &str, seeds: &[u64], reports: &[&RunReport]) -> EstimatorSummary {
+    let fams = families(reports);
+    let spread = |f: &dyn Fn(&RunReport) -> f64| {
+        Spread::of(&reports.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let fam_final = |exact: bool| -> BTreeMap<String, Spread> {
+        fams.iter()
+            .map(|k| {
+                let v: Vec<f64> = reports
+                    .iter()
+                    .filter_map(|r| r.final_eval.in_speaker.tasks.get(k))
+                    .map(|f| if exact { f.exact_match } else { f.bleu / 100.0 })
+                    .collect();
+                (k.clone(), Spread::of(&v))
+            })
+            .collect()
+    };
+    let mut forks = ForkStats::default();
+    for r in reports {
+        forks.merge(&r.fork_stats.counts);
+    }
+    let n_points = reports.iter().map(|r| r.curve.len()).min().unwrap_or(0);
+    let curve = (0..n_points)
+        .map(|i| {
+            let at = |f: &dyn Fn(&super::report::CurvePoint) -> f64| {
+                Spread::of(&reports.iter().map(|r| f(&r.curve[i])).collect::<Vec<_>>())
+            };
+            let fam = |exact: bool| -> BTreeMap<String, Spread> {
+                fams.iter()
+                    .map(|k| {
+                        let v: Vec<f64> = reports
+                            .iter()
+                            .filter_map(|r| r.curve[i].tasks.get(k))
+                            .map(|p| if exact { p.exact_match } else { p.reward })
+                            .collect();
+                        (k.clone(), Spread::of(&v))
+                    })
+                    .collect()
+            };
+            SummaryPoint {
+                rollouts: at(&|p| p.rollouts as f64).mean,
+                reward: at(&|p| p.reward),
+                exact_match: at(&|p| p.exact_match),
+                family_reward: fam(false),
+                family_exact: fam(true),
+            }
+        })
+        .collect();
+    EstimatorSummary {
+        estimator: estimator.into(),
+        seeds: seeds.to_vec(),
+        base_reward: spread(&|r| r.base_reward).mean,
+        base_exact_match: spread(&|r| r.base_exact_match).mean,
+        final_reward: spread(&|r| r.final_reward),
+        final_exact_match: spread(&|r| r.final_exact_match),
+        final_family_exact: fam_final(true),
+        final_family_reward: fam_final(false),
+        fork_stats: ForkSummary::from_counts(forks),
+        swaps: spread(&|r| r.swaps as f64),
+        rollbacks: spread(&|r| r.rollbacks as f64),
+        wall_seconds: spread(&|r| r.wall_seconds),
+        curve,
+    }
+}
+
+fn pm(s: &Spread) -> String {
+    format!("{:.3} ± {:.3}", s.mean, s.std)
+}
+
+/// The markdown table of a comparison.
+pub fn markdown(report: &CompareReport) -> String {
+    let fams: Vec<String> = report
+        .summary
+        .iter()
+        .flat_map(|s| s.final_family_exact.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut md = String::new();
+    let s = &report.settings;
+    let _ = writeln!(md, "# LEAF vs GRPO on the spoken-digit tasks\n");
+    let _ = writeln!(
+        md,
+        "Same base model, traffic, rollout budget ({} rollouts), K = {}, B = {} groups per \
+         update, LoRA rank {} (alpha {}), learning rate {}, KL beta {}, held-out check every {} \
+         updates ({} examples per family); final evaluation: {} greedy examples per family on \
+         the test takes. Reward: cased sentence BLEU / 100. Mean ± sample standard deviation \
+         over seeds.\n",
+        s.rollouts,
+        s.group_size,
+        s.groups_per_update,
+        s.rank,
+        s.alpha,
+        s.learning_rate,
+        s.kl_beta,
+        s.publish_every,
+        s.eval_samples,
+        s.final_eval_samples
+    );
+    let mut head = "| estimator | seeds | base reward | final reward | base exact | final exact |"
+        .to_string();
+    let mut rule = "|---|---|---|---|---|---|".to_string();
+    for f in &fams {
+        let _ = write!(head, " {f} exact | {f} reward |");
+        rule.push_str("---|---|");
+    }
+    head.push_str(" fork-fire rate | usable-fork rate | mean node size | swaps | rollbacks |");
+    rule.push_str("---|---|---|---|---|");
+    let _ = writeln!(md, "{head}\n{rule}");
+    for e in &report.summary {
+        let mut row = format!(
+            "| {} | {} | {:.3} | {} | {:.3} | {} |",
+            e.estimator,
+            e.seeds.len(),
+            e.base_reward,
+            pm(&e.final_reward),
+            e.base_exact_match,
+            pm(&e.final_exact_match)
+        );
+        for f in &fams {
+            let x = e.final_family_exact.get(f).copied().unwrap_or_default();
+            let r = e.final_family_reward.get(f).copied().unwrap_or_default();
+            let _ = write!(row, " {} | {} |", pm(&x), pm(&r));
+        }
+        let forks = if e.fork_stats.counts.groups == 0 {
+            "n/a | n/a | n/a".to_string()
+        } else {
+            format!(
+                "{:.3} | {:.3} | {:.2}",
+                e.fork_stats.fork_fire_rate, e.fork_stats.usable_fork_rate,
+                e.fork_stats.mean_node_size
+            )
+        };
+        let _ = writeln!(
+            md,
+            "{row} {forks} | {:.1} | {:.1} |",
+            e.swaps.mean, e.rollbacks.mean
+        );
+    }
+    let _ = writeln!(md, "\nHeld-out checks (mean over seeds):\n");
+    let _ = writeln!(md, "| estimator | rollouts | reward | exact match |\n|---|---|---|---|");
+    for e in &report.summary {
+        for p in &e.curve {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {} | {} |",
+                e.estimator,
+                p.rollouts,
+                pm(&p.reward),
+                pm(&p.exact_match)
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nWall time: {:.0} s for {} runs. Figure: `compare.png`.",
+        report.wall_seconds,
+        report.runs.len()
+    );
+    md
+}
+
+fn series(e: &EstimatorSummary, color: usize, f: &dyn Fn(&SummaryPoint) -> Spread) -> Series {
+    Series {
+        label: e.estimator.to_uppercase(),
+        points: e.curve.iter().map(|p| (p.rollouts, f(p).mean)).collect(),
+        band: e
+            .curve
+            .iter()
+            .map(|p| {
+                let s = f(p);
+                (p.rollouts, s.min, s.max)
+            })
+            .collect(),
+        color,
+        markers_only: false,
+    }
+}
+
+/// `compare.png`: held-out reward and per-family exact match against rollouts, mean over
+/// seeds with a min..max band.
+pub fn figure(path: &Path, report: &CompareReport) -> Result<(), JobError> {
+    let fams: Vec<String> = report
+        .summary
+        .iter()
+        .flat_map(|s| s.final_family_exact.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut panels = vec![Panel {
+        title: "held-out reward (BLEU/100)".into(),
+        x_label: "rollouts".into(),
+        y_label: "reward".into(),
+        series: report
+            .summary
+            .iter()
+            .enumerate()
+            .map(|(i, e)| series(e, i, &|p| p.reward))
+            .collect(),
+        baseline: report.summary.first().map(|e| {
+            (
+                e.curve.first().map_or(e.base_reward, |p| p.reward.mean),
+                "base".into(),
+            )
+        }),
+    }];
+    for f in fams.iter().take(3) {
+        panels.push(Panel {
+            title: format!("{f}: exact match"),
+            x_label: "rollouts".into(),
+            y_label: "exact match".into(),
+            series: report
+                .summary
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    series(e, i, &|p| p.family_exact.get(f).copied().unwrap_or_default())
+                })
+                .collect(),
+            baseline: None,
+        });
+    }
+    draw_panels(path, (1200, 900), 2, 2, &panels)
+}
+
+/// Runs the comparison and writes `compare.json`, `compare.md` and `compare.png` to
+/// `config.out`.
+pub fn compare(config: &CompareConfig) -> crate::Result<CompareReport> {
+    if config.seeds == 0 || config.estimators.is_empty() {
+        return Err(JobError::Config("compare needs at least one seed and one estimator".into()).into());
+    }
+    config.run.validate()?;
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(&config.out).map_err(|source| crate::Error::Io {
+        path: config.out.clone(),
+        source,
+    })?;
+    let mut shared = config.run.clone();
+    if shared.model.is_none() {
+        let data = match &shared.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir()?,
+        };
+        shared.model = Some(ensure_default_model(&shared.cache_dir, &data, shared.progress)?);
+    }
+    let seeds: Vec<u64> = (0..config.seeds).collect();
+    let mut reports: Vec<(Estimator, u64, PathBuf, RunReport)> = Vec::new();
+    for &seed in &seeds {
+        for &est in &config.estimators {
+            let mut rc = shared.clone();
+            rc.estimator = est;
+            rc.seed = seed;
+            rc.resume = false;
+            rc.overwrite = true;
+            rc.out = config.out.join(format!("{}-seed{seed}", est.name()));
+            if rc.progress {
+                eprintln!("leaf compare: {} seed {seed} -> {}", est.name(), rc.out.display());
+            }
+            let report = run(&rc)?;
+            if rc.progress {
+                eprintln!(
+                    "leaf compare: {} seed {seed}: held-out reward {:.3} -> {:.3}, exact match \
+                     {:.3} -> {:.3}",
+                    est.name(),
+                    report.base_reward,
+                    report.final_reward,
+                    report.base_exact_match,
+                    report.final_exact_match
+                );
+            }
+            reports.push((est, seed, rc.out.join(super::run::REPORT_FILE), report));
+        }
+    }
+    let summary = config
+        .estimators
+        .iter()
+        .map(|&est| {
+            let rs: Vec<&RunReport> = reports
+                .iter()
+                .filter(|(e, ..)| *e == est)
+                .map(|(.., r)| r)
+                .collect();
+            summarise(est.name(), &seeds, &rs)
+        })
+        .collect();
+    let runs = reports
+        .iter()
+        .map(|(e, seed, path, r)| RunSummary {
+            estimator: e.name().into(),
+            seed: *seed,
+            report: path.clone(),
+            final_reward: r.final_reward,
+            final_exact_match: r.final_exact_match,
+            rollouts: r.rollouts,
+            swaps: r.swaps,
+        })
+        .collect();
+    let mut settings = shared.clone();
+    settings.out = config.out.clone();
+    let report = CompareReport {
+        settings,
+        runs,
+        summary,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    write_json(&config.out.join("compare.json"), &report)?;
+    let md_path = config.out.join("compare.md");
+    std::fs::write(&md_path, markdown(&report)).map_err(|source| crate::Error::Io {
+        path: md_path.clone(),
+        source,
+    })?;
+    figure(&config.out.join("compare.png"), &report)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_by_hand() {
+        let s = Spread::of(&[1.0, 2.0, 3.0]);
+        assert_eq!(s.mean, 2.0);
+        assert_eq!(s.std, 1.0);
+        assert_eq!((s.min, s.max, s.n), (1.0, 3.0, 3));
+        let one = Spread::of(&[0.5]);
+        assert_eq!((one.mean, one.std), (0.5, 0.0));
+        assert_eq!(Spread::of(&[]), Spread::default());
+    }
+}

@@ -1,0 +1,968 @@
+//! `leaf run`: the whole continual post-training run.
+//!
+//! 1. **Model**: `--model DIR`, or the cached default speech LM (trained by
+//!    [`ensure_default_model`] on first use, with a progress bar).
+//! 2. **Server**: a [`LeafServer`] on mistral.rs with its adapter store in `OUT/store`; the
+//!    reward is cased sentence BLEU / 100 against the reference each request carries; the
+//!    group policy draws K - 1 extra samples of every client prompt.
+//! 3. **Traffic**: the spoken-digit training tasks, replayed by concurrent clients
+//!    ([`super::traffic`]).
+//! 4. **Learner** (this thread): B sealed groups -> advantages (LEAF or GRPO) -> one LoRA
+//!    update. Every `publish_every` updates the candidate adapter is checked on the held-out
+//!    test takes (greedy, `eval_samples` per family). A finite loss and a held-out reward no
+//!    more than `collapse_drop` below the last good version's get it published and promoted
+//!    (hot-swapped). A NaN loss or a collapse does not: the trainer rolls back to the last good
+//!    version (weights reloaded from the store, optimizer restarted), and the run says so.
+//! 5. **Report**: `report.json`, `reward_curve.png`, and `state.json` (counters, curve, traffic
+//!    cursor) after every check, from which `--resume` continues: the store's current version
+//!    is served and trained on, the counters go on. Optimizer moments and the learning-rate
+//!    schedule restart on resume (they are not in the store); nothing published is lost.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
+use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
+use serde::{Deserialize, Serialize};
+
+use super::report::{
+    heldout_exact, heldout_reward, mean, write_json, CurvePoint, ForkSummary, GroupPolicyStats,
+    RunEvent, RunReport,
+};
+use super::traffic::{self, TrafficConfig};
+use super::JobError;
+use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
+use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
+use crate::reward::{Metric, RewardOptions};
+use crate::rollout::{Group, Rollout, RolloutMeta};
+use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
+use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
+use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
+use crate::speech::prepare::ExampleEncoder;
+use crate::speech::tasks::{Corpus, Split, TaskFamily};
+use crate::trainer::{TrainConfig, TrainSample, Trainer};
+
+/// File of the saved run state inside the output directory.
+pub const STATE_FILE: &str = "state.json";
+/// File of the report inside the output directory.
+pub const REPORT_FILE: &str = "report.json";
+/// File of the reward curve inside the output directory.
+pub const CURVE_FILE: &str = "reward_curve.png";
+/// Directory of the adapter store inside the output directory.
+pub const STORE_DIR: &str = "store";
+
+/// The advantage estimator of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// LEAF span advantages (the paper's defaults: fork budget 2, both terms).
+    Leaf,
+    /// GRPO's per-response advantage.
+    Grpo,
+}
+
+impl Estimator {
+    /// `"leaf"` or `"grpo"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::Leaf => "leaf",
+            Estimator::Grpo => "grpo",
+        }
+    }
+
+    /// The estimator's configuration.
+    pub fn config(self) -> EstimatorConfig {
+        match self {
+            Estimator::Leaf => EstimatorConfig::Leaf(LeafConfig::default()),
+            Estimator::Grpo => EstimatorConfig::Grpo,
+        }
+    }
+}
+
+/// Every setting of a run. [`RunConfig::default`] holds the tuned defaults of `leaf run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The base model directory; `None` uses (and on first use trains) the cached default.
+    pub model: Option<PathBuf>,
+    /// Where the default model is cached.
+    pub cache_dir: PathBuf,
+    /// The spoken-digit recordings; `None` finds the default.
+    pub data_dir: Option<PathBuf>,
+    /// The output directory (store, report, figure, state).
+    pub out: PathBuf,
+    /// LEAF or GRPO.
+    pub estimator: Estimator,
+    /// Rollouts (harvested samples) to train on.
+    pub rollouts: u64,
+    /// Seed of the traffic, the sampling and the LoRA initialisation.
+    pub seed: u64,
+    /// Group size K (samples per prompt).
+    pub group_size: usize,
+    /// Groups per update B.
+    pub groups_per_update: usize,
+    /// Held-out check (and publish + hot-swap when it passes) every this many updates.
+    pub publish_every: u64,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Weight of the KL penalty to the base model.
+    pub kl_beta: f64,
+    /// Concurrent traffic clients.
+    pub clients: usize,
+    /// Most new tokens per answer.
+    pub max_tokens: usize,
+    /// Sampling temperature of the traffic.
+    pub temperature: f64,
+    /// Nucleus mass of the traffic.
+    pub top_p: f64,
+    /// Distinct training prompts in the traffic (replayed cyclically).
+    pub traffic_prompts: usize,
+    /// Examples per task family of each held-out check.
+    pub eval_samples: usize,
+    /// Examples per task family of the base and final evaluations.
+    pub final_eval_samples: usize,
+    /// Seed of the held-out examples.
+    pub eval_seed: u64,
+    /// A candidate whose held-out reward is more than this below the last good version's is
+    /// a collapse: not promoted, and the trainer rolls back.
+    pub collapse_drop: f64,
+    /// Continue the run saved in `out`.
+    pub resume: bool,
+    /// Start afresh even when `out` holds a run (its store and state are removed).
+    pub overwrite: bool,
+    /// Show progress bars.
+    pub progress: bool,
+    /// Fault injection (tests): treat the loss of this update (1-based) as NaN.
+    pub fault_nan_update: Option<u64>,
+}
+
+/// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
+pub fn default_cache_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join(".cache/leaf/models"),
+        _ => PathBuf::from("out/cache"),
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            model: None,
+            cache_dir: default_cache_dir(),
+            data_dir: None,
+            out: PathBuf::from("out/run"),
+            estimator: Estimator::Leaf,
+            rollouts: 2048,
+            seed: 0,
+            group_size: 8,
+            groups_per_update: 4,
+            publish_every: 2,
+            learning_rate: 2e-3,
+            rank: 8,
+            alpha: 16.0,
+            kl_beta: 0.02,
+            clients: 4,
+            max_tokens: 16,
+            temperature: 1.0,
+            top_p: 1.0,
+            traffic_prompts: 1024,
+            eval_samples: 32,
+            final_eval_samples: 100,
+            eval_seed: 0,
+            collapse_drop: 0.15,
+            resume: false,
+            overwrite: false,
+            progress: true,
+            fault_nan_update: None,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Checks every setting; the error names the bad one.
+    pub fn validate(&self) -> Result<(), JobError> {
+        let bad = |m: &str| Err(JobError::Config(m.to_string()));
+        if self.rollouts == 0 {
+            return bad("rollouts must be positive");
+        }
+        if self.group_size < 2 {
+            return bad("group_size must be at least 2 (advantages compare samples)");
+        }
+        if self.groups_per_update == 0 || self.publish_every == 0 {
+            return bad("groups_per_update and publish_every must be positive");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate must be positive");
+        }
+        if self.rank == 0 || !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad("rank and alpha must be positive");
+        }
+        if !(self.kl_beta.is_finite() && self.kl_beta >= 0.0) {
+            return bad("kl_beta must be >= 0");
+        }
+        if self.clients == 0 || self.max_tokens == 0 || self.traffic_prompts == 0 {
+            return bad("clients, max_tokens and traffic_prompts must be positive");
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad("temperature must be positive");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if self.eval_samples == 0 || self.final_eval_samples == 0 {
+            return bad("eval_samples and final_eval_samples must be positive");
+        }
+        if !(self.collapse_drop.is_finite() && self.collapse_drop >= 0.0) {
+            return bad("collapse_drop must be >= 0");
+        }
+        if self.resume && self.overwrite {
+            return bad("resume and overwrite exclude each other");
+        }
+        Ok(())
+    }
+
+    /// Rollouts per update (B groups of K).
+    pub fn rollouts_per_update(&self) -> u64 {
+        (self.group_size * self.groups_per_update) as u64
+    }
+
+    /// Updates planned for the budget (the length of the learning-rate schedule).
+    pub fn planned_updates(&self) -> u64 {
+        self.rollouts.div_ceil(self.rollouts_per_update()).max(1)
+    }
+
+    fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            learning_rate: self.learning_rate,
+            kl_beta: self.kl_beta,
+            total_steps: self.planned_updates(),
+            warmup_fraction: 0.05,
+            micro_batch_size: self.group_size,
+            lora: LoraOptions {
+                rank: self.rank,
+                alpha: self.alpha,
+                dropout: 0.0,
+                seed: self.seed,
+                ..LoraOptions::default()
+            },
+            seed: self.seed,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn eval_config(&self, samples: usize) -> EvalConfig {
+        EvalConfig {
+            families: TaskFamily::ALL.to_vec(),
+            split: Split::Test,
+            samples,
+            seed: self.eval_seed,
+            decoding: Decoding::Greedy,
+            max_new_tokens: self.max_tokens,
+            ..EvalConfig::default()
+        }
+    }
+}
+
+/// What `state.json` holds: enough to continue a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The estimator.
+    pub estimator: Estimator,
+    /// The base model directory.
+    pub base_model: PathBuf,
+    /// Rollouts trained on.
+    pub rollouts: u64,
+    /// Updates done.
+    pub updates: u64,
+    /// Held-out checks so far.
+    pub curve: Vec<CurvePoint>,
+    /// Swaps done by earlier sessions and this one up to the last save.
+    pub swaps: u64,
+    /// Rollbacks.
+    pub rollbacks: u64,
+    /// Events.
+    pub events: Vec<RunEvent>,
+    /// LEAF fork counts.
+    pub fork_counts: ForkStats,
+    /// Prompts sent by the traffic.
+    pub cursor: u64,
+    /// The base model's evaluation.
+    pub base_eval: EvalReport,
+    /// The last good (promoted) version.
+    pub good_version: String,
+    /// Its held-out reward.
+    pub good_reward: f64,
+    /// Sessions so far.
+    pub sessions: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> crate::Error + '_ {
+    move |source| crate::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Loads `state.json`.
+pub fn load_state(path: &Path) -> crate::Result<RunState> {
+    let text = std::fs::read_to_string(path).map_err(|e| JobError::Resume {
+        path: path.to_path_buf(),
+        reason: format!("{e} (is there a run to resume in this directory?)"),
+    })?;
+    Ok(serde_json::from_str(&text).map_err(|e| JobError::Resume {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?)
+}
+
+/// A fresh trainer on the base model, carrying `version` of the store (or fresh LoRA for the
+/// base version).
+fn trainer_at(
+    model_dir: &Path,
+    config: TrainConfig,
+    store: &AdapterStore,
+    version: &str,
+) -> crate::Result<Trainer> {
+    let mut trainer = Trainer::from_base(model_dir, config, DType::F32, &Device::Cpu)?;
+    if version != BASE_VERSION {
+        let adapter = store.get(&VersionId::parse(version)?)?;
+        trainer.model_mut().load_adapter(&adapter)?;
+    }
+    trainer.set_policy_version(version.to_string());
+    Ok(trainer)
+}
+
+/// Evaluates the store's `version` loaded the way `leaf eval --adapter` loads it.
+fn evaluate_version(
+    model_dir: &Path,
+    store: &AdapterStore,
+    version: &str,
+    encoder: &ExampleEncoder,
+    corpus: &Corpus,
+    config: &EvalConfig,
+) -> crate::Result<(EvalReport, Option<PathBuf>)> {
+    if version == BASE_VERSION {
+        let model = LlamaModel::load(model_dir, &ModelOptions::default())?;
+        return Ok((evaluate(&model, encoder, corpus, config)?, None));
+    }
+    let id = VersionId::parse(version)?;
+    let dir = store.path(&id)?;
+    let adapter = leaf_adapters::LoraAdapter::load(&dir)?;
+    let mut model = LlamaModel::load(
+        model_dir,
+        &ModelOptions {
+            trainable: Trainable::Lora(LoraOptions {
+                rank: adapter.config.r,
+                alpha: adapter.config.lora_alpha,
+                dropout: 0.0,
+                target_modules: adapter.config.target_modules.clone(),
+                ..LoraOptions::default()
+            }),
+            ..ModelOptions::default()
+        },
+    )?;
+    model.load_adapter(&adapter)?;
+    Ok((evaluate(&model, encoder, corpus, config)?, Some(dir)))
+}
+
+struct Learner<'a> {
+    config: &'a RunConfig,
+    model_dir: &'a Path,
+    server: Arc<LeafServer>,
+    runtime: tokio::runtime::Handle,
+    trainer: Trainer,
+    estimator: Box<dyn crate::advantage::AdvantageEstimator>,
+    encoder: &'a ExampleEncoder,
+    corpus: &'a Corpus,
+    state: RunState,
+    swaps_before: u64,
+    cursor: Arc<AtomicU64>,
+    since_check: u64,
+    train_rewards: Vec<f64>,
+    started: Instant,
+    bar: indicatif::ProgressBar,
+    state_path: PathBuf,
+}
+
+impl Learner<'_> {
+    fn store(&self) -> crate::Result<&AdapterStore> {
+        Ok(self
+            .server
+            .store()
+            .ok_or(crate::serving::ServeError::NoStore)?)
+    }
+
+    fn swaps(&self) -> u64 {
+        self.swaps_before + self.server.status().swaps
+    }
+
+    fn say(&self, msg: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("leaf run: {msg}");
+        } else {
+            self.bar.println(format!("leaf run: {msg}"));
+        }
+    }
+
+    fn event(&mut self, kind: &str, message: String) {
+        self.say(&message);
+        tracing::warn!(kind, "{message}");
+        self.state.events.push(RunEvent {
+            rollouts: self.state.rollouts,
+            kind: kind.into(),
+            message,
+        });
+    }
+
+    fn refresh_bar(&self) {
+        let last = self.state.curve.last();
+        self.bar.set_position(self.state.rollouts.min(self.config.rollouts));
+        self.bar.set_message(format!(
+            "reward {:.3} | held-out {:.3} (base {:.3}) | exact {:.3} | adapter {} | swaps {}",
+            mean(self.train_rewards.iter().copied()),
+            last.map_or(0.0, |p| p.reward),
+            self.state.curve.first().map_or(0.0, |p| p.reward),
+            last.map_or(0.0, |p| p.exact_match),
+            short(&self.state.good_version),
+            self.swaps(),
+        ));
+    }
+
+    /// Rebuilds the trainer at the last good version.
+    fn roll_back(&mut self) -> crate::Result<()> {
+        let store = self.store()?;
+        self.trainer = trainer_at(
+            self.model_dir,
+            self.config.train_config(),
+            &store,
+            &self.state.good_version,
+        )?;
+        self.state.rollbacks += 1;
+        self.since_check = 0;
+        Ok(())
+    }
+
+    fn run(&mut self, rx: &Receiver<SealedGroup>, traffic_done: &dyn Fn() -> bool) -> crate::Result<()> {
+        let mut held: Vec<SealedGroup> = Vec::new();
+        let mut idle = Instant::now();
+        while self.state.rollouts < self.config.rollouts {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(g) => {
+                    held.push(g);
+                    idle = Instant::now();
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if traffic_done() {
+                        return Err(JobError::Failed("the traffic stopped early".into()).into());
+                    }
+                    if idle.elapsed() > Duration::from_secs(300) {
+                        return Err(JobError::Failed(format!(
+                            "no group was sealed for 300 s (server status: {:?})",
+                            self.server.status()
+                        ))
+                        .into());
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(JobError::Failed("the sealed-group queue closed".into()).into())
+                }
+            }
+            if held.len() >= self.config.groups_per_update {
+                let batch = std::mem::take(&mut held);
+                self.update(&batch)?;
+                self.refresh_bar();
+            }
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, batch: &[SealedGroup]) -> crate::Result<()> {
+        let mut samples = Vec::new();
+        let mut rewards = Vec::new();
+        let mut forks = ForkStats::default();
+        for sealed in batch {
+            let rollouts: Vec<Rollout> = sealed
+                .members
+                .iter()
+                .map(|(s, r)| Rollout {
+                    tokens: s.completion_ids.clone(),
+                    logprobs: s.logprobs.clone(),
+                    reward: *r,
+                    meta: Some(RolloutMeta {
+                        request_id: s.request_id.clone(),
+                        prompt_id: s.prompt_key.clone(),
+                        adapter_version: s.adapter_version.clone(),
+                    }),
+                })
+                .collect();
+            let group = match Group::new(sealed.id.clone(), rollouts) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
+                    continue;
+                }
+            };
+            let adv = self.estimator.estimate(&group);
+            if let Some(s) = &adv.stats {
+                forks.merge(s);
+            }
+            for ((s, r), a) in sealed.members.iter().zip(adv.per_token) {
+                rewards.push(*r);
+                samples.push(TrainSample {
+                    prompt: s.prompt_ids.clone(),
+                    completion: s.completion_ids.clone(),
+                    advantages: a,
+                    behaviour_logprobs: s.logprobs.clone(),
+                    behaviour_version: s.adapter_version.clone(),
+                });
+            }
+        }
+        if samples.iter().all(|s| s.completion.is_empty()) {
+            return Ok(());
+        }
+        let n = samples.len() as u64;
+        let loss = match self.trainer.step(&samples) {
+            Ok(stats) => stats.loss,
+            Err(e) => {
+                let msg = format!("update failed ({e}); batch dropped");
+                self.event("update_failed", msg);
+                return Ok(());
+            }
+        };
+        let number = self.state.updates + 1;
+        let loss = if self.config.fault_nan_update == Some(number) {
+            f64::NAN
+        } else {
+            loss
+        };
+        self.state.rollouts += n;
+        self.state.updates = number;
+        self.server.note_update();
+        if !loss.is_finite() {
+            let msg = format!(
+                "update {number}: loss is {loss}; promotion stopped, rolled back to the last good \
+                 version {}",
+                self.state.good_version
+            );
+            self.event("nan_loss", msg);
+            self.roll_back()?;
+            self.train_rewards.clear();
+            return Ok(());
+        }
+        self.state.fork_counts.merge(&forks);
+        self.train_rewards.extend(rewards);
+        self.since_check += 1;
+        if self.since_check >= self.config.publish_every
+            || self.state.rollouts >= self.config.rollouts
+        {
+            self.check()?;
+        }
+        Ok(())
+    }
+
+    /// The held-out check of the candidate, then promotion or rollback; saves the state.
+    fn check(&mut self) -> crate::Result<()> {
+        self.since_check = 0;
+        let eval = evaluate(
+            self.trainer.model(),
+            self.encoder,
+            self.corpus,
+            &self.config.eval_config(self.config.eval_samples),
+        )?;
+        let reward = heldout_reward(&eval);
+        let mut promoted = false;
+        if reward < self.state.good_reward - self.config.collapse_drop {
+            let msg = format!(
+                "held-out reward collapsed to {reward:.3} (last good {:.3}); promotion stopped, \
+                 rolled back to the last good version {}",
+                self.state.good_reward, self.state.good_version
+            );
+            self.event("reward_collapse", msg);
+            self.roll_back()?;
+        } else {
+            match self.publish() {
+                Ok(v) => {
+                    self.trainer.set_policy_version(v.clone());
+                    self.state.good_version = v;
+                    self.state.good_reward = reward;
+                    promoted = true;
+                }
+                Err(e) => {
+                    let msg = format!("publishing failed ({e}); the served version stays");
+                    self.event("publish_failed", msg);
+                }
+            }
+        }
+        self.state.curve.push(CurvePoint {
+            rollouts: self.state.rollouts,
+            reward,
+            exact_match: heldout_exact(&eval),
+            adapter_version: self.state.good_version.clone(),
+            promoted,
+            train_reward: mean(self.train_rewards.iter().copied()),
+            tasks: CurvePoint::families(&eval),
+            seconds: self.started.elapsed().as_secs_f64(),
+        });
+        self.train_rewards.clear();
+        self.save()
+    }
+
+    fn publish(&mut self) -> crate::Result<String> {
+        let store = self.store()?;
+        let adapter = self.trainer.model().export_adapter("leaf-digits-base")?;
+        let parent = VersionId::parse(&self.server.current_version()).ok();
+        let mut notes = serde_json::Map::new();
+        notes.insert("estimator".into(), self.config.estimator.name().into());
+        notes.insert("rollouts".into(), self.state.rollouts.into());
+        let id = store.publish(
+            &adapter,
+            VersionMeta {
+                parent,
+                step: Some(self.state.updates),
+                notes,
+            },
+        )?;
+        let server = self.server.clone();
+        let v = id.to_string();
+        self.runtime
+            .block_on(async move { server.promote(&v).await })?;
+        Ok(id.to_string())
+    }
+
+    fn save(&mut self) -> crate::Result<()> {
+        self.state.cursor = self.cursor.load(Ordering::SeqCst);
+        let mut s = self.state.clone();
+        s.swaps = self.swaps();
+        write_json(&self.state_path, &s)
+    }
+}
+
+fn short(v: &str) -> &str {
+    v.get(..12).unwrap_or(v)
+}
+
+/// Runs `leaf run` with `config`; returns the report (also written to `OUT/report.json`,
+/// with the figure `OUT/reward_curve.png`).
+pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
+    config.validate()?;
+    let started = Instant::now();
+    let out = config.out.clone();
+    let state_path = out.join(STATE_FILE);
+    let store_dir = out.join(STORE_DIR);
+    let saved = if config.resume {
+        Some(load_state(&state_path)?)
+    } else {
+        if state_path.exists() || store_dir.exists() {
+            if !config.overwrite {
+                return Err(JobError::OutDir {
+                    path: out.clone(),
+                    reason: "holds an earlier run; pass --resume to continue it, --overwrite to \
+                             start afresh, or another --out"
+                        .into(),
+                }
+                .into());
+            }
+            if store_dir.exists() {
+                std::fs::remove_dir_all(&store_dir).map_err(io_err(&store_dir))?;
+            }
+            for f in [STATE_FILE, REPORT_FILE, CURVE_FILE] {
+                let p = out.join(f);
+                if p.exists() {
+                    std::fs::remove_file(&p).map_err(io_err(&p))?;
+                }
+            }
+        }
+        None
+    };
+    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+    if let Some(s) = &saved {
+        if s.estimator != config.estimator {
+            return Err(JobError::Resume {
+                path: state_path.clone(),
+                reason: format!(
+                    "the run used --estimator {}, not {}",
+                    s.estimator.name(),
+                    config.estimator.name()
+                ),
+            }
+            .into());
+        }
+    }
+
+    // 1. The model and the data.
+    let data_dir = match &config.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    let model_dir = match (&config.model, &saved) {
+        (Some(m), _) => m.clone(),
+        (None, Some(s)) => s.base_model.clone(),
+        (None, None) => {
+            if config.progress {
+                eprintln!(
+                    "leaf run: base model: {} (trained on first use)",
+                    config.cache_dir.join(crate::speech::pretrain::DEFAULT_MODEL_NAME).display()
+                );
+            }
+            ensure_default_model(&config.cache_dir, &data_dir, config.progress)?
+        }
+    };
+    if let Some(s) = &saved {
+        if s.base_model != model_dir {
+            return Err(JobError::Resume {
+                path: state_path.clone(),
+                reason: format!(
+                    "the run's base model is {}, not {}",
+                    s.base_model.display(),
+                    model_dir.display()
+                ),
+            }
+            .into());
+        }
+    }
+    let prepare_seconds = started.elapsed().as_secs_f64();
+    let mut corpus = Corpus::open(&data_dir)?;
+    corpus.preload()?;
+    let encoder = load_encoder(&model_dir)?;
+    let items = Arc::new(traffic::prepare(
+        &model_dir,
+        &corpus,
+        config.traffic_prompts,
+        config.seed,
+    )?);
+
+    // 2. The base model's evaluation.
+    let final_cfg = config.eval_config(config.final_eval_samples);
+    let (base_eval, base_point) = match &saved {
+        Some(s) => (s.base_eval.clone(), None),
+        None => {
+            let model = LlamaModel::load(&model_dir, &ModelOptions::default())?;
+            let base_eval = evaluate(&model, &encoder, &corpus, &final_cfg)?;
+            let check = if config.eval_samples == config.final_eval_samples {
+                base_eval.clone()
+            } else {
+                evaluate(&model, &encoder, &corpus, &config.eval_config(config.eval_samples))?
+            };
+            (base_eval, Some(check))
+        }
+    };
+
+    // 3. The server.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("leaf-run")
+        .build()
+        .map_err(|e| JobError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let mut server_cfg = ServerConfig::new(&model_dir);
+    server_cfg.store_dir = Some(store_dir.clone());
+    server_cfg.assembler = AssemblerConfig {
+        group_size: config.group_size,
+        min_group_size: 2,
+        seal_timeout_s: 60.0,
+        ..AssemblerConfig::default()
+    };
+    server_cfg.group_policy = GroupPolicy {
+        fork_fraction: 1.0,
+        background_concurrency: config.group_size,
+        max_foreground_inflight: config.clients * 2,
+        seed: config.seed,
+    };
+    let reward = Arc::new(ReferenceReward::new(Metric::Bleu, RewardOptions::default()));
+    let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward))?;
+    let current = server.current_version();
+    let store = server
+        .store()
+        .ok_or(crate::serving::ServeError::NoStore)?;
+    let trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
+
+    let mut state = match saved {
+        Some(mut s) => {
+            s.sessions += 1;
+            s.good_version = current.clone();
+            s
+        }
+        None => RunState {
+            estimator: config.estimator,
+            base_model: model_dir.clone(),
+            rollouts: 0,
+            updates: 0,
+            curve: Vec::new(),
+            swaps: 0,
+            rollbacks: 0,
+            events: Vec::new(),
+            fork_counts: ForkStats::default(),
+            cursor: 0,
+            base_eval: base_eval.clone(),
+            good_version: current.clone(),
+            good_reward: 0.0,
+            sessions: 1,
+        },
+    };
+    if let Some(check) = &base_point {
+        state.good_reward = heldout_reward(check);
+        state.curve.push(CurvePoint {
+            rollouts: 0,
+            reward: heldout_reward(check),
+            exact_match: heldout_exact(check),
+            adapter_version: BASE_VERSION.into(),
+            promoted: false,
+            train_reward: 0.0,
+            tasks: CurvePoint::families(check),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let swaps_before = state.swaps;
+
+    // 4. Traffic and the learner.
+    let bar = if config.progress {
+        let b = indicatif::ProgressBar::new(config.rollouts);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} rollouts  {msg}",
+        ) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let cursor = Arc::new(AtomicU64::new(state.cursor));
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic_cfg = TrafficConfig {
+        clients: config.clients,
+        max_tokens: config.max_tokens,
+        temperature: config.temperature,
+        top_p: config.top_p,
+        max_pending_groups: 2 * config.groups_per_update,
+        seed: config.seed,
+    };
+    let traffic = runtime.spawn(traffic::replay(
+        server.clone(),
+        items,
+        traffic_cfg.clone(),
+        cursor.clone(),
+        stop.clone(),
+    ));
+    let mut learner = Learner {
+        config,
+        model_dir: &model_dir,
+        server: server.clone(),
+        runtime: runtime.handle().clone(),
+        trainer,
+        estimator: config.estimator.config().build(),
+        encoder: &encoder,
+        corpus: &corpus,
+        state,
+        swaps_before,
+        cursor: cursor.clone(),
+        since_check: 0,
+        train_rewards: Vec::new(),
+        started,
+        bar,
+        state_path: state_path.clone(),
+    };
+    learner.refresh_bar();
+    let learned = learner.run(&rx, &|| traffic.is_finished());
+    stop.store(true, Ordering::SeqCst);
+    let traffic_stats = runtime
+        .block_on(traffic)
+        .map_err(|e| JobError::Failed(format!("the traffic task failed: {e}")))??;
+    runtime.block_on(server.shutdown(Duration::from_secs(60)));
+    learned?;
+    learner.save()?;
+    learner.bar.finish();
+    let status = server.status();
+    let swaps = learner.swaps();
+    let state = learner.state.clone();
+    drop(learner);
+
+    // 5. The final evaluation and the report.
+    let final_version = store
+        .current()?
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| BASE_VERSION.to_string());
+    let (final_eval, final_adapter) = if final_version == BASE_VERSION {
+        (base_eval.clone(), None)
+    } else {
+        evaluate_version(&model_dir, store, &final_version, &encoder, &corpus, &final_cfg)?
+    };
+    let mut settings = serde_json::to_value(config)
+        .map_err(|e| JobError::Failed(format!("cannot serialise the settings: {e}")))?;
+    if let Some(obj) = settings.as_object_mut() {
+        obj.insert("model".into(), serde_json::json!(model_dir));
+        obj.insert("data_dir".into(), serde_json::json!(data_dir));
+        obj.insert("reward".into(), "sentence BLEU / 100 (cased)".into());
+        obj.insert("traffic".into(), serde_json::json!(traffic_cfg));
+        obj.insert(
+            "train".into(),
+            serde_json::to_value(config.train_config()).unwrap_or_default(),
+        );
+        obj.insert(
+            "estimator_config".into(),
+            serde_json::to_value(config.estimator.config()).unwrap_or_default(),
+        );
+    }
+    let reproduce = match &final_adapter {
+        Some(a) => format!(
+            "leaf eval --model {} --adapter {} --samples {} --seed {}",
+            model_dir.display(),
+            a.display(),
+            config.final_eval_samples,
+            config.eval_seed
+        ),
+        None => format!(
+            "leaf eval --model {} --samples {} --seed {}",
+            model_dir.display(),
+            config.final_eval_samples,
+            config.eval_seed
+        ),
+    };
+    let report = RunReport {
+        estimator: config.estimator.name().into(),
+        rollouts: state.rollouts,
+        rollout_budget: config.rollouts,
+        updates: state.updates,
+        base_reward: heldout_reward(&base_eval),
+        final_reward: heldout_reward(&final_eval),
+        base_exact_match: heldout_exact(&base_eval),
+        final_exact_match: heldout_exact(&final_eval),
+        base_eval,
+        final_eval,
+        curve: state.curve.clone(),
+        swaps,
+        rollbacks: state.rollbacks,
+        events: state.events.clone(),
+        fork_stats: ForkSummary::from_counts(state.fork_counts),
+        group_policy: GroupPolicyStats {
+            candidates: status.fork_candidates,
+            fired: status.forks_fired,
+            usable: status.forks_usable,
+            failed: status.forks_failed,
+            groups_sealed: status.groups_sealed,
+            groups_dropped: status.groups_dropped,
+        },
+        base_model: model_dir.clone(),
+        final_adapter,
+        final_version,
+        store: store_dir,
+        requests: traffic_stats.requests,
+        requests_failed: traffic_stats.failed,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        prepare_seconds,
+        sessions: state.sessions,
+        settings,
+        reproduce,
+    };
+    report.write(&out.join(REPORT_FILE))?;
+    let curve_path = out.join(CURVE_FILE);
+    super::plot::reward_curve(&curve_path, &report)?;
+    Ok(report)
+}

@@ -1,0 +1,180 @@
+//! Live traffic: the spoken-digit **training** tasks replayed through the plugin by several
+//! concurrent clients.
+//!
+//! Every request carries its reference answer, so the server's
+//! [`crate::harvest::ReferenceReward`] scores each sample (the job uses cased sentence
+//! BLEU / 100, the spec's default reward: partial credit for a partly right digit string, 1 for
+//! an exact answer). With the group policy on, the server draws K - 1 extra samples of every
+//! client prompt in the background and the K samples form one group.
+//!
+//! Clients hold back while enough groups wait for the learner (`max_pending_groups`), so the
+//! rollout budget is spent on samples of recent adapter versions rather than on a queue that
+//! overflows and drops.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::serving::{ChatRequest, LeafServer, Message, Part};
+use crate::speech::pretrain::load_encoder;
+use crate::speech::prepare::example_seed;
+use crate::speech::tasks::{generate, Corpus, Split, TaskConfig, TaskKind};
+
+use super::JobError;
+
+/// One prompt of the replayed traffic: the audio already turned into units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficItem {
+    /// The task kind.
+    pub kind: TaskKind,
+    /// The instruction text.
+    pub instruction: String,
+    /// The reference answer.
+    pub reference: String,
+    /// The unit ids of the audio.
+    pub units: Vec<u32>,
+}
+
+impl TrafficItem {
+    /// The chat request of this item (audio, then instruction; reference and task attached).
+    pub fn request(&self, config: &TrafficConfig, seed: u64) -> ChatRequest {
+        ChatRequest {
+            messages: vec![Message {
+                role: "user".into(),
+                content: vec![
+                    Part::Units(self.units.clone()),
+                    Part::Text(self.instruction.clone()),
+                ],
+            }],
+            max_tokens: Some(config.max_tokens),
+            temperature: Some(config.temperature),
+            top_p: Some(config.top_p),
+            seed: Some(seed),
+            reference: Some(self.reference.clone()),
+            task: Some(self.kind.family().name().to_string()),
+            ..ChatRequest::default()
+        }
+    }
+}
+
+/// Generates `n` training-split examples of every task kind (seeded) and encodes their audio
+/// with the codebook of the model in `model_dir` (no augmentation).
+pub fn prepare(
+    model_dir: &Path,
+    corpus: &Corpus,
+    n: usize,
+    seed: u64,
+) -> crate::Result<Vec<TrafficItem>> {
+    if n == 0 {
+        return Err(JobError::Config("the traffic needs at least one prompt".into()).into());
+    }
+    let encoder = load_encoder(model_dir)?;
+    let examples = generate(
+        corpus,
+        Split::Train,
+        &TaskKind::ALL,
+        n,
+        seed,
+        &TaskConfig::default(),
+    )?;
+    let encoded = encoder.encode_all(corpus, &examples, seed, 0)?;
+    Ok(examples
+        .into_iter()
+        .zip(encoded)
+        .map(|(e, enc)| TrafficItem {
+            kind: e.kind,
+            instruction: e.instruction,
+            reference: e.reference,
+            units: enc.units,
+        })
+        .collect())
+}
+
+/// How the clients behave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficConfig {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Most new tokens per answer.
+    pub max_tokens: usize,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus mass.
+    pub top_p: f64,
+    /// Clients wait while at least this many groups are open or sealed but not yet trained on.
+    pub max_pending_groups: usize,
+    /// Seed of the per-request sampling seeds.
+    pub seed: u64,
+}
+
+/// What the clients did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrafficStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// Replays `items` (cyclically, starting at `cursor`) through `server` with
+/// `config.clients` concurrent clients until `stop` is set. `cursor` counts the prompts sent,
+/// so a resumed run continues where the last one stopped.
+pub async fn replay(
+    server: Arc<LeafServer>,
+    items: Arc<Vec<TrafficItem>>,
+    config: TrafficConfig,
+    cursor: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<TrafficStats, JobError> {
+    if items.is_empty() || config.clients == 0 {
+        return Err(JobError::Config(
+            "traffic needs at least one prompt and one client".into(),
+        ));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..config.clients {
+        let server = server.clone();
+        let items = items.clone();
+        let config = config.clone();
+        let cursor = cursor.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let mut stats = TrafficStats::default();
+            while !stop.load(Ordering::SeqCst) {
+                let st = server.status();
+                if st.open_groups + st.sealed_queue_depth >= config.max_pending_groups {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                let i = cursor.fetch_add(1, Ordering::SeqCst);
+                let item = &items[(i % items.len() as u64) as usize];
+                let req = item.request(&config, example_seed(config.seed, i));
+                match server.chat(req).await {
+                    Ok(_) => stats.requests += 1,
+                    Err(e) => {
+                        stats.failed += 1;
+                        tracing::warn!(error = %e, "traffic request failed");
+                        stats.last_error = Some(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            stats
+        });
+    }
+    let mut total = TrafficStats::default();
+    while let Some(r) = tasks.join_next().await {
+        let s = r.map_err(|e| JobError::Failed(format!("a traffic client panicked: {e}")))?;
+        total.requests += s.requests;
+        total.failed += s.failed;
+        if s.last_error.is_some() {
+            total.last_error = s.last_error;
+        }
+    }
+    Ok(total)
+}
