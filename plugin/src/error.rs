@@ -34,6 +34,10 @@ pub enum Error {
     #[cfg(feature = "serve")]
     #[error(transparent)]
     Harvest(#[from] crate::harvest::HarvestError),
+    /// The main job (`leaf run`, `leaf compare`) failed.
+    #[cfg(feature = "serve")]
+    #[error(transparent)]
+    Job(#[from] crate::job::JobError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

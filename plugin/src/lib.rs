@@ -15,6 +15,8 @@ pub mod trainer;
 #[cfg(feature = "serve")]
 pub mod harvest;
 #[cfg(feature = "serve")]
+pub mod job;
+#[cfg(feature = "serve")]
 pub mod online;
 #[cfg(feature = "serve")]
 pub mod serving;

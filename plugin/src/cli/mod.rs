@@ -3,10 +3,14 @@
 pub mod adapter;
 pub mod advantages;
 pub mod bench_train;
+#[cfg(feature = "serve")]
+pub mod compare;
 pub mod eval;
 pub mod jsonl;
 pub mod pretrain;
 pub mod reward;
+#[cfg(feature = "serve")]
+pub mod run;
 pub mod units;
 
 /// Logs go to stderr (stdout carries the JSON results); `RUST_LOG` filters them.
