@@ -17,7 +17,9 @@ use leaf_integration_tests::{random_adapter, tiny_model_sized};
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{SamplingTap, TapConfig};
 use leaf_plugin::serving::{ChatRequest, LeafServer, Message, ServerConfig};
-use mistralrs_core::{Constraint, NormalRequest, Request, RequestMessage, Response, SamplingParams};
+use mistralrs_core::{
+    Constraint, NormalRequest, Request, RequestMessage, Response, SamplingParams,
+};
 
 const MAX_TOKENS: usize = 32;
 const CONCURRENCY: usize = 16;
@@ -152,7 +154,9 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(96);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let m = tiny_model_sized(1, 256, 1024)?;
         let store_dir = m.tmp.path().join("store");

@@ -123,7 +123,8 @@ pub fn random_adapter(config: &LlamaConfig, seed: u64, scale: f32) -> Result<Lor
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut adapter = LoraAdapter::init(PeftConfig::new(RANK, ALPHA, targets, "tiny"), config, seed)?;
+    let mut adapter =
+        LoraAdapter::init(PeftConfig::new(RANK, ALPHA, targets, "tiny"), config, seed)?;
     let mut state = seed ^ 0x5DEECE66D;
     let names: Vec<String> = adapter.tensors.keys().cloned().collect();
     for name in names {
@@ -176,10 +177,8 @@ pub async fn next_group(
     secs: u64,
 ) -> Option<SealedGroup> {
     let rx = rx.clone();
-    tokio::task::spawn_blocking(move || {
-        rx.recv_timeout(std::time::Duration::from_secs(secs)).ok()
-    })
-    .await
-    .ok()
-    .flatten()
+    tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(secs)).ok())
+        .await
+        .ok()
+        .flatten()
 }

@@ -111,7 +111,10 @@ async fn online_trainer_updates_publishes_and_swaps() -> anyhow::Result<()> {
     eprintln!("online report {report:?}");
     assert!(report.updates >= 1);
     assert!(report.published.contains(&v1));
-    assert!(report.last_loss.is_some_and(|l| l != 0.0), "the update did nothing");
+    assert!(
+        report.last_loss.is_some_and(|l| l != 0.0),
+        "the update did nothing"
+    );
     // The published adapter moved away from the zero update it started from.
     let store0 = AdapterStore::open(&m.tmp.path().join("store"))?;
     let adapter = store0.get(&leaf_adapters::store::VersionId::parse(&v1)?)?;

@@ -10,7 +10,9 @@ use leaf_integration_tests::{
     next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model, weight_bytes,
 };
 use leaf_plugin::harvest::reward::FeedbackOnly;
-use leaf_plugin::harvest::{AssemblerConfig, ReferenceReward, SampleOrigin, SamplingTap, TapConfig};
+use leaf_plugin::harvest::{
+    AssemblerConfig, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
+};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServeError, ServerConfig};
 use mistralrs_core::{
@@ -103,7 +105,10 @@ async fn tap_logprobs_equal_teacher_forced_logprobs() -> anyhow::Result<()> {
         if t == 1.0 && top_p == 1.0 {
             let lp: Vec<f32> = model.logprobs(&batch, true)?.flatten_all()?.to_vec1()?;
             for (i, (a, b)) in reply.logprobs.iter().zip(&lp).enumerate() {
-                assert!((a - *b as f64).abs() < 1e-4, "token {i}: tap {a} vs trainer {b}");
+                assert!(
+                    (a - *b as f64).abs() < 1e-4,
+                    "token {i}: tap {a} vs trainer {b}"
+                );
             }
             // And the adapter matters: the base model gives different numbers.
             let lb: Vec<f32> = base.logprobs(&batch, false)?.flatten_all()?.to_vec1()?;
@@ -218,15 +223,17 @@ async fn tap_logprobs_equal_engine_log10_times_ln10() -> anyhow::Result<()> {
         let ids: Vec<u32> = last[prompt.len()..].to_vec();
         assert!(ids.len() >= 3, "too few tokens to compare: {}", ids.len());
         // 2. The tap replays exactly those ids through the engine with the same temperature.
-        let tap = Arc::new(SamplingTap::new(TapConfig {
-            temperature: t,
-            top_p: 1.0,
-            top_logprobs: 0,
-            stop_token: m.tokenizer.ids().eos,
-            seed: 0,
-            forced: ids.clone(),
-        })
-        .map_err(anyhow::Error::msg)?);
+        let tap = Arc::new(
+            SamplingTap::new(TapConfig {
+                temperature: t,
+                top_p: 1.0,
+                top_logprobs: 0,
+                stop_token: m.tokenizer.ids().eos,
+                seed: 0,
+                forced: ids.clone(),
+            })
+            .map_err(anyhow::Error::msg)?,
+        );
         let mut params = SamplingParams::neutral();
         params.temperature = Some(0.0);
         params.max_len = Some(ids.len());
@@ -234,7 +241,10 @@ async fn tap_logprobs_equal_engine_log10_times_ln10() -> anyhow::Result<()> {
         let rec = tap.take_record(r2.usage.completion_tokens);
         assert_eq!(rec.tokens, ids);
         for (i, (a, b)) in rec.logprobs.iter().zip(&engine_lp).enumerate() {
-            assert!((a - b).abs() < 1e-4, "t={t} token {i}: tap {a} vs engine {b}");
+            assert!(
+                (a - b).abs() < 1e-4,
+                "t={t} token {i}: tap {a} vs engine {b}"
+            );
             compared += 1;
         }
     }
@@ -262,8 +272,11 @@ async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
     let group = next_group(&rx, 60).await.expect("a sealed group");
     assert_eq!(group.members.len(), 4);
     assert!(!group.partial);
-    let keys: std::collections::BTreeSet<&str> =
-        group.members.iter().map(|m| m.0.prompt_key.as_str()).collect();
+    let keys: std::collections::BTreeSet<&str> = group
+        .members
+        .iter()
+        .map(|m| m.0.prompt_key.as_str())
+        .collect();
     assert_eq!(keys.len(), 1);
     let users: Vec<_> = group
         .members
@@ -345,7 +358,10 @@ async fn hot_swap_under_concurrent_requests_fails_none() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let report = server.promote(v1.as_str()).await?;
-    assert!(report.drained_requests >= 1, "nothing was in flight: {report:?}");
+    assert!(
+        report.drained_requests >= 1,
+        "nothing was in flight: {report:?}"
+    );
     assert_eq!(report.from_version, "base");
     assert_eq!(report.to_version, v1.to_string());
     let mut versions = std::collections::BTreeMap::new();
@@ -396,11 +412,18 @@ async fn corrupt_adapter_is_refused_and_old_version_keeps_serving() -> anyhow::R
     // (c) Non-finite values.
     let bad3 = m.tmp.path().join("bad-nan");
     let mut a = random_adapter(&m.config, 34, 0.2)?;
-    let name = a.tensors.keys().find(|n| n.contains("lora_B")).cloned().unwrap();
+    let name = a
+        .tensors
+        .keys()
+        .find(|n| n.contains("lora_B"))
+        .cloned()
+        .unwrap();
     let shape = a.tensors[&name].dims().to_vec();
     let n: usize = shape.iter().product();
-    a.tensors
-        .insert(name, Tensor::from_vec(vec![f32::NAN; n], shape, &Device::Cpu)?);
+    a.tensors.insert(
+        name,
+        Tensor::from_vec(vec![f32::NAN; n], shape, &Device::Cpu)?,
+    );
     a.save(&bad3)?;
     assert!(server.load_adapter_dir(&bad3).await.is_err());
     // (d) A stored version whose bytes were altered after publishing.
@@ -494,12 +517,23 @@ async fn retired_engines_free_their_memory_over_many_swaps() -> anyhow::Result<(
          leaked logger threads {}; last swap {:?}",
         st.leaked_threads, last
     );
-    assert_eq!(server.mistral().list_models().map_err(anyhow::Error::msg)?.len(), 1);
+    assert_eq!(
+        server
+            .mistral()
+            .list_models()
+            .map_err(anyhow::Error::msg)?
+            .len(),
+        1
+    );
     assert_eq!(st.leaked_threads, st.swaps + 1);
     // Each engine holds the merged weights (model_mib); if retired engines were kept, RSS
     // would grow by at least swaps * model_mib. Require well under a quarter of that.
     let bound = 0.25 * swaps as f64 * model_mib;
     eprintln!("weights {model_mib:.2} MiB per engine; growth bound {bound:.1} MiB");
-    assert!(rss1 - rss0 < bound, "RSS grew by {:.1} MiB (bound {bound:.1})", rss1 - rss0);
+    assert!(
+        rss1 - rss0 < bound,
+        "RSS grew by {:.1} MiB (bound {bound:.1})",
+        rss1 - rss0
+    );
     Ok(())
 }

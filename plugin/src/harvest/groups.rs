@@ -429,7 +429,9 @@ impl GroupAssembler {
                 metrics::histogram!("leaf_group_seal_seconds").record(age);
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("leaf_groups_dropped_total", "reason" => "queue_full")
                     .increment(1);
             }

@@ -195,10 +195,9 @@ impl SamplingTap {
         let cfg = &self.config;
         let forced = self.cancel.load(Ordering::SeqCst);
         let v = logits.len();
-        // z = logits / T and log-sum-exp, in f64.
+        // Pass 1: validate, max of z = logits / T (f64).
         let greedy = cfg.temperature < GREEDY_TEMPERATURE;
         let inv_t = if greedy { 1.0 } else { 1.0 / cfg.temperature };
-        st.z.clear();
         let mut max = f64::NEG_INFINITY;
         let mut arg = 0usize;
         for (i, &l) in logits.iter().enumerate() {
@@ -210,12 +209,19 @@ impl SamplingTap {
                 max = z;
                 arg = i;
             }
-            st.z.push(z);
         }
         if max == f64::NEG_INFINITY {
             return Err("every logit is -inf".into());
         }
-        let sum: f64 = st.z.iter().map(|&z| (z - max).exp()).sum();
+        let z_of = |i: usize| logits[i] as f64 * inv_t;
+        if greedy && !forced && cfg.forced.is_empty() && cfg.top_logprobs == 0 {
+            // Greedy without alternatives needs no normalisation at all.
+            return Ok(self.push(st, arg as u32, 0.0, forced, logits, inv_t, max));
+        }
+        // Pass 2: unnormalised weights w = exp(z - max) (one exp per id) and their sum.
+        st.z.clear();
+        st.z.extend(logits.iter().map(|&l| (l as f64 * inv_t - max).exp()));
+        let sum: f64 = st.z.iter().sum();
         let lse = max + sum.ln();
         let replay = !cfg.forced.is_empty();
         let (chosen, logprob) = if replay && !forced {
@@ -226,19 +232,19 @@ impl SamplingTap {
                 return Err(format!("forced id {c} is outside the vocabulary of {v}"));
             }
             let lp = if greedy {
-                if ci == arg { 0.0 } else { f64::NEG_INFINITY }
-            } else if cfg.top_p >= 1.0 {
-                st.z[ci] - lse
-            } else {
-                let zc = st.z[ci];
-                for z in st.z.iter_mut() {
-                    *z = (*z - lse).exp();
+                if ci == arg {
+                    0.0
+                } else {
+                    f64::NEG_INFINITY
                 }
+            } else if cfg.top_p >= 1.0 {
+                z_of(ci) - lse
+            } else {
                 st.idx.clear();
                 st.idx.extend(0..v as u32);
-                let mass = nucleus(&st.z, cfg.top_p, &mut st.idx);
+                let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
                 if st.idx.contains(&c) {
-                    (zc - lse - mass.ln()).min(0.0)
+                    (z_of(ci) - lse - (mass / sum).ln()).min(0.0)
                 } else {
                     f64::NEG_INFINITY
                 }
@@ -246,38 +252,57 @@ impl SamplingTap {
             (c, lp)
         } else if forced {
             let s = cfg.stop_token as usize;
-            let lp = if s < v { st.z[s] - lse } else { f64::NEG_INFINITY };
+            let lp = if s < v {
+                z_of(s) - lse
+            } else {
+                f64::NEG_INFINITY
+            };
             (cfg.stop_token, lp)
-        } else if greedy {
-            (arg as u32, 0.0)
         } else {
-            // Probabilities reuse the z buffer.
-            for z in st.z.iter_mut() {
-                *z = (*z - lse).exp();
-            }
             let u: f64 = st.rng.random();
             let (chosen, mass) = if cfg.top_p >= 1.0 {
-                (draw(&st.z, 0..v, u * st.z.iter().sum::<f64>()), 1.0)
+                (draw(&st.z, 0..v, u * sum), sum)
             } else {
                 st.idx.clear();
                 st.idx.extend(0..v as u32);
-                let mass = nucleus(&st.z, cfg.top_p, &mut st.idx);
+                let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
                 let members = st.idx.iter().map(|&i| i as usize);
                 (draw(&st.z, members, u * mass), mass)
             };
-            let lp = (logits[chosen] as f64 * inv_t - lse) - if mass >= 1.0 { 0.0 } else { mass.ln() };
+            let renorm = if cfg.top_p >= 1.0 {
+                0.0
+            } else {
+                (mass / sum).ln()
+            };
             // A one-token nucleus gives ln p - ln p, which rounding can leave a hair above 0.
-            (chosen as u32, lp.min(0.0))
+            (chosen as u32, (z_of(chosen) - lse - renorm).min(0.0))
         };
+        Ok(self.push(st, chosen, logprob, forced, logits, inv_t, lse))
+    }
+
+    /// Records one step (and the top alternatives, when asked for, normalised by `lse`; the
+    /// greedy fast path, which asks for none, passes the max instead).
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        st: &mut TapState,
+        chosen: u32,
+        logprob: f64,
+        forced: bool,
+        logits: &[f32],
+        inv_t: f64,
+        lse: f64,
+    ) -> u32 {
+        let cfg = &self.config;
+        let v = logits.len();
         if cfg.top_logprobs > 0 {
             // Recompute the log-probs (the z buffer may hold probabilities now).
             let k = cfg.top_logprobs.min(v);
             st.idx.clear();
             st.idx.extend(0..v as u32);
             let key = |i: &u32| logits[*i as usize];
-            st.idx.select_nth_unstable_by(k - 1, |a, b| {
-                key(b).total_cmp(&key(a)).then(a.cmp(b))
-            });
+            st.idx
+                .select_nth_unstable_by(k - 1, |a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
             let mut top: Vec<u32> = st.idx[..k].to_vec();
             top.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
             st.record.top.push(
@@ -291,7 +316,7 @@ impl SamplingTap {
         }
         st.record.tokens.push(chosen);
         st.record.logprobs.push(logprob);
-        Ok(chosen)
+        chosen
     }
 }
 
@@ -321,6 +346,8 @@ fn draw(probs: &[f64], members: impl Iterator<Item = usize>, target: f64) -> usi
 /// The rule is mistral.rs's: in descending order a token is kept while the mass before it is
 /// below `top_p`. Zero-probability tokens are never kept.
 pub fn nucleus(probs: &[f64], top_p: f64, idx: &mut Vec<u32>) -> f64 {
+    // `probs` may be unnormalised weights: `top_p` is then the target mass (top-p times
+    // their sum), and the returned mass is in the same units.
     let mut taken = 0usize; // idx[..taken] are in the nucleus
     let mut lo = 0usize; // idx[lo..hi] are the candidates still undecided
     let mut hi = idx.len();
@@ -411,7 +438,9 @@ fn three_way(probs: &[f64], ids: &mut [u32], pivot: f64) -> (usize, usize) {
 impl CustomLogitsProcessor for SamplingTap {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> candle_core::Result<Tensor> {
         let values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let chosen = self.step(&values, context).map_err(candle_core::Error::Msg)?;
+        let chosen = self
+            .step(&values, context)
+            .map_err(candle_core::Error::Msg)?;
         let mut out = vec![f32::NEG_INFINITY; values.len()];
         out[chosen as usize] = 0.0;
         Tensor::from_vec(out, logits.shape(), logits.device())?.to_dtype(logits.dtype())
@@ -437,7 +466,11 @@ mod tests {
     /// The nucleus by a full sort (the reference the quickselect must match).
     fn nucleus_by_sort(probs: &[f64], top_p: f64) -> Vec<u32> {
         let mut ids: Vec<u32> = (0..probs.len() as u32).collect();
-        ids.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]).then(a.cmp(&b)));
+        ids.sort_by(|&a, &b| {
+            probs[b as usize]
+                .total_cmp(&probs[a as usize])
+                .then(a.cmp(&b))
+        });
         let mut out = Vec::new();
         let mut cum = 0.0;
         for id in ids {
@@ -541,7 +574,11 @@ mod tests {
         assert!((f0 - 0.625).abs() < 0.015, "{f0}");
         let rec = tap.take_record(n);
         for (t, lp) in rec.tokens.iter().zip(&rec.logprobs) {
-            let want = if *t == 0 { 0.625f64.ln() } else { 0.375f64.ln() };
+            let want = if *t == 0 {
+                0.625f64.ln()
+            } else {
+                0.375f64.ln()
+            };
             assert!((lp - want).abs() < 1e-6);
         }
     }

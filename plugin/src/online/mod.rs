@@ -183,7 +183,11 @@ impl OnlineTrainer {
 }
 
 impl Loop {
-    fn run(&mut self, rx: Receiver<SealedGroup>, stop: &AtomicBool) -> Result<OnlineReport, ServeError> {
+    fn run(
+        &mut self,
+        rx: Receiver<SealedGroup>,
+        stop: &AtomicBool,
+    ) -> Result<OnlineReport, ServeError> {
         let mut held: Vec<SealedGroup> = Vec::new();
         loop {
             if stop.load(Ordering::SeqCst) {
@@ -310,7 +314,8 @@ impl Loop {
             if promote {
                 let server = self.server.clone();
                 let v = id.to_string();
-                self.runtime.block_on(async move { server.promote(&v).await })?;
+                self.runtime
+                    .block_on(async move { server.promote(&v).await })?;
             }
             Ok(id.to_string())
         })();
@@ -329,7 +334,11 @@ impl Loop {
         }
     }
 
-    fn persist(&mut self, path: &std::path::Path, groups: &[SealedGroup]) -> Result<(), ServeError> {
+    fn persist(
+        &mut self,
+        path: &std::path::Path,
+        groups: &[SealedGroup],
+    ) -> Result<(), ServeError> {
         let io = |e| ServeError::Io {
             path: path.to_path_buf(),
             source: e,

@@ -332,7 +332,11 @@ async fn chat(
     let req = to_request(body)?;
     let reply = state.server.chat(req).await?;
     let mut v = serde_json::to_value(&reply.response).map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string())
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            e.to_string(),
+        )
     })?;
     if let Value::Object(map) = &mut v {
         map.insert(
@@ -364,8 +368,9 @@ async fn feedback(
 async fn adapters(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let current = state.server.current_version();
     let versions = match state.server.store() {
-        Some(store) => serde_json::to_value(store.list().map_err(ServeError::Adapter)?)
-            .unwrap_or(Value::Null),
+        Some(store) => {
+            serde_json::to_value(store.list().map_err(ServeError::Adapter)?).unwrap_or(Value::Null)
+        }
         None => json!([]),
     };
     Ok(Json(json!({"serving": current, "versions": versions})))

@@ -75,7 +75,9 @@ pub enum ServeError {
     #[error("no adapter store is configured")]
     NoStore,
     /// The configured number of swaps is used up (see the module docs on leaked threads).
-    #[error("swap limit of {0} reached (each swap leaks one idle engine thread); restart to reset")]
+    #[error(
+        "swap limit of {0} reached (each swap leaks one idle engine thread); restart to reset"
+    )]
     SwapLimit(u64),
     /// The server is shutting down.
     #[error("the server is shutting down")]

@@ -58,8 +58,8 @@ impl ModelDir {
             .map_err(|e| model_err(&cfg_path, format!("cannot read: {e}")))?;
         validate_tokenizer_config(&cfg_text, &tokenizer)
             .map_err(|e| model_err(&cfg_path, e.to_string()))?;
-        let doc: serde_json::Value = serde_json::from_str(&cfg_text)
-            .map_err(|e| model_err(&cfg_path, e.to_string()))?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&cfg_text).map_err(|e| model_err(&cfg_path, e.to_string()))?;
         let token_of = |key: &str| -> Option<String> {
             match doc.get(key)? {
                 serde_json::Value::String(s) => Some(s.clone()),
@@ -134,7 +134,10 @@ pub type SharedPipeline = Arc<tokio::sync::Mutex<dyn Pipeline>>;
 /// Loads the base model plus `adapter_dir` (a validated PEFT directory) on a brand-new thread
 /// with the thread-local LoRA list cleared before and after. Blocks the calling thread; call it
 /// from `spawn_blocking` (or use [`load_pipeline_async`]).
-pub fn load_pipeline(model: &ModelDir, adapter_dir: Option<&Path>) -> Result<SharedPipeline, ServeError> {
+pub fn load_pipeline(
+    model: &ModelDir,
+    adapter_dir: Option<&Path>,
+) -> Result<SharedPipeline, ServeError> {
     let model = model.clone();
     let adapter_dir = adapter_dir.map(Path::to_path_buf);
     let handle = std::thread::Builder::new()

@@ -164,7 +164,10 @@ impl ServerConfig {
             return bad("group_policy.background_concurrency must be positive".into());
         }
         if !(self.drain_timeout_s.is_finite() && self.drain_timeout_s >= 0.0) {
-            return bad(format!("drain_timeout_s {} is invalid", self.drain_timeout_s));
+            return bad(format!(
+                "drain_timeout_s {} is invalid",
+                self.drain_timeout_s
+            ));
         }
         self.assembler.check()?;
         Ok(())
@@ -178,7 +181,9 @@ fn check_sampling(temperature: f64, top_p: f64) -> Result<(), ServeError> {
         )));
     }
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ServeError::Request(format!("top_p {top_p} must be in (0, 1]")));
+        return Err(ServeError::Request(format!(
+            "top_p {top_p} must be in (0, 1]"
+        )));
     }
     Ok(())
 }
@@ -808,7 +813,9 @@ impl LeafServer {
         if let Err(e) = sender.send(Request::Normal(Box::new(request))).await {
             // The engine never saw the request; its receiver may go.
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
-            return Err(ServeError::Engine(format!("cannot send to {engine_id}: {e}")));
+            return Err(ServeError::Engine(format!(
+                "cannot send to {engine_id}: {e}"
+            )));
         }
         let (done_tx, done_rx) = oneshot::channel();
         let run = Run {
@@ -868,7 +875,10 @@ impl LeafServer {
             ),
             Some(Response::CompletionDone(r)) => (
                 Some(r.usage.completion_tokens),
-                r.choices.first().map(|c| c.text.clone()).unwrap_or_default(),
+                r.choices
+                    .first()
+                    .map(|c| c.text.clone())
+                    .unwrap_or_default(),
                 r.choices
                     .first()
                     .map(|c| c.finish_reason.clone())
@@ -898,7 +908,8 @@ impl LeafServer {
         match (record, plan) {
             (Some(rec), Plan::User) | (Some(rec), Plan::Fork(_)) => {
                 let n = completion_tokens.unwrap_or(0);
-                let cancelled = rec.forced_from.is_some() || (client_gone && matches!(plan, Plan::User));
+                let cancelled =
+                    rec.forced_from.is_some() || (client_gone && matches!(plan, Plan::User));
                 if cancelled || rec.tokens.len() != n || rec.prompt.is_empty() {
                     self.counters.skipped.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("leaf_rollouts_skipped_total").increment(1);
@@ -977,14 +988,20 @@ impl LeafServer {
                 }
             }
             Plan::User => {
-                self.counters.fork_candidates.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .fork_candidates
+                    .fetch_add(1, Ordering::Relaxed);
                 let policy = &self.config.group_policy;
                 let k = self.config.assembler.group_size;
                 let fire = k > 1 && policy.fork_fraction > 0.0 && {
                     let u: f64 = self.rng.lock().unwrap_or_else(|p| p.into_inner()).random();
                     u < policy.fork_fraction
                 };
-                let group = if fire { self.assembler.reserve(k) } else { None };
+                let group = if fire {
+                    self.assembler.reserve(k)
+                } else {
+                    None
+                };
                 match group {
                     Some(g) => {
                         self.counters.forks_fired.fetch_add(1, Ordering::Relaxed);
@@ -1032,7 +1049,8 @@ impl LeafServer {
             return;
         };
         if self.shutting_down.load(Ordering::SeqCst)
-            || self.foreground.load(Ordering::SeqCst) > self.config.group_policy.max_foreground_inflight
+            || self.foreground.load(Ordering::SeqCst)
+                > self.config.group_policy.max_foreground_inflight
         {
             fail(&self);
             return;
@@ -1158,7 +1176,8 @@ impl LeafServer {
             self.model.validate_adapter(dir, &self.config.limits)?;
         }
         let t0 = Instant::now();
-        let pipeline: SharedPipeline = load_pipeline_async(&self.model, adapter_dir.as_deref()).await?;
+        let pipeline: SharedPipeline =
+            load_pipeline_async(&self.model, adapter_dir.as_deref()).await?;
         let load_ms = ms(t0);
         let t1 = Instant::now();
         let engine_id = format!("policy@{}", self.next_engine.fetch_add(1, Ordering::SeqCst));
@@ -1171,7 +1190,9 @@ impl LeafServer {
             )
             .await
             .map_err(ServeError::Engine)?;
-        self.counters.engines_created.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .engines_created
+            .fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.probe(&engine_id).await {
             let _ = self.remove_engine(engine_id.clone()).await;
             return Err(ServeError::Probe {
@@ -1254,7 +1275,9 @@ impl LeafServer {
                 if rec.logprobs.iter().all(|l| l.is_finite()) && !rec.tokens.is_empty() {
                     Ok(())
                 } else {
-                    Err(ServeError::Engine("the probe produced no finite token".into()))
+                    Err(ServeError::Engine(
+                        "the probe produced no finite token".into(),
+                    ))
                 }
             }
             other => Err(response_error(other, &run.request_id)),
