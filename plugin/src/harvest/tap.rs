@@ -240,8 +240,7 @@ impl SamplingTap {
             } else if cfg.top_p >= 1.0 {
                 z_of(ci) - lse
             } else {
-                st.idx.clear();
-                st.idx.extend(0..v as u32);
+                candidates(&st.z, cfg.top_p, sum, &mut st.idx);
                 let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
                 if st.idx.contains(&c) {
                     (z_of(ci) - lse - (mass / sum).ln()).min(0.0)
@@ -263,8 +262,7 @@ impl SamplingTap {
             let (chosen, mass) = if cfg.top_p >= 1.0 {
                 (draw(&st.z, 0..v, u * sum), sum)
             } else {
-                st.idx.clear();
-                st.idx.extend(0..v as u32);
+                candidates(&st.z, cfg.top_p, sum, &mut st.idx);
                 let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
                 let members = st.idx.iter().map(|&i| i as usize);
                 (draw(&st.z, members, u * mass), mass)
@@ -318,6 +316,21 @@ impl SamplingTap {
         st.record.logprobs.push(logprob);
         chosen
     }
+}
+
+/// The ids that can be in the top-p nucleus: every id whose weight is at least
+/// `(1 - top_p) * sum / len`. The others together weigh less than `(1 - top_p) * sum` and all
+/// lie below them, so they belong to the excluded tail whatever the order: one linear pass
+/// that usually leaves the quickselect a small fraction of the vocabulary.
+fn candidates(w: &[f64], top_p: f64, sum: f64, idx: &mut Vec<u32>) {
+    let cut = (1.0 - top_p).max(0.0) * sum / w.len() as f64;
+    idx.clear();
+    idx.extend(
+        w.iter()
+            .enumerate()
+            .filter(|(_, &x)| x >= cut && x > 0.0)
+            .map(|(i, _)| i as u32),
+    );
 }
 
 /// Walks `members` (ids into `probs`) in order and returns the first id at which the running
@@ -533,6 +546,22 @@ mod tests {
                 prop_assert!((mass - want_mass).abs() < 1e-9);
                 prop_assert!(mass + 1e-9 >= top_p.min(want_mass));
             }
+        }
+
+        #[test]
+        fn prefilter_keeps_the_nucleus(raw in proptest::collection::vec(0u32..1000, 1..300), top_p in 0.01f64..1.0) {
+            let total: f64 = raw.iter().map(|&r| r as f64).sum();
+            prop_assume!(total > 0.0);
+            let mut all: Vec<u32> = (0..raw.len() as u32).collect();
+            let w: Vec<f64> = raw.iter().map(|&r| r as f64).collect();
+            let m1 = nucleus(&w, top_p * total, &mut all);
+            let mut some = Vec::new();
+            candidates(&w, top_p, total, &mut some);
+            let m2 = nucleus(&w, top_p * total, &mut some);
+            all.sort_unstable();
+            some.sort_unstable();
+            prop_assert_eq!(all, some);
+            prop_assert!((m1 - m2).abs() < 1e-9 * total.max(1.0));
         }
 
         #[test]

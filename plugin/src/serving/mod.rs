@@ -17,6 +17,40 @@
 //! * a version that fails to load, validate or answer the probe is removed again and the
 //!   current version keeps serving.
 //!
+//! Embedding it in your own server takes a few lines:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), leaf_plugin::serving::ServeError> {
+//! use std::sync::Arc;
+//! use leaf_plugin::harvest::ReferenceReward;
+//! use leaf_plugin::online::{OnlineConfig, OnlineTrainer};
+//! use leaf_plugin::reward::{Metric, RewardOptions};
+//! use leaf_plugin::serving::{ChatRequest, LeafServer, Message, ServerConfig};
+//!
+//! let mut config = ServerConfig::new("model-dir");
+//! config.store_dir = Some("adapter-store".into());
+//! let reward = Arc::new(ReferenceReward::new(Metric::Bleu, RewardOptions::default()));
+//! let (server, groups) = LeafServer::start(config, reward).await?;
+//! let trainer = OnlineTrainer::spawn(
+//!     server.clone(),
+//!     groups,
+//!     OnlineConfig::default(),
+//!     tokio::runtime::Handle::current(),
+//! )?;
+//! let reply = server
+//!     .chat(ChatRequest {
+//!         messages: vec![Message::text("user", "What is seven plus one?")],
+//!         reference: Some("eight".into()),
+//!         ..ChatRequest::default()
+//!     })
+//!     .await?;
+//! println!("{:?} from {}", reply.response.choices[0].message.content, reply.adapter_version);
+//! // Serve HTTP too: leaf_plugin::serving::http::serve(server, http_config, addr).await
+//! # drop(trainer);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! **The leaked thread.** Each engine mistral.rs creates starts an interval-logger thread that
 //! never exits (it sleeps 5 s in a loop; about 8 KiB resident, 2 MiB virtual stack). Every swap
 //! therefore leaks one idle thread. The plugin counts them ([`ServerStatus::leaked_threads`])
