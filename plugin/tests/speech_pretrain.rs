@@ -104,7 +104,10 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     assert!(report.tokens > report.answer_tokens && report.answer_tokens > 0);
     let eval = report.eval.as_ref().unwrap();
     assert_eq!(eval.in_speaker.speakers, vec!["george".to_string()]);
-    assert_eq!(eval.holdout.as_ref().unwrap().speakers, vec!["jackson".to_string()]);
+    assert_eq!(
+        eval.holdout.as_ref().unwrap().speakers,
+        vec!["jackson".to_string()]
+    );
     assert_eq!(eval.in_speaker.examples, 9);
     let card = std::fs::read_to_string(a.join(MODEL_CARD_FILE)).unwrap();
     assert!(card.contains("held-out speaker") && card.contains("jackson"));
@@ -153,7 +156,10 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     let r = evaluate(&model, &encoder, &corpus, &config).unwrap();
     assert_eq!(r.split, Split::Test);
     assert_eq!(r.in_speaker.examples, 10);
-    assert_eq!(r.in_speaker.tasks.keys().collect::<Vec<_>>(), ["asr", "sqa"]);
+    assert_eq!(
+        r.in_speaker.tasks.keys().collect::<Vec<_>>(),
+        ["asr", "sqa"]
+    );
     for g in [&r.in_speaker, r.holdout.as_ref().unwrap()] {
         for s in g.tasks.values() {
             assert_eq!(s.examples, 5);
@@ -164,7 +170,9 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     }
     // Greedy evaluation is deterministic; sampling with a seed is too.
     assert_eq!(
-        evaluate(&model, &encoder, &corpus, &config).unwrap().in_speaker,
+        evaluate(&model, &encoder, &corpus, &config)
+            .unwrap()
+            .in_speaker,
         r.in_speaker
     );
     let sampled = EvalConfig {
@@ -175,22 +183,35 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
         ..config.clone()
     };
     assert_eq!(
-        evaluate(&model, &encoder, &corpus, &sampled).unwrap().in_speaker,
-        evaluate(&model, &encoder, &corpus, &sampled).unwrap().in_speaker
+        evaluate(&model, &encoder, &corpus, &sampled)
+            .unwrap()
+            .in_speaker,
+        evaluate(&model, &encoder, &corpus, &sampled)
+            .unwrap()
+            .in_speaker
     );
     // A speaker the recordings do not have is a clear error.
     let bad = EvalConfig {
         holdout_speaker: Some("nobody".into()),
         ..config
     };
-    let e = evaluate(&model, &encoder, &corpus, &bad).unwrap_err().to_string();
+    let e = evaluate(&model, &encoder, &corpus, &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nobody"), "{e}");
 
     // `leaf eval` prints one JSON object with the same figures.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_leaf"))
         .args(["eval", "--model"])
         .arg(&a)
-        .args(["--task", "asr", "--samples", "4", "--holdout-speaker", "jackson"])
+        .args([
+            "--task",
+            "asr",
+            "--samples",
+            "4",
+            "--holdout-speaker",
+            "jackson",
+        ])
         .arg("--data")
         .arg(&data)
         .output()
@@ -206,7 +227,9 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     assert_eq!(v["in_speaker"]["tasks"]["asr"]["examples"], 4);
     assert_eq!(v["holdout"]["tasks"]["asr"]["examples"], 4);
     assert_eq!(v["decoding"]["mode"], "greedy");
-    let em = v["in_speaker"]["tasks"]["asr"]["exact_match"].as_f64().unwrap();
+    let em = v["in_speaker"]["tasks"]["asr"]["exact_match"]
+        .as_f64()
+        .unwrap();
     assert!((0.0..=1.0).contains(&em));
 }
 
@@ -214,9 +237,14 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
 fn bad_inputs_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("no-such-recordings");
-    let e = pretrain(&tiny_config(0), &missing, &tmp.path().join("m"), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = pretrain(
+        &tiny_config(0),
+        &missing,
+        &tmp.path().join("m"),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("no-such-recordings"), "{e}");
 
     let full = tmp.path().join("full");

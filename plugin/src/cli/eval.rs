@@ -78,8 +78,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    let encoder = load_encoder(&a.model)
-        .with_context(|| format!("loading the tokenizer and codebook of {}", a.model.display()))?;
+    let encoder = load_encoder(&a.model).with_context(|| {
+        format!(
+            "loading the tokenizer and codebook of {}",
+            a.model.display()
+        )
+    })?;
     let adapter = match &a.adapter {
         Some(dir) => Some(
             LoraAdapter::load(dir)

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use leaf_plugin::speech::pretrain::{
-    default_data_dir, pretrain, Holdout, PretrainConfig, ProgressBar, DEFAULT_MAX_SECONDS,
-    DEFAULT_STEPS, MODEL_INFO_FILE,
+    default_data_dir, pretrain, Holdout, PretrainConfig, ProgressBar, DEFAULT_AUGMENT_PROB,
+    DEFAULT_BATCH_SIZE, DEFAULT_MAX_SECONDS, DEFAULT_STEPS, MODEL_INFO_FILE,
 };
+use leaf_plugin::speech::tasks::TaskKind;
 
 /// Arguments of `leaf pretrain`.
 #[derive(clap::Args, Debug)]
@@ -33,7 +34,7 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub holdout_speaker: String,
     /// Examples per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
@@ -41,6 +42,13 @@ pub struct Args {
     /// Train on clean audio (no speed, volume, noise or SpecAugment perturbation).
     #[arg(long)]
     pub no_augment: bool,
+    /// Fraction of training examples that are augmented.
+    #[arg(long, default_value_t = DEFAULT_AUGMENT_PROB)]
+    pub augment_prob: f64,
+    /// Task kinds to train on, comma-separated (recognition, translation, sum, largest,
+    /// count); repeat a kind to weight it [default: recognition three times, the others once].
+    #[arg(long, value_delimiter = ',')]
+    pub train_kinds: Vec<String>,
     /// Test examples per task family for the model card (0 skips the evaluation).
     #[arg(long, default_value_t = 200)]
     pub eval_samples: usize,
@@ -56,6 +64,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         None => default_data_dir()?,
     };
     let defaults = PretrainConfig::default();
+    let train_kinds = if a.train_kinds.is_empty() {
+        defaults.train_kinds.clone()
+    } else {
+        a.train_kinds
+            .iter()
+            .map(|k| {
+                serde_json::from_value::<TaskKind>(serde_json::json!(k.trim())).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--train-kinds: unknown task kind {k:?} (expected recognition, \
+                         translation, sum, largest or count)"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let config = PretrainConfig {
         steps: a.steps,
         max_seconds: a.max_seconds,
@@ -63,8 +86,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         holdout: Holdout::parse(&a.holdout_speaker),
         batch_size: a.batch_size,
         lr: a.lr,
-        augment: if a.no_augment { None } else { defaults.augment.clone() },
+        augment: if a.no_augment {
+            None
+        } else {
+            defaults.augment.clone()
+        },
         eval_samples: a.eval_samples,
+        augment_prob: a.augment_prob,
+        train_kinds,
         ..defaults
     };
     let report = if a.quiet {

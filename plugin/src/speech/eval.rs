@@ -209,7 +209,10 @@ pub(crate) fn candle<T>(r: candle_core::Result<T>) -> Result<T> {
 /// tokens left out, surrounding whitespace trimmed.
 pub fn answer_text(tokenizer: &SpeechTokenizer, ids: &[u32]) -> Result<String> {
     let stop = tokenizer.stop_ids();
-    let end = ids.iter().position(|t| stop.contains(t)).unwrap_or(ids.len());
+    let end = ids
+        .iter()
+        .position(|t| stop.contains(t))
+        .unwrap_or(ids.len());
     Ok(tokenizer.decode(&ids[..end], true)?.trim().to_string())
 }
 
@@ -357,7 +360,9 @@ pub fn evaluate(
     let started = std::time::Instant::now();
     config.decoding.validate()?;
     if config.families.is_empty() || config.samples == 0 {
-        return Err(SpeechError::Config("nothing to evaluate (no families or samples)".into()).into());
+        return Err(
+            SpeechError::Config("nothing to evaluate (no families or samples)".into()).into(),
+        );
     }
     let holdout = config.holdout_speaker.as_deref();
     if let Some(s) = holdout {
@@ -521,7 +526,13 @@ mod tests {
 
     #[test]
     fn bad_sampling_settings_are_refused() {
-        for (t, p) in [(0.0, 0.9), (-1.0, 0.9), (f64::NAN, 0.9), (1.0, 0.0), (1.0, 1.5)] {
+        for (t, p) in [
+            (0.0, 0.9),
+            (-1.0, 0.9),
+            (f64::NAN, 0.9),
+            (1.0, 0.0),
+            (1.0, 1.5),
+        ] {
             assert!(Decoding::Sample {
                 temperature: t,
                 top_p: p
