@@ -123,9 +123,14 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     assert!(json["base_eval"]["in_speaker"]["tasks"]["asr"]["exact_match"].is_number());
     assert!(json["final_eval"]["in_speaker"]["tasks"]["sqa"]["bleu"].is_number());
     for p in json["curve"].as_array().unwrap() {
-        assert!(p["rollouts"].is_u64() && p["reward"].is_number() && p["adapter_version"].is_string());
+        assert!(
+            p["rollouts"].is_u64() && p["reward"].is_number() && p["adapter_version"].is_string()
+        );
     }
-    assert!(is_png(&out.join("reward_curve.png")), "reward_curve.png is not a PNG");
+    assert!(
+        is_png(&out.join("reward_curve.png")),
+        "reward_curve.png is not a PNG"
+    );
 
     // Budget, updates, swaps.
     assert!(report.rollouts >= 48, "{}", report.rollouts);
@@ -134,16 +139,30 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     assert_eq!(report.curve[0].adapter_version, "base");
     assert!(report.swaps >= 1, "no hot-swap happened: {report:?}");
     assert!(report.requests > 0);
-    assert!(report.fork_stats.counts.groups > 0, "LEAF counted no groups");
+    assert!(
+        report.fork_stats.counts.groups > 0,
+        "LEAF counted no groups"
+    );
     // Every swap is a promoted check (a promoted check whose adapter did not change needs no
     // swap), and the adapter did change: the updates learned something.
     let promoted = report.curve.iter().filter(|p| p.promoted).count() as u64;
-    assert!(report.swaps <= promoted, "{} swaps, {promoted} promoted", report.swaps);
-    assert!(report.swaps >= 2, "the adapter never changed after its first publish");
+    assert!(
+        report.swaps <= promoted,
+        "{} swaps, {promoted} promoted",
+        report.swaps
+    );
+    assert!(
+        report.swaps >= 2,
+        "the adapter never changed after its first publish"
+    );
 
     // The injected NaN loss at update 3 stopped promotion and rolled back.
     assert_eq!(report.rollbacks, 1);
-    let ev = report.events.iter().find(|e| e.kind == "nan_loss").expect("a nan_loss event");
+    let ev = report
+        .events
+        .iter()
+        .find(|e| e.kind == "nan_loss")
+        .expect("a nan_loss event");
     assert!(ev.message.contains("rolled back"), "{}", ev.message);
 
     // The final adapter is a PEFT directory `leaf eval --adapter` can load, and it is the
@@ -151,7 +170,10 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     let adapter = report.final_adapter.clone().expect("a final adapter");
     leaf_adapters::LoraAdapter::load(&adapter).expect("final adapter loads");
     let store = leaf_adapters::store::AdapterStore::open(&out.join("store")).unwrap();
-    assert_eq!(store.current().unwrap().unwrap().to_string(), report.final_version);
+    assert_eq!(
+        store.current().unwrap().unwrap().to_string(),
+        report.final_version
+    );
     assert_eq!(report.base_model, model);
     assert!(report.reproduce.contains("leaf eval --model"));
 
@@ -208,7 +230,10 @@ fn leaf_compare_writes_table_json_and_figure() {
         assert!(r.rollouts >= 16);
     }
     let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
-    assert!(md.contains("| leaf | 2 |") && md.contains("| grpo | 2 |"), "{md}");
+    assert!(
+        md.contains("| leaf | 2 |") && md.contains("| grpo | 2 |"),
+        "{md}"
+    );
     assert!(md.contains("fork-fire rate"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();

@@ -14,7 +14,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
     /// Rollouts per run.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     pub rollouts: u64,
     /// Output directory.
     #[arg(long, default_value = "out/compare")]

@@ -261,8 +261,8 @@ pub fn markdown(report: &CompareReport) -> String {
         s.eval_samples,
         s.final_eval_samples
     );
-    let mut head = "| estimator | seeds | base reward | final reward | base exact | final exact |"
-        .to_string();
+    let mut head =
+        "| estimator | seeds | base reward | final reward | base exact | final exact |".to_string();
     let mut rule = "|---|---|---|---|---|---|".to_string();
     for f in &fams {
         let _ = write!(head, " {f} exact | {f} reward |");
@@ -291,7 +291,8 @@ pub fn markdown(report: &CompareReport) -> String {
         } else {
             format!(
                 "{:.3} | {:.3} | {:.2}",
-                e.fork_stats.fork_fire_rate, e.fork_stats.usable_fork_rate,
+                e.fork_stats.fork_fire_rate,
+                e.fork_stats.usable_fork_rate,
                 e.fork_stats.mean_node_size
             )
         };
@@ -302,7 +303,10 @@ pub fn markdown(report: &CompareReport) -> String {
         );
     }
     let _ = writeln!(md, "\nHeld-out checks (mean over seeds):\n");
-    let _ = writeln!(md, "| estimator | rollouts | reward | exact match |\n|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| estimator | rollouts | reward | exact match |\n|---|---|---|---|"
+    );
     for e in &report.summary {
         for p in &e.curve {
             let _ = writeln!(
@@ -378,7 +382,9 @@ pub fn figure(path: &Path, report: &CompareReport) -> Result<(), JobError> {
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
-                    series(e, i, &|p| p.family_exact.get(f).copied().unwrap_or_default())
+                    series(e, i, &|p| {
+                        p.family_exact.get(f).copied().unwrap_or_default()
+                    })
                 })
                 .collect(),
             baseline: None,
@@ -391,7 +397,9 @@ pub fn figure(path: &Path, report: &CompareReport) -> Result<(), JobError> {
 /// `config.out`.
 pub fn compare(config: &CompareConfig) -> crate::Result<CompareReport> {
     if config.seeds == 0 || config.estimators.is_empty() {
-        return Err(JobError::Config("compare needs at least one seed and one estimator".into()).into());
+        return Err(
+            JobError::Config("compare needs at least one seed and one estimator".into()).into(),
+        );
     }
     config.run.validate()?;
     let started = std::time::Instant::now();
@@ -405,7 +413,11 @@ pub fn compare(config: &CompareConfig) -> crate::Result<CompareReport> {
             Some(d) => d.clone(),
             None => default_data_dir()?,
         };
-        shared.model = Some(ensure_default_model(&shared.cache_dir, &data, shared.progress)?);
+        shared.model = Some(ensure_default_model(
+            &shared.cache_dir,
+            &data,
+            shared.progress,
+        )?);
     }
     let seeds: Vec<u64> = (0..config.seeds).collect();
     let mut reports: Vec<(Estimator, u64, PathBuf, RunReport)> = Vec::new();
@@ -418,7 +430,11 @@ pub fn compare(config: &CompareConfig) -> crate::Result<CompareReport> {
             rc.overwrite = true;
             rc.out = config.out.join(format!("{}-seed{seed}", est.name()));
             if rc.progress {
-                eprintln!("leaf compare: {} seed {seed} -> {}", est.name(), rc.out.display());
+                eprintln!(
+                    "leaf compare: {} seed {seed} -> {}",
+                    est.name(),
+                    rc.out.display()
+                );
             }
             let report = run(&rc)?;
             if rc.progress {

@@ -32,9 +32,7 @@ pub fn fonts_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
         let env = std::env::var_os("LEAF_FONT").map(PathBuf::from);
-        let candidates = env
-            .into_iter()
-            .chain(FONT_PATHS.iter().map(PathBuf::from));
+        let candidates = env.into_iter().chain(FONT_PATHS.iter().map(PathBuf::from));
         for path in candidates {
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;
@@ -124,7 +122,11 @@ fn draw_panel(
     if let Some((b, _)) = &panel.baseline {
         y_max = y_max.max(*b);
     }
-    let y_max = if y_max <= y_min { y_min + 1.0 } else { y_max + 0.05 * (y_max - y_min) };
+    let y_max = if y_max <= y_min {
+        y_min + 1.0
+    } else {
+        y_max + 0.05 * (y_max - y_min)
+    };
     let mut builder = ChartBuilder::on(area);
     builder.margin(12);
     if text {
@@ -166,14 +168,20 @@ fn draw_panel(
         };
         if text {
             anno.label(s.label.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&c).stroke_width(2))
+                PathElement::new(
+                    vec![(x, y), (x + 18, y)],
+                    ShapeStyle::from(&c).stroke_width(2),
+                )
             });
         }
     }
     if let Some((b, label)) = &panel.baseline {
         let c = color(3);
         let anno = chart
-            .draw_series(LineSeries::new(vec![(0.0, *b), (x_max, *b)], c.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                vec![(0.0, *b), (x_max, *b)],
+                c.stroke_width(1),
+            ))
             .map_err(|e| e.to_string())?;
         if text {
             anno.label(label.as_str())

@@ -205,8 +205,9 @@ impl RunReport {
 
 /// Writes `value` as pretty JSON to `path` atomically (temporary file, then rename).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> crate::Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| super::JobError::Failed(format!("cannot serialise {}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| {
+        super::JobError::Failed(format!("cannot serialise {}: {e}", path.display()))
+    })?;
     let tmp = path.with_extension("json.tmp");
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -237,7 +238,10 @@ mod tests {
         assert_eq!(s.usable_fork_rate, 0.4);
         assert_eq!(s.mean_node_size, 3.0);
         let z = ForkSummary::from_counts(ForkStats::default());
-        assert_eq!((z.fork_fire_rate, z.usable_fork_rate, z.mean_node_size), (0.0, 0.0, 0.0));
+        assert_eq!(
+            (z.fork_fire_rate, z.usable_fork_rate, z.mean_node_size),
+            (0.0, 0.0, 0.0)
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ use crate::reward::{Metric, RewardOptions};
 use crate::rollout::{Group, Rollout, RolloutMeta};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
-use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
 use crate::speech::prepare::ExampleEncoder;
+use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
 use crate::speech::tasks::{Corpus, Split, TaskFamily};
 use crate::trainer::{TrainConfig, TrainSample, Trainer};
 
@@ -83,7 +83,12 @@ impl Estimator {
     }
 }
 
-/// Every setting of a run. [`RunConfig::default`] holds the tuned defaults of `leaf run`.
+/// Every setting of a run. [`RunConfig::default`] holds the defaults of `leaf run`, chosen by
+/// measurement on 2 CPU cores with the default base model (held-out reward = mean BLEU/100
+/// over families, 100 test examples per family): K = 8, B = 4 (32 rollouts per update), LoRA
+/// rank 8 / alpha 16, learning rate 2e-3, check + hot-swap every 2 updates, 2048 rollouts
+/// (about 2 minutes after the model is ready). Longer budgets (6144) or a larger step (5e-3,
+/// rank 16) did not beat the base model on the final evaluation; 1e-3 moved it less.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
     /// The base model directory; `None` uses (and on first use trains) the cached default.
@@ -423,7 +428,8 @@ impl Learner<'_> {
 
     fn refresh_bar(&self) {
         let last = self.state.curve.last();
-        self.bar.set_position(self.state.rollouts.min(self.config.rollouts));
+        self.bar
+            .set_position(self.state.rollouts.min(self.config.rollouts));
         self.bar.set_message(format!(
             "reward {:.3} | held-out {:.3} (base {:.3}) | exact {:.3} | adapter {} | swaps {}",
             mean(self.train_rewards.iter().copied()),
@@ -441,7 +447,7 @@ impl Learner<'_> {
         self.trainer = trainer_at(
             self.model_dir,
             self.config.train_config(),
-            &store,
+            store,
             &self.state.good_version,
         )?;
         self.state.rollbacks += 1;
@@ -449,7 +455,11 @@ impl Learner<'_> {
         Ok(())
     }
 
-    fn run(&mut self, rx: &Receiver<SealedGroup>, traffic_done: &dyn Fn() -> bool) -> crate::Result<()> {
+    fn run(
+        &mut self,
+        rx: &Receiver<SealedGroup>,
+        traffic_done: &dyn Fn() -> bool,
+    ) -> crate::Result<()> {
         let mut held: Vec<SealedGroup> = Vec::new();
         let mut idle = Instant::now();
         while self.state.rollouts < self.config.rollouts {
@@ -709,7 +719,10 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             if config.progress {
                 eprintln!(
                     "leaf run: base model: {} (trained on first use)",
-                    config.cache_dir.join(crate::speech::pretrain::DEFAULT_MODEL_NAME).display()
+                    config
+                        .cache_dir
+                        .join(crate::speech::pretrain::DEFAULT_MODEL_NAME)
+                        .display()
                 );
             }
             ensure_default_model(&config.cache_dir, &data_dir, config.progress)?
@@ -749,7 +762,12 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             let check = if config.eval_samples == config.final_eval_samples {
                 base_eval.clone()
             } else {
-                evaluate(&model, &encoder, &corpus, &config.eval_config(config.eval_samples))?
+                evaluate(
+                    &model,
+                    &encoder,
+                    &corpus,
+                    &config.eval_config(config.eval_samples),
+                )?
             };
             (base_eval, Some(check))
         }
@@ -779,9 +797,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     let reward = Arc::new(ReferenceReward::new(Metric::Bleu, RewardOptions::default()));
     let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward))?;
     let current = server.current_version();
-    let store = server
-        .store()
-        .ok_or(crate::serving::ServeError::NoStore)?;
+    let store = server.store().ok_or(crate::serving::ServeError::NoStore)?;
     let trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
 
     let mut state = match saved {
@@ -892,7 +908,14 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     let (final_eval, final_adapter) = if final_version == BASE_VERSION {
         (base_eval.clone(), None)
     } else {
-        evaluate_version(&model_dir, store, &final_version, &encoder, &corpus, &final_cfg)?
+        evaluate_version(
+            &model_dir,
+            store,
+            &final_version,
+            &encoder,
+            &corpus,
+            &final_cfg,
+        )?
     };
     let mut settings = serde_json::to_value(config)
         .map_err(|e| JobError::Failed(format!("cannot serialise the settings: {e}")))?;

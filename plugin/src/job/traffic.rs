@@ -19,8 +19,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::serving::{ChatRequest, LeafServer, Message, Part};
-use crate::speech::pretrain::load_encoder;
 use crate::speech::prepare::example_seed;
+use crate::speech::pretrain::load_encoder;
 use crate::speech::tasks::{generate, Corpus, Split, TaskConfig, TaskKind};
 
 use super::JobError;
