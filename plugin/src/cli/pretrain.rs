@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_AUGMENT_PROB)]
     pub augment_prob: f64,
     /// Task kinds to train on, comma-separated (recognition, translation, sum, largest,
-    /// count); repeat a kind to weight it [default: recognition three times, the others once].
+    /// count); repeat a kind to weight it [default: recognition four times, the others once].
     #[arg(long, value_delimiter = ',')]
     pub train_kinds: Vec<String>,
     /// Test examples per task family for the model card (0 skips the evaluation).

@@ -410,7 +410,7 @@ pub fn evaluate_examples(
     let encoded = encoder.encode_all(corpus, examples, config.seed, config.threads)?;
     let prompts: Vec<Vec<u32>> = encoded.into_iter().map(|e| e.prompt).collect();
     let tok = encoder.tokenizer();
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5EED_0F_5A4D_11E5);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x005E_ED0F_5A4D_11E5);
     let completions = generate_completions(
         model,
         &prompts,

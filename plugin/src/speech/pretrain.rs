@@ -45,15 +45,18 @@ pub const MODEL_INFO_FILE: &str = "leaf_model.json";
 pub const MODEL_CARD_FILE: &str = "README.md";
 
 /// Default step budget: sized so the default run (codebook, training, evaluation) ends within
-/// ten minutes on two busy CPU cores (about 0.21 s per step of 16 examples).
-pub const DEFAULT_STEPS: usize = 2400;
+/// ten minutes on two busy CPU cores (about 0.2 s per step of 16 examples). Measured: 2500
+/// steps in 484 s (507 s in all), 36 % test recognition exact match in-speaker, 20 % on the
+/// held-out speaker.
+pub const DEFAULT_STEPS: usize = 2500;
 
 /// Default wall-clock cap of the training loop, in seconds.
 pub const DEFAULT_MAX_SECONDS: f64 = 520.0;
 
-/// Default task mix of the training examples: recognition three times as often as each other
+/// Default task mix of the training examples: recognition four times as often as each other
 /// kind (recognition is the skill every task builds on, and the one the model card targets).
-pub const DEFAULT_TRAIN_KINDS: [TaskKind; 7] = [
+pub const DEFAULT_TRAIN_KINDS: [TaskKind; 8] = [
+    TaskKind::Recognition,
     TaskKind::Recognition,
     TaskKind::Recognition,
     TaskKind::Recognition,
@@ -69,7 +72,7 @@ pub const DEFAULT_BATCH_SIZE: usize = 16;
 
 /// Default fraction of augmented training examples: full-strength augmentation on every
 /// example slowed learning several-fold within the ten-minute budget.
-pub const DEFAULT_AUGMENT_PROB: f64 = 0.3;
+pub const DEFAULT_AUGMENT_PROB: f64 = 0.15;
 
 /// Name of the cached default model inside a cache directory.
 pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base";
