@@ -50,7 +50,7 @@ pub fn tiny_model_sized(seed: u64, hidden: usize, intermediate: usize) -> Result
     std::fs::create_dir_all(&dir)?;
     let tokenizer = SpeechTokenizer::build(&[], 16)?;
     tokenizer.save(&dir)?;
-    let ids = tokenizer.ids().clone();
+    let ids = *tokenizer.ids();
     let config = LlamaConfig {
         architectures: vec!["LlamaForCausalLM".into()],
         hidden_act: "silu".into(),

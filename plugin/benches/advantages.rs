@@ -18,12 +18,23 @@ use leaf_plugin::rollout::Group;
 const SHAPES: [(usize, usize); 2] = [(8, 200), (64, 1000)];
 
 fn groups(k: usize, len: usize) -> Vec<Group> {
-    let spec = SyntheticSpec { responses: k, mean_len: len, vocab: 8, reward_levels: 5 };
-    (0..16).map(|s| synthetic_group(format!("g{s}"), spec, s)).collect()
+    let spec = SyntheticSpec {
+        responses: k,
+        mean_len: len,
+        vocab: 8,
+        reward_levels: 5,
+    };
+    (0..16)
+        .map(|s| synthetic_group(format!("g{s}"), spec, s))
+        .collect()
 }
 
 fn tokens(groups: &[Group]) -> u64 {
-    groups.iter().flat_map(|g| g.rollouts()).map(|r| r.len() as u64).sum()
+    groups
+        .iter()
+        .flat_map(|g| g.rollouts())
+        .map(|r| r.len() as u64)
+        .sum()
 }
 
 fn bench(c: &mut Criterion) {
@@ -32,8 +43,12 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("advantages_k{k}_len{len}"));
         group.throughput(Throughput::Elements(tokens(&gs)));
         let leaf = Leaf::default();
-        group.bench_function("leaf", |b| b.iter(|| gs.iter().for_each(|g| drop(black_box(leaf.estimate(g))))));
-        group.bench_function("grpo", |b| b.iter(|| gs.iter().for_each(|g| drop(black_box(Grpo.estimate(g))))));
+        group.bench_function("leaf", |b| {
+            b.iter(|| gs.iter().for_each(|g| drop(black_box(leaf.estimate(g)))))
+        });
+        group.bench_function("grpo", |b| {
+            b.iter(|| gs.iter().for_each(|g| drop(black_box(Grpo.estimate(g)))))
+        });
         group.finish();
     }
 }
@@ -42,7 +57,9 @@ fn bench(c: &mut Criterion) {
 fn seconds_per_group(est: &dyn AdvantageEstimator, gs: &[Group]) -> f64 {
     let mut samples = Vec::new();
     let budget = Instant::now();
-    while samples.len() < 15 || (budget.elapsed() < Duration::from_millis(500) && samples.len() < 200) {
+    while samples.len() < 15
+        || (budget.elapsed() < Duration::from_millis(500) && samples.len() < 200)
+    {
         let t = Instant::now();
         for g in gs {
             black_box(est.estimate(black_box(g)));
@@ -71,8 +88,11 @@ fn python_seconds_per_group(gs: &[Group]) -> Result<f64, String> {
         }
     }
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bad output: {e}"))?;
-    v["seconds_per_group"].as_f64().ok_or_else(|| "no seconds_per_group".to_string())
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad output: {e}"))?;
+    v["seconds_per_group"]
+        .as_f64()
+        .ok_or_else(|| "no seconds_per_group".to_string())
 }
 
 fn summary() {
@@ -91,7 +111,11 @@ fn summary() {
             leaf / grpo
         );
         match python_seconds_per_group(&gs) {
-            Ok(py) => println!(" | Python {:>10.1} us/group, LEAF speed-up {:.0}x", py * 1e6, py / leaf),
+            Ok(py) => println!(
+                " | Python {:>10.1} us/group, LEAF speed-up {:.0}x",
+                py * 1e6,
+                py / leaf
+            ),
             Err(why) => println!(" | Python reference skipped: {why}"),
         }
     }

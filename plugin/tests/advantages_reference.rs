@@ -25,7 +25,9 @@ fn groups() -> Vec<Group> {
                 .into_rollouts()
                 .into_iter()
                 .map(|mut r| {
-                    r.logprobs.iter_mut().for_each(|l| *l = (*l * 2.0).round() / 2.0);
+                    r.logprobs
+                        .iter_mut()
+                        .for_each(|l| *l = (*l * 2.0).round() / 2.0);
                     r
                 })
                 .collect();
@@ -48,7 +50,12 @@ fn python(args: &[&str], groups: &[Group]) -> Vec<Vec<Vec<f64>>> {
         .expect("this test needs python3 on PATH (the reference implementation is Python)");
     let mut stdin = child.stdin.take().unwrap();
     for g in groups {
-        writeln!(stdin, "{}", serde_json::json!({"group_id": g.id(), "rollouts": g.rollouts()})).unwrap();
+        writeln!(
+            stdin,
+            "{}",
+            serde_json::json!({"group_id": g.id(), "rollouts": g.rollouts()})
+        )
+        .unwrap();
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
@@ -71,7 +78,11 @@ fn compare(est: &dyn AdvantageEstimator, args: &[&str]) {
         for (i, (a, b)) in got.iter().zip(w).enumerate() {
             assert_eq!(a.len(), b.len(), "{} response {i}", g.id());
             for (t, (x, y)) in a.iter().zip(b).enumerate() {
-                assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{} response {i} token {t} ({args:?}): rust {x}, python {y}", g.id());
+                assert!(
+                    (x - y).abs() <= 1e-9 * (1.0 + y.abs()),
+                    "{} response {i} token {t} ({args:?}): rust {x}, python {y}",
+                    g.id()
+                );
             }
         }
     }
@@ -81,12 +92,22 @@ fn compare(est: &dyn AdvantageEstimator, args: &[&str]) {
 fn leaf_matches_the_python_reference() {
     compare(&Leaf::default(), &[]);
     for b in [0usize, 1, 3] {
-        let cfg = LeafConfig { fork_budget: b, ..LeafConfig::default() };
+        let cfg = LeafConfig {
+            fork_budget: b,
+            ..LeafConfig::default()
+        };
         compare(&Leaf::new(cfg), &["--fork-budget", &b.to_string()]);
     }
-    let cfg = LeafConfig { min_prefix: 3, terms: Terms::Local, ..LeafConfig::default() };
+    let cfg = LeafConfig {
+        min_prefix: 3,
+        terms: Terms::Local,
+        ..LeafConfig::default()
+    };
     compare(&Leaf::new(cfg), &["--min-prefix", "3", "--terms", "local"]);
-    let cfg = LeafConfig { terms: Terms::Global, ..LeafConfig::default() };
+    let cfg = LeafConfig {
+        terms: Terms::Global,
+        ..LeafConfig::default()
+    };
     compare(&Leaf::new(cfg), &["--terms", "global"]);
 }
 

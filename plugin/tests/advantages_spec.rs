@@ -9,11 +9,20 @@ use leaf_plugin::rollout::{Group, Rollout};
 use proptest::prelude::*;
 
 fn group(rows: Vec<(Vec<u32>, Vec<f64>, f64)>) -> Group {
-    Group::new("g", rows.into_iter().map(|(t, l, r)| Rollout::new(t, l, r)).collect()).unwrap()
+    Group::new(
+        "g",
+        rows.into_iter()
+            .map(|(t, l, r)| Rollout::new(t, l, r))
+            .collect(),
+    )
+    .unwrap()
 }
 
 fn leaf(b: usize) -> Leaf {
-    Leaf::new(LeafConfig { fork_budget: b, ..LeafConfig::default() })
+    Leaf::new(LeafConfig {
+        fork_budget: b,
+        ..LeafConfig::default()
+    })
 }
 
 /// z-scores `raw` by hand: sample std (n - 1), floored at 1e-6.
@@ -21,14 +30,19 @@ fn zscore(raw: &[f64]) -> Vec<f64> {
     let n = raw.len() as f64;
     let m = raw.iter().sum::<f64>() / n;
     let d = if raw.len() > 1 { n - 1.0 } else { 1.0 };
-    let sd = (raw.iter().map(|x| (x - m).powi(2)).sum::<f64>() / d).sqrt().max(1e-6);
+    let sd = (raw.iter().map(|x| (x - m).powi(2)).sum::<f64>() / d)
+        .sqrt()
+        .max(1e-6);
     raw.iter().map(|x| (x - m) / sd).collect()
 }
 
 fn assert_close(got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "lengths: got {got:?}, want {want:?}");
     for (k, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol, "index {k}: got {g}, want {w} (got {got:?})");
+        assert!(
+            (g - w).abs() <= tol,
+            "index {k}: got {g}, want {w} (got {got:?})"
+        );
     }
 }
 
@@ -45,7 +59,11 @@ fn lp(len: usize, spikes: &[(usize, f64)]) -> Vec<f64> {
 fn worked_example() -> Group {
     group(vec![
         ((1..=12).collect(), lp(12, &[(3, -5.0), (9, -4.0)]), 0.8),
-        (vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22], lp(12, &[]), 0.6),
+        (
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21, 22],
+            lp(12, &[]),
+            0.6,
+        ),
         (vec![1, 2, 3, 30, 31, 32, 33, 34], lp(8, &[]), 0.2),
         ((40..50).collect(), lp(10, &[]), 0.0),
     ])
@@ -57,8 +75,14 @@ fn worked_example_matches_the_spec() {
     let tree = leaf(2).tree(&g);
     assert_eq!(tree.boundaries, vec![3, 9]);
     assert_eq!(tree.nodes.len(), 2);
-    assert_eq!((tree.nodes[0].position, &tree.nodes[0].members[..]), (3, &[0, 1, 2][..]));
-    assert_eq!((tree.nodes[1].position, &tree.nodes[1].members[..]), (9, &[0, 1][..]));
+    assert_eq!(
+        (tree.nodes[0].position, &tree.nodes[0].members[..]),
+        (3, &[0, 1, 2][..])
+    );
+    assert_eq!(
+        (tree.nodes[1].position, &tree.nodes[1].members[..]),
+        (9, &[0, 1][..])
+    );
     let (v0, va, vb) = (0.4, (0.8 + 0.6 + 0.2) / 3.0, 0.7);
     assert!((tree.root_value - v0).abs() < 1e-15);
     assert!((tree.nodes[0].value - va).abs() < 1e-15);
@@ -66,11 +90,27 @@ fn worked_example_matches_the_spec() {
 
     let s_a = ((va - v0) + (va - v0)) / 3f64.sqrt();
     let s_b = ((vb - v0) + (vb - va)) / 2f64.sqrt();
-    let raw = [s_a, s_b, 0.4 + 0.1, s_a, s_b, 0.2 - 0.1, s_a, -0.2 + (0.2 - va), -0.8];
+    let raw = [
+        s_a,
+        s_b,
+        0.4 + 0.1,
+        s_a,
+        s_b,
+        0.2 - 0.1,
+        s_a,
+        -0.2 + (0.2 - va),
+        -0.8,
+    ];
     let got_raw: Vec<f64> = tree.spans.iter().flatten().map(|s| s.raw).collect();
     assert_close(&got_raw, &raw, 1e-12);
     // The rounded figures printed in the spec.
-    assert_close(&got_raw, &[0.1540, 0.3300, 0.5, 0.1540, 0.3300, 0.1, 0.1540, -0.5333, -0.8], 5e-5);
+    assert_close(
+        &got_raw,
+        &[
+            0.1540, 0.3300, 0.5, 0.1540, 0.3300, 0.1, 0.1540, -0.5333, -0.8,
+        ],
+        5e-5,
+    );
 
     let z = zscore(&raw);
     let got_z: Vec<f64> = tree.spans.iter().flatten().map(|s| s.normalized).collect();
@@ -84,8 +124,16 @@ fn worked_example_matches_the_spec() {
         }
         v
     };
-    assert_close(&adv[0], &expect(&[(0, 3, z[0]), (3, 9, z[1]), (9, 12, z[2])], 12), 1e-12);
-    assert_close(&adv[1], &expect(&[(0, 3, z[3]), (3, 9, z[4]), (9, 12, z[5])], 12), 1e-12);
+    assert_close(
+        &adv[0],
+        &expect(&[(0, 3, z[0]), (3, 9, z[1]), (9, 12, z[2])], 12),
+        1e-12,
+    );
+    assert_close(
+        &adv[1],
+        &expect(&[(0, 3, z[3]), (3, 9, z[4]), (9, 12, z[5])], 12),
+        1e-12,
+    );
     assert_close(&adv[2], &expect(&[(0, 3, z[6]), (3, 8, z[7])], 8), 1e-12);
     assert_close(&adv[3], &[z[8]; 10], 1e-12);
 }
@@ -94,13 +142,23 @@ fn worked_example_matches_the_spec() {
 fn worked_example_is_bit_for_bit_stable() {
     // Bits recorded from the first run; any change to summation order or formula shows here.
     let adv = leaf(2).estimate(&worked_example()).per_token;
-    let firsts: Vec<u64> = [adv[0][0], adv[0][3], adv[0][9], adv[1][9], adv[2][3], adv[3][0]]
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let firsts: Vec<u64> = [
+        adv[0][0], adv[0][3], adv[0][9], adv[1][9], adv[2][3], adv[3][0],
+    ]
+    .iter()
+    .map(|x| x.to_bits())
+    .collect();
     let again = leaf(2).estimate(&worked_example()).per_token;
     assert_eq!(adv, again);
-    assert_eq!(firsts, GOLDEN_BITS.to_vec(), "as f64: {:?}", firsts.iter().map(|b| f64::from_bits(*b)).collect::<Vec<_>>());
+    assert_eq!(
+        firsts,
+        GOLDEN_BITS.to_vec(),
+        "as f64: {:?}",
+        firsts
+            .iter()
+            .map(|b| f64::from_bits(*b))
+            .collect::<Vec<_>>()
+    );
 }
 
 const GOLDEN_BITS: [u64; 6] = [
@@ -122,7 +180,13 @@ fn empty_responses_group_together_and_get_no_tokens() {
     ]);
     let tree = leaf(2).tree(&g);
     assert_eq!(tree.boundaries, vec![1, 3]);
-    assert_eq!(tree.nodes.iter().map(|n| n.members.clone()).collect::<Vec<_>>(), vec![vec![0, 1], vec![0, 1]]);
+    assert_eq!(
+        tree.nodes
+            .iter()
+            .map(|n| n.members.clone())
+            .collect::<Vec<_>>(),
+        vec![vec![0, 1], vec![0, 1]]
+    );
     let (v0, v) = (0.4, 0.5);
     let a = ((v - v0) + (v - v0)) / 2f64.sqrt();
     let b = ((v - v0) + 0.0) / 2f64.sqrt();
@@ -134,7 +198,11 @@ fn empty_responses_group_together_and_get_no_tokens() {
 
 #[test]
 fn responses_of_length_at_most_one_use_the_fallback() {
-    let g = group(vec![(vec![7], vec![-3.0], 1.0), (vec![8], vec![-0.5], 0.0), (vec![], vec![], 0.5)]);
+    let g = group(vec![
+        (vec![7], vec![-3.0], 1.0),
+        (vec![8], vec![-0.5], 0.0),
+        (vec![], vec![], 0.5),
+    ]);
     let tree = leaf(2).tree(&g);
     assert!(tree.boundaries.is_empty() && tree.nodes.is_empty());
     let adv = leaf(2).estimate(&g).per_token;
@@ -176,7 +244,11 @@ fn surprisal_ties_break_by_response_then_position() {
     assert_eq!(leaf(2).tree(&g).boundaries, vec![2, 4]);
     // Separation: 3 is within delta of 2, so the next best far-enough position is taken.
     let g = group(vec![
-        (vec![1, 2, 3, 4, 5, 6], lp(6, &[(2, -3.0), (3, -2.9), (5, -1.0)]), 1.0),
+        (
+            vec![1, 2, 3, 4, 5, 6],
+            lp(6, &[(2, -3.0), (3, -2.9), (5, -1.0)]),
+            1.0,
+        ),
         (vec![1, 2, 3, 4, 5, 7], lp(6, &[]), 0.0),
     ]);
     assert_eq!(leaf(2).tree(&g).boundaries, vec![2, 5]);
@@ -196,20 +268,46 @@ fn responses_shorter_than_a_boundary() {
     let tree = leaf(2).tree(&g);
     assert_eq!(tree.delta, Some(2));
     assert_eq!(tree.boundaries, vec![3, 7]);
-    let members: Vec<_> = tree.nodes.iter().map(|n| (n.position, n.members.clone())).collect();
-    assert_eq!(members, vec![(3, vec![0, 1]), (3, vec![2, 3]), (7, vec![0, 1]), (7, vec![2, 3])]);
+    let members: Vec<_> = tree
+        .nodes
+        .iter()
+        .map(|n| (n.position, n.members.clone()))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            (3, vec![0, 1]),
+            (3, vec![2, 3]),
+            (7, vec![0, 1]),
+            (7, vec![2, 3])
+        ]
+    );
     let (v0, vh, vl) = (0.5, 0.75, 0.25);
     let r = 2f64.sqrt();
     let raw = [
-        2.0 * (vh - v0) / r, (vh - v0) / r, 0.5 + 0.25, // r0
-        2.0 * (vh - v0) / r, (vh - v0) / r, 0.0 - 0.25, // r1
-        2.0 * (vl - v0) / r, (vl - v0) / r, // r2
-        2.0 * (vl - v0) / r, (vl - v0) / r, // r3
+        2.0 * (vh - v0) / r,
+        (vh - v0) / r,
+        0.5 + 0.25, // r0
+        2.0 * (vh - v0) / r,
+        (vh - v0) / r,
+        0.0 - 0.25, // r1
+        2.0 * (vl - v0) / r,
+        (vl - v0) / r, // r2
+        2.0 * (vl - v0) / r,
+        (vl - v0) / r, // r3
     ];
     let z = zscore(&raw);
     let adv = leaf(2).estimate(&g).per_token;
-    assert_close(&adv[0], &[z[0], z[0], z[0], z[1], z[1], z[1], z[1], z[2]], 1e-12);
-    assert_close(&adv[1], &[z[3], z[3], z[3], z[4], z[4], z[4], z[4], z[5]], 1e-12);
+    assert_close(
+        &adv[0],
+        &[z[0], z[0], z[0], z[1], z[1], z[1], z[1], z[2]],
+        1e-12,
+    );
+    assert_close(
+        &adv[1],
+        &[z[3], z[3], z[3], z[4], z[4], z[4], z[4], z[5]],
+        1e-12,
+    );
     assert_close(&adv[2], &[z[6], z[6]], 1e-12);
     assert_close(&adv[3], &[z[8], z[8]], 1e-12);
 }
@@ -218,7 +316,11 @@ fn responses_shorter_than_a_boundary() {
 fn identical_responses_share_every_node() {
     let t = vec![1, 2, 3, 4, 5, 6];
     let l = vec![-0.1, -2.0, -0.1, -3.0, -0.1, -0.1];
-    let g = group(vec![(t.clone(), l.clone(), 1.0), (t.clone(), l.clone(), 0.0), (t, l, 0.5)]);
+    let g = group(vec![
+        (t.clone(), l.clone(), 1.0),
+        (t.clone(), l.clone(), 0.0),
+        (t, l, 0.5),
+    ]);
     let tree = leaf(2).tree(&g);
     assert_eq!(tree.boundaries, vec![1, 3]);
     assert_eq!(tree.nodes.len(), 2);
@@ -242,7 +344,12 @@ fn equal_rewards_give_zero_advantages() {
     rows.iter_mut().for_each(|r| r.reward = 0.25);
     let g = Group::new("g", rows).unwrap();
     for est in [&leaf(2) as &dyn AdvantageEstimator, &Grpo] {
-        assert!(est.estimate(&g).per_token.iter().flatten().all(|&a| a == 0.0));
+        assert!(est
+            .estimate(&g)
+            .per_token
+            .iter()
+            .flatten()
+            .all(|&a| a == 0.0));
     }
 }
 
@@ -250,11 +357,39 @@ fn equal_rewards_give_zero_advantages() {
 fn terms_switch_selects_global_or_local() {
     let g = worked_example();
     let (v0, va, vb) = (0.4, (0.8 + 0.6 + 0.2) / 3.0, 0.7);
-    let tree = |terms| Leaf::new(LeafConfig { terms, ..LeafConfig::default() }).tree(&g);
-    let raw = |t: &leaf_plugin::advantage::LeafTree| t.spans.iter().flatten().map(|s| s.raw).collect::<Vec<_>>();
+    let tree = |terms| {
+        Leaf::new(LeafConfig {
+            terms,
+            ..LeafConfig::default()
+        })
+        .tree(&g)
+    };
+    let raw = |t: &leaf_plugin::advantage::LeafTree| {
+        t.spans.iter().flatten().map(|s| s.raw).collect::<Vec<_>>()
+    };
     let (s3, s2) = (3f64.sqrt(), 2f64.sqrt());
-    let global = [(va - v0) / s3, (vb - v0) / s2, 0.4, (va - v0) / s3, (vb - v0) / s2, 0.2, (va - v0) / s3, -0.2, -0.4];
-    let local = [(va - v0) / s3, (vb - va) / s2, 0.1, (va - v0) / s3, (vb - va) / s2, -0.1, (va - v0) / s3, 0.2 - va, -0.4];
+    let global = [
+        (va - v0) / s3,
+        (vb - v0) / s2,
+        0.4,
+        (va - v0) / s3,
+        (vb - v0) / s2,
+        0.2,
+        (va - v0) / s3,
+        -0.2,
+        -0.4,
+    ];
+    let local = [
+        (va - v0) / s3,
+        (vb - va) / s2,
+        0.1,
+        (va - v0) / s3,
+        (vb - va) / s2,
+        -0.1,
+        (va - v0) / s3,
+        0.2 - va,
+        -0.4,
+    ];
     assert_close(&raw(&tree(Terms::Global)), &global, 1e-12);
     assert_close(&raw(&tree(Terms::Local)), &local, 1e-12);
 }
@@ -279,16 +414,35 @@ fn grpo_matches_its_formula() {
 fn fork_stats_count_the_tree() {
     let tree = leaf(2).tree(&worked_example());
     let s = tree.stats;
-    assert_eq!((s.boundaries, s.fired_boundaries, s.nodes, s.usable_nodes, s.node_members), (2, 2, 2, 2, 5));
+    assert_eq!(
+        (
+            s.boundaries,
+            s.fired_boundaries,
+            s.nodes,
+            s.usable_nodes,
+            s.node_members
+        ),
+        (2, 2, 2, 2, 5)
+    );
     assert_eq!(s.fork_fire_rate(), Some(1.0));
     assert_eq!(s.mean_node_size(), Some(2.5));
     assert_eq!(s.max_depth, 2);
 }
 
 fn spec_strategy() -> impl Strategy<Value = (SyntheticSpec, u64)> {
-    (1usize..10, 1usize..40, 1u32..6, 0u32..4, any::<u64>()).prop_map(|(k, len, vocab, levels, seed)| {
-        (SyntheticSpec { responses: k, mean_len: len, vocab, reward_levels: levels }, seed)
-    })
+    (1usize..10, 1usize..40, 1u32..6, 0u32..4, any::<u64>()).prop_map(
+        |(k, len, vocab, levels, seed)| {
+            (
+                SyntheticSpec {
+                    responses: k,
+                    mean_len: len,
+                    vocab,
+                    reward_levels: levels,
+                },
+                seed,
+            )
+        },
+    )
 }
 
 proptest! {

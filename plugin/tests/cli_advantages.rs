@@ -12,12 +12,20 @@ fn leaf(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 fn lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data/groups.jsonl");
@@ -25,14 +33,23 @@ const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/data/gro
 #[test]
 fn bundled_example_gives_one_line_per_group_with_a_tree() {
     let out = leaf(&["--input", EXAMPLE], "");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = lines(&out);
     assert_eq!(v.len(), 3);
     assert_eq!(v[0]["group_id"], "spec-worked-example");
     assert_eq!(v[0]["tree"]["boundaries"], serde_json::json!([3, 9]));
     assert_eq!(v[0]["tree"]["stats"]["fork_fire_rate"], 1.0);
     let adv = v[0]["advantages"].as_array().unwrap();
-    assert_eq!(adv.iter().map(|a| a.as_array().unwrap().len()).collect::<Vec<_>>(), vec![12, 12, 8, 10]);
+    assert_eq!(
+        adv.iter()
+            .map(|a| a.as_array().unwrap().len())
+            .collect::<Vec<_>>(),
+        vec![12, 12, 8, 10]
+    );
     // Full f64 round trip: the printed value parses back to the same bits the library gives.
     let lib = {
         use leaf_plugin::advantage::{AdvantageEstimator, Leaf};
@@ -45,7 +62,12 @@ fn bundled_example_gives_one_line_per_group_with_a_tree() {
     let printed: Vec<Vec<f64>> = serde_json::from_value(v[0]["advantages"].clone()).unwrap();
     assert_eq!(printed, lib);
     // All rewards equal: all zero.
-    assert!(v[2]["advantages"].as_array().unwrap().iter().flat_map(|a| a.as_array().unwrap()).all(|x| x == 0.0));
+    assert!(v[2]["advantages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|a| a.as_array().unwrap())
+        .all(|x| x == 0.0));
 }
 
 #[test]
@@ -53,7 +75,19 @@ fn grpo_has_no_tree_and_flags_parse() {
     let out = leaf(&["--input", EXAMPLE, "--estimator", "grpo"], "");
     assert!(out.status.success());
     assert!(lines(&out).iter().all(|l| l.get("tree").is_none()));
-    let out = leaf(&["--input", EXAMPLE, "--fork-budget", "0", "--min-prefix", "2", "--terms", "local"], "");
+    let out = leaf(
+        &[
+            "--input",
+            EXAMPLE,
+            "--fork-budget",
+            "0",
+            "--min-prefix",
+            "2",
+            "--terms",
+            "local",
+        ],
+        "",
+    );
     assert!(out.status.success());
     assert_eq!(lines(&out)[0]["tree"]["boundaries"], serde_json::json!([]));
     let out = leaf(&["--terms", "sideways"], "");
@@ -78,7 +112,17 @@ fn bad_lines_are_reported_and_the_rest_processed() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(lines(&out).len(), 2);
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["line 2:", "line 3:", "response 0", "logprobs", "line 4:", "logprobs[0] = 0.5", "line 5:", "empty", "line 6:"] {
+    for needle in [
+        "line 2:",
+        "line 3:",
+        "response 0",
+        "logprobs",
+        "line 4:",
+        "logprobs[0] = 0.5",
+        "line 5:",
+        "empty",
+        "line 6:",
+    ] {
         assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
     }
     assert!(!err.contains("panicked"));

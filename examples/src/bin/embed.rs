@@ -16,6 +16,7 @@ use leaf_plugin::online::{OnlineConfig, OnlineTrainer};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, LeafServer, Message, Part, ServerConfig};
 use leaf_plugin::speech::pretrain::{default_data_dir, ensure_default_model};
+use leaf_plugin::trainer::TrainConfig;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -41,9 +42,14 @@ async fn main() -> anyhow::Result<()> {
     let (server, sealed_groups) = LeafServer::start(config, reward).await?;
 
     // 2. The online trainer: sealed groups -> LEAF advantages -> LoRA updates -> hot-swap.
-    let mut online = OnlineConfig::default();
-    online.publish_every = 2;
-    online.train.learning_rate = 2e-3;
+    let online = OnlineConfig {
+        publish_every: 2,
+        train: TrainConfig {
+            learning_rate: 2e-3,
+            ..TrainConfig::default()
+        },
+        ..OnlineConfig::default()
+    };
     let trainer = OnlineTrainer::spawn(
         server.clone(),
         sealed_groups,
@@ -52,7 +58,9 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     // 3. Traffic: audio in, text out; the reference becomes the reward.
-    let digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    let digits = [
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ];
     for i in 0..requests {
         let digit = i % 10;
         let wav = std::fs::read(data.join(format!("{digit}_jackson_{}.wav", 5 + i / 10)))
@@ -67,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
                 ..ChatRequest::default()
             })
             .await?;
-        let text = reply.response.choices[0].message.content.clone().unwrap_or_default();
+        let text = reply.response.choices[0]
+            .message
+            .content
+            .clone()
+            .unwrap_or_default();
         println!(
             "{:>3}  ref {:<6} got {:<24} adapter {}",
             i,

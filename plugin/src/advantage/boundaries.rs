@@ -46,7 +46,10 @@ pub fn select_boundaries(
     }
     // The lowest response index holding surprisal `s` at position `p` (tie-break key).
     let holder = |p: usize, s: f64| {
-        rollouts.iter().position(|r| r.logprobs.get(p).is_some_and(|&l| -l == s)).unwrap_or(usize::MAX)
+        rollouts
+            .iter()
+            .position(|r| r.logprobs.get(p).is_some_and(|&l| -l == s))
+            .unwrap_or(usize::MAX)
     };
     let mut accepted: Vec<usize> = Vec::with_capacity(fork_budget);
     // `blocked` holds the accepted positions, ascending; the allowed positions are the gaps
@@ -57,8 +60,14 @@ pub fn select_boundaries(
         let mut at = usize::MAX;
         let mut tied = false;
         let mut lo = 0usize;
-        for bound in blocked.iter().map(|&q| Some(q)).chain(std::iter::once(None)) {
-            let hi = bound.map_or(best.len(), |q| (q - start).saturating_sub(delta - 1).min(best.len()));
+        for bound in blocked
+            .iter()
+            .map(|&q| Some(q))
+            .chain(std::iter::once(None))
+        {
+            let hi = bound.map_or(best.len(), |q| {
+                (q - start).saturating_sub(delta - 1).min(best.len())
+            });
             for (k, &s) in best.iter().enumerate().take(hi).skip(lo) {
                 if s > top {
                     (top, at, tied) = (s, k, false);

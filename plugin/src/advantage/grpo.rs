@@ -37,6 +37,10 @@ impl AdvantageEstimator for Grpo {
             .zip(group.rollouts())
             .map(|(a, r)| vec![a; r.len()])
             .collect();
-        Advantages { per_token, stats: None, tree: None }
+        Advantages {
+            per_token,
+            stats: None,
+            tree: None,
+        }
     }
 }

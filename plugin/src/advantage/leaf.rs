@@ -7,7 +7,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::boundaries::select_boundaries;
-use super::tree::{build_nodes, build_spans, fallback_spans, Forest, ForkStats, LeafTree, Node, Span};
+use super::tree::{
+    build_nodes, build_spans, fallback_spans, Forest, ForkStats, LeafTree, Node, Span,
+};
 use super::{AdvantageEstimator, Advantages};
 use crate::rollout::Group;
 
@@ -31,7 +33,9 @@ impl std::str::FromStr for Terms {
             "both" => Ok(Terms::Both),
             "global" => Ok(Terms::Global),
             "local" => Ok(Terms::Local),
-            other => Err(format!("unknown terms {other:?} (expected both, global or local)")),
+            other => Err(format!(
+                "unknown terms {other:?} (expected both, global or local)"
+            )),
         }
     }
 }
@@ -50,7 +54,11 @@ pub struct LeafConfig {
 
 impl Default for LeafConfig {
     fn default() -> Self {
-        LeafConfig { fork_budget: 2, min_prefix: 1, terms: Terms::Both }
+        LeafConfig {
+            fork_budget: 2,
+            min_prefix: 1,
+            terms: Terms::Both,
+        }
     }
 }
 
@@ -95,7 +103,13 @@ impl Leaf {
             fallback_spans(rollouts, root_value, &mut forest);
         } else {
             build_nodes(rollouts, &boundaries, &mut forest);
-            build_spans(rollouts, boundaries.len(), root_value, self.config.terms, &mut forest);
+            build_spans(
+                rollouts,
+                boundaries.len(),
+                root_value,
+                self.config.terms,
+                &mut forest,
+            );
         }
         // Step 4's scale: mean and floored sample std over every span of every response.
         let (span_mean, span_std) = match forest.spans.first() {
@@ -108,7 +122,10 @@ impl Leaf {
                 (m, sd.max(STD_FLOOR))
             }
         };
-        let fired = boundaries.iter().filter(|&&p| forest.nodes.iter().any(|n| n.position == p)).count();
+        let fired = boundaries
+            .iter()
+            .filter(|&&p| forest.nodes.iter().any(|n| n.position == p))
+            .count();
         let depth = forest.path_len.iter().copied().max().unwrap_or(0) as u64;
         let stats = ForkStats {
             groups: 1,
@@ -120,7 +137,15 @@ impl Leaf {
             max_depth: depth,
             depth_sum: depth,
         };
-        Computed { boundaries, delta, root_value, forest, span_mean, span_std, stats }
+        Computed {
+            boundaries,
+            delta,
+            root_value,
+            forest,
+            span_mean,
+            span_std,
+            stats,
+        }
     }
 
     /// Per-token advantages: each token gets the normalised value of the span holding it.
@@ -161,7 +186,12 @@ impl Leaf {
             .nodes
             .iter()
             .zip(members)
-            .map(|(n, members)| Node { position: n.position, members, value: n.value, size: n.size })
+            .map(|(n, members)| Node {
+                position: n.position,
+                members,
+                value: n.value,
+                size: n.size,
+            })
             .collect();
         let spans = (0..group.len())
             .map(|i| {
@@ -197,12 +227,20 @@ impl AdvantageEstimator for Leaf {
 
     fn estimate(&self, group: &Group) -> Advantages {
         let c = self.compute(group);
-        Advantages { per_token: Self::broadcast(group, &c), stats: Some(c.stats), tree: None }
+        Advantages {
+            per_token: Self::broadcast(group, &c),
+            stats: Some(c.stats),
+            tree: None,
+        }
     }
 
     fn estimate_with_tree(&self, group: &Group) -> Advantages {
         let c = self.compute(group);
         let tree = Self::readable(group, &c);
-        Advantages { per_token: Self::broadcast(group, &c), stats: Some(c.stats), tree: Some(tree) }
+        Advantages {
+            per_token: Self::broadcast(group, &c),
+            stats: Some(c.stats),
+            tree: Some(tree),
+        }
     }
 }

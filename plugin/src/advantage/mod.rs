@@ -95,6 +95,10 @@ pub(crate) fn mean(mut values: impl ExactSizeIterator<Item = f64>) -> f64 {
 /// Sample standard deviation (divides by `n - 1`; a single value divides by 1).
 pub(crate) fn sample_std(values: &[f64], mean: f64) -> f64 {
     let ss: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
-    let denom = if values.len() > 1 { values.len() - 1 } else { 1 };
+    let denom = if values.len() > 1 {
+        values.len() - 1
+    } else {
+        1
+    };
     (ss / denom as f64).sqrt()
 }

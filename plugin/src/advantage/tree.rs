@@ -209,7 +209,12 @@ pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &m
                     usable |= rollouts[m].reward != first;
                 }
                 let value = first + sum / size[rep] as f64;
-                forest.nodes.push(RawNode { position: p, value, size: size[rep], usable });
+                forest.nodes.push(RawNode {
+                    position: p,
+                    value,
+                    size: size[rep],
+                    usable,
+                });
             }
             forest.paths[i * width + forest.path_len[i]] = node_of[rep] as u32;
             forest.path_len[i] += 1;
@@ -219,7 +224,13 @@ pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &m
 }
 
 /// Span advantages of every response (step 3), before normalisation.
-pub(super) fn build_spans(rollouts: &[Rollout], width: usize, root_value: f64, terms: Terms, forest: &mut Forest) {
+pub(super) fn build_spans(
+    rollouts: &[Rollout],
+    width: usize,
+    root_value: f64,
+    terms: Terms,
+    forest: &mut Forest,
+) {
     let combine = |global: f64, local: f64| match terms {
         Terms::Both => global + local,
         Terms::Global => global,
@@ -230,19 +241,32 @@ pub(super) fn build_spans(rollouts: &[Rollout], width: usize, root_value: f64, t
     forest.span_ofs.push(0);
     for (i, r) in rollouts.iter().enumerate() {
         let (mut prev_pos, mut prev_v) = (0usize, root_value);
-        let path = forest.paths.get(i * width..i * width + forest.path_len.get(i).copied().unwrap_or(0));
+        let path = forest
+            .paths
+            .get(i * width..i * width + forest.path_len.get(i).copied().unwrap_or(0));
         for &v in path.unwrap_or(&[]) {
             let node = forest.nodes[v as usize];
             if node.position > prev_pos {
-                let raw = combine(node.value - root_value, node.value - prev_v) / (node.size as f64).sqrt();
-                forest.spans.push(RawSpan { start: prev_pos, end: node.position, node: v, raw });
+                let raw = combine(node.value - root_value, node.value - prev_v)
+                    / (node.size as f64).sqrt();
+                forest.spans.push(RawSpan {
+                    start: prev_pos,
+                    end: node.position,
+                    node: v,
+                    raw,
+                });
                 prev_pos = node.position;
                 prev_v = node.value;
             }
         }
         if prev_pos < r.len() {
             let raw = combine(r.reward - root_value, r.reward - prev_v);
-            forest.spans.push(RawSpan { start: prev_pos, end: r.len(), node: u32::MAX, raw });
+            forest.spans.push(RawSpan {
+                start: prev_pos,
+                end: r.len(),
+                node: u32::MAX,
+                raw,
+            });
         }
         forest.span_ofs.push(forest.spans.len());
     }
@@ -255,7 +279,12 @@ pub(super) fn fallback_spans(rollouts: &[Rollout], root_value: f64, forest: &mut
     forest.span_ofs.push(0);
     for r in rollouts {
         if !r.is_empty() {
-            forest.spans.push(RawSpan { start: 0, end: r.len(), node: u32::MAX, raw: r.reward - root_value });
+            forest.spans.push(RawSpan {
+                start: 0,
+                end: r.len(),
+                node: u32::MAX,
+                raw: r.reward - root_value,
+            });
         }
         forest.span_ofs.push(forest.spans.len());
     }

@@ -834,19 +834,32 @@ pub fn model_card(r: &PretrainReport) -> String {
 /// other both end up with one complete model. With `progress` a progress bar is drawn on stderr.
 pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -> Result<PathBuf> {
     let target = cache_dir.join(DEFAULT_MODEL_NAME);
-    if target.join(MODEL_INFO_FILE).is_file() {
-        return Ok(target);
-    }
-    std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
+    let config = PretrainConfig::default();
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
+    if target.join(MODEL_INFO_FILE).is_file() {
+        // Reuse the cached model only if it was trained with today's defaults; a model cached
+        // by an older build (other steps, shape or mix) is moved aside and retrained.
+        match PretrainReport::load(&target) {
+            Ok(report) if report.config == config => return Ok(target),
+            _ => {
+                let stale = cache_dir.join(format!(".{DEFAULT_MODEL_NAME}.stale-{nonce}"));
+                tracing::warn!(
+                    "cached model {} was trained with other settings; retraining",
+                    target.display()
+                );
+                std::fs::rename(&target, &stale).map_err(io(&target))?;
+                let _ = std::fs::remove_dir_all(&stale);
+            }
+        }
+    }
+    std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
     let tmp = cache_dir.join(format!(
         ".{DEFAULT_MODEL_NAME}.tmp-{}-{nonce}",
         std::process::id()
     ));
-    let config = PretrainConfig::default();
     let result = if progress {
         let mut bar = ProgressBar::new();
         pretrain(&config, data_dir, &tmp, &mut |e| bar.handle(e))
