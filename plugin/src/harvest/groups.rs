@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::tap::now_unix_ms;
 use super::{HarvestError, HarvestedSample, PrivacyMode};
+use crate::rollout::{Group, GroupError, Rollout, RolloutMeta};
 
 /// How groups are assembled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +112,28 @@ pub struct SealedGroup {
     pub partial: bool,
     /// When it was sealed, ms since the Unix epoch.
     pub sealed_unix_ms: u64,
+}
+
+impl SealedGroup {
+    /// The validated training group: each member's ids, behaviour log-probs and reward, with
+    /// the request, prompt and adapter version that produced it.
+    pub fn to_group(&self) -> Result<Group, GroupError> {
+        let rollouts = self
+            .members
+            .iter()
+            .map(|(s, r)| Rollout {
+                tokens: s.completion_ids.clone(),
+                logprobs: s.logprobs.clone(),
+                reward: *r,
+                meta: Some(RolloutMeta {
+                    request_id: s.request_id.clone(),
+                    prompt_id: s.prompt_key.clone(),
+                    adapter_version: s.adapter_version.clone(),
+                }),
+            })
+            .collect();
+        Group::new(self.id.clone(), rollouts)
+    }
 }
 
 /// Counters of the assembler (also exported as `leaf_*` metrics).

@@ -38,7 +38,6 @@ use super::JobError;
 use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
 use crate::reward::{Metric, RewardOptions};
-use crate::rollout::{Group, Rollout, RolloutMeta};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::speech::prepare::ExampleEncoder;
@@ -499,21 +498,7 @@ impl Learner<'_> {
         let mut rewards = Vec::new();
         let mut forks = ForkStats::default();
         for sealed in batch {
-            let rollouts: Vec<Rollout> = sealed
-                .members
-                .iter()
-                .map(|(s, r)| Rollout {
-                    tokens: s.completion_ids.clone(),
-                    logprobs: s.logprobs.clone(),
-                    reward: *r,
-                    meta: Some(RolloutMeta {
-                        request_id: s.request_id.clone(),
-                        prompt_id: s.prompt_key.clone(),
-                        adapter_version: s.adapter_version.clone(),
-                    }),
-                })
-                .collect();
-            let group = match Group::new(sealed.id.clone(), rollouts) {
+            let group = match sealed.to_group() {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");

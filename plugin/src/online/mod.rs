@@ -5,7 +5,7 @@
 //! runtime, and the serving path never waits for it: it only meets the trainer through the
 //! bounded sealed-group queue of [`crate::harvest::GroupAssembler`], which drops and counts
 //! when full). Each update takes `groups_per_update` sealed groups, turns each into a validated
-//! [`Group`], runs the configured estimator (LEAF or GRPO) and one [`Trainer::step`] over all
+//! [`Group`](crate::rollout::Group), runs the configured estimator (LEAF or GRPO) and one [`Trainer::step`] over all
 //! their samples (each sample keeps its behaviour log-probs and the version that served it, so
 //! the trainer's truncated importance weighting can correct stale samples). Every
 //! `publish_every` updates the adapter is exported, published to the store and promoted, which
@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantage::EstimatorConfig;
 use crate::harvest::SealedGroup;
-use crate::rollout::{Group, Rollout, RolloutMeta};
 use crate::serving::{LeafServer, ServeError, BASE_VERSION};
 use crate::trainer::{TrainConfig, TrainSample, Trainer};
 
@@ -237,21 +236,7 @@ impl Loop {
     fn update(&mut self, batch: &[SealedGroup]) -> Result<(), ServeError> {
         let mut samples = Vec::new();
         for sealed in batch {
-            let rollouts: Vec<Rollout> = sealed
-                .members
-                .iter()
-                .map(|(s, r)| Rollout {
-                    tokens: s.completion_ids.clone(),
-                    logprobs: s.logprobs.clone(),
-                    reward: *r,
-                    meta: Some(RolloutMeta {
-                        request_id: s.request_id.clone(),
-                        prompt_id: s.prompt_key.clone(),
-                        adapter_version: s.adapter_version.clone(),
-                    }),
-                })
-                .collect();
-            let group = match Group::new(sealed.id.clone(), rollouts) {
+            let group = match sealed.to_group() {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
