@@ -5,9 +5,10 @@
 //! away from every accepted one. Acceptance depends only on the position, so the k-th
 //! accepted position is the first candidate in that order that is compatible with the k - 1
 //! accepted before it. So instead of sorting we keep, per position, the highest surprisal
-//! over responses (one vectorisable pass over all tokens) and take B arg-maxes over
-//! positions; only when several positions tie on surprisal do we look up which response
-//! holds each, to apply the tie-break exactly. O(total tokens + B * longest response).
+//! over responses (one vectorised pass over all tokens) and take B arg-maxes over the allowed
+//! positions (a branch-free maximum, then one equality scan of the gap that holds it); only
+//! when several allowed positions tie on surprisal do we look up which response holds each,
+//! to apply the tie-break exactly. O(total tokens + B * longest response).
 
 use crate::rollout::Rollout;
 
@@ -18,6 +19,98 @@ pub fn separation(rollouts: &[Rollout], fork_budget: usize) -> Option<usize> {
     Some((l_min / (fork_budget + 1)).max(2))
 }
 
+/// `best[k] = max(best[k], -logprobs[k])`, written so that it compiles to packed maxima.
+fn fold_max(best: &mut [f64], logprobs: &[f64]) {
+    for (b, &l) in best.iter_mut().zip(logprobs) {
+        let s = -l;
+        *b = if s > *b { s } else { *b };
+    }
+}
+
+/// `best[k] = max(best[k], -r[k] for r in rs)` over the common length of the four: four
+/// responses per pass over `best` (one load and one store of it for four responses).
+fn fold_max4(best: &mut [f64], rs: [&[f64]; 4]) {
+    let n = best.len();
+    let [a, b, c, d] = rs.map(|r| &r[..n]);
+    for k in 0..n {
+        let (sa, sb, sc, sd) = (-a[k], -b[k], -c[k], -d[k]);
+        let ab = if sb > sa { sb } else { sa };
+        let cd = if sd > sc { sd } else { sc };
+        let s = if cd > ab { cd } else { ab };
+        best[k] = if s > best[k] { s } else { best[k] };
+    }
+}
+
+/// The largest value of `xs` (`-inf` when empty), with four independent accumulators so
+/// the loop needs no branch and no loop-carried compare chain. Values are never NaN.
+fn range_max(xs: &[f64]) -> f64 {
+    let mut acc = [f64::NEG_INFINITY; 4];
+    let chunks = xs.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let mut m = acc
+        .into_iter()
+        .fold(f64::NEG_INFINITY, |m, a| if a > m { a } else { m });
+    for &x in rest {
+        m = if x > m { x } else { m };
+    }
+    m
+}
+
+/// The first index of `xs` holding `v`, comparing four values per step without branching
+/// on each.
+fn position_of(xs: &[f64], v: f64) -> Option<usize> {
+    let mut chunks = xs.chunks_exact(4);
+    let mut base = 0;
+    for c in chunks.by_ref() {
+        if (c[0] == v) | (c[1] == v) | (c[2] == v) | (c[3] == v) {
+            return c.iter().position(|&x| x == v).map(|i| base + i);
+        }
+        base += 4;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&x| x == v)
+        .map(|i| base + i)
+}
+
+/// The allowed gaps of `0..len` once `blocked` (ascending positions, relative to `start`) are
+/// accepted: every position at least `delta` away from each of them.
+fn gaps(
+    blocked: &[usize],
+    start: usize,
+    delta: usize,
+    len: usize,
+) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut lo = 0usize;
+    blocked
+        .iter()
+        .map(Some)
+        .chain(std::iter::once(None))
+        .map(move |bound| {
+            let hi = bound.map_or(len, |&q| (q - start).saturating_sub(delta - 1).min(len));
+            let gap = (lo, hi.max(lo));
+            if let Some(&q) = bound {
+                lo = lo.max((q - start + delta).min(len));
+            }
+            gap
+        })
+}
+
+/// Buffers of boundary selection, reused from group to group by the estimator.
+#[derive(Debug, Default)]
+pub(super) struct BoundaryScratch {
+    /// Highest surprisal per position.
+    best: Vec<f64>,
+    /// (lo, hi, max) of each allowed gap.
+    gap_max: Vec<(usize, usize, f64)>,
+}
+
 /// The accepted boundary positions, ascending, and the separation used.
 ///
 /// Returns no boundary when `fork_budget` is 0 or there is no candidate.
@@ -26,22 +119,64 @@ pub fn select_boundaries(
     fork_budget: usize,
     min_prefix: usize,
 ) -> (Vec<usize>, Option<usize>) {
+    let mut accepted = Vec::with_capacity(fork_budget);
+    let delta = select_into(
+        rollouts,
+        fork_budget,
+        min_prefix,
+        &mut BoundaryScratch::default(),
+        &mut accepted,
+    );
+    (accepted, delta)
+}
+
+/// [`select_boundaries`] into `accepted` (cleared first), with reusable buffers; returns the
+/// separation.
+pub(super) fn select_into(
+    rollouts: &[Rollout],
+    fork_budget: usize,
+    min_prefix: usize,
+    scratch: &mut BoundaryScratch,
+    accepted: &mut Vec<usize>,
+) -> Option<usize> {
+    accepted.clear();
     let delta = separation(rollouts, fork_budget);
     let (Some(delta), true) = (delta, fork_budget > 0) else {
-        return (Vec::new(), delta);
+        return delta;
     };
     let start = min_prefix.max(1);
     let max_len = rollouts.iter().map(Rollout::len).max().unwrap_or(0);
     if max_len <= start {
-        return (Vec::new(), Some(delta));
+        return Some(delta);
     }
     // best[k] = highest surprisal at position start + k over the responses that reach it;
     // -inf where none does (surprisals are finite: the group is validated).
-    let mut best = vec![f64::NEG_INFINITY; max_len - start];
-    for r in rollouts.iter().filter(|r| r.len() > start) {
-        for (b, &l) in best.iter_mut().zip(&r.logprobs[start..]) {
-            let s = -l;
-            *b = if s > *b { s } else { *b };
+    let BoundaryScratch { best, gap_max } = scratch;
+    best.clear();
+    best.resize(max_len - start, f64::NEG_INFINITY);
+    let mut reaching = rollouts
+        .iter()
+        .filter(|r| r.len() > start)
+        .map(|r| &r.logprobs[start..]);
+    loop {
+        let mut four: [&[f64]; 4] = [&[]; 4];
+        let mut n = 0;
+        for slot in four.iter_mut() {
+            match reaching.next() {
+                Some(r) => (*slot, n) = (r, n + 1),
+                None => break,
+            }
+        }
+        if n < 4 {
+            for r in &four[..n] {
+                fold_max(&mut best[..r.len()], r);
+            }
+            break;
+        }
+        let common = four.iter().map(|r| r.len()).min().unwrap_or(0);
+        fold_max4(&mut best[..common], four);
+        for r in four {
+            fold_max(&mut best[common..r.len()], &r[common..]);
         }
     }
     // The lowest response index holding surprisal `s` at position `p` (tie-break key).
@@ -51,56 +186,116 @@ pub fn select_boundaries(
             .position(|r| r.logprobs.get(p).is_some_and(|&l| -l == s))
             .unwrap_or(usize::MAX)
     };
-    let mut accepted: Vec<usize> = Vec::with_capacity(fork_budget);
-    // `blocked` holds the accepted positions, ascending; the allowed positions are the gaps
-    // between their exclusion windows (q - delta, q + delta).
-    let mut blocked: Vec<usize> = Vec::with_capacity(fork_budget);
+    // The accepted positions, kept ascending: the allowed positions are the gaps between
+    // their exclusion windows (q - delta, q + delta).
     while accepted.len() < fork_budget {
-        let mut top = f64::NEG_INFINITY;
-        let mut at = usize::MAX;
-        let mut tied = false;
-        let mut lo = 0usize;
-        for bound in blocked
+        gap_max.clear();
+        gap_max.extend(
+            gaps(accepted, start, delta, best.len())
+                .map(|(lo, hi)| (lo, hi, range_max(&best[lo..hi]))),
+        );
+        let top = gap_max
             .iter()
-            .map(|&q| Some(q))
-            .chain(std::iter::once(None))
-        {
-            let hi = bound.map_or(best.len(), |q| {
-                (q - start).saturating_sub(delta - 1).min(best.len())
-            });
-            for (k, &s) in best.iter().enumerate().take(hi).skip(lo) {
-                if s > top {
-                    (top, at, tied) = (s, k, false);
-                } else if s == top {
-                    tied = true;
-                }
-            }
-            if let Some(q) = bound {
-                lo = (q - start + delta).min(best.len());
-            }
-        }
+            .fold(f64::NEG_INFINITY, |m, g| if g.2 > m { g.2 } else { m });
         if top == f64::NEG_INFINITY {
             break;
         }
-        if tied {
-            // Several allowed positions share the top surprisal: lower response index first,
-            // then lower position (`at` is the lowest position so far).
-            let mut at_holder = holder(start + at, top);
-            for (k, &s) in best.iter().enumerate().skip(at + 1) {
-                let p = start + k;
-                if s == top && blocked.iter().all(|&q| p.abs_diff(q) >= delta) {
-                    let h = holder(p, top);
+        // Every allowed position holding `top`, lowest first: usually exactly one.
+        let mut at = usize::MAX;
+        let mut at_holder = usize::MAX;
+        for &(lo, hi, _) in gap_max.iter().filter(|g| g.2 == top) {
+            let mut k = lo;
+            while let Some(found) = position_of(&best[k..hi], top) {
+                let found = k + found;
+                if at == usize::MAX {
+                    at = found;
+                } else {
+                    // A tie: lower response index first, then lower position (`at` is the
+                    // lowest position so far, so only a strictly lower holder wins).
+                    if at_holder == usize::MAX {
+                        at_holder = holder(start + at, top);
+                    }
+                    let h = holder(start + found, top);
                     if h < at_holder {
-                        (at, at_holder) = (k, h);
+                        (at, at_holder) = (found, h);
                     }
                 }
+                k = found + 1;
             }
         }
         let p = start + at;
-        accepted.push(p);
-        let slot = blocked.partition_point(|&q| q < p);
-        blocked.insert(slot, p);
+        let slot = accepted.partition_point(|&q| q < p);
+        accepted.insert(slot, p);
     }
-    accepted.sort_unstable();
-    (accepted, Some(delta))
+    Some(delta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The spec's step 1 literally: enumerate, stable-sort by surprisal, walk.
+    fn by_sorting(rollouts: &[Rollout], b: usize, min_prefix: usize) -> Vec<usize> {
+        let Some(delta) = separation(rollouts, b) else {
+            return Vec::new();
+        };
+        let mut cands: Vec<(f64, usize)> = Vec::new();
+        for r in rollouts {
+            for p in min_prefix.max(1)..r.len() {
+                cands.push((-r.logprobs[p], p));
+            }
+        }
+        // A stable sort, highest surprisal first; equal values (0.0 and -0.0 included) keep
+        // enumeration order.
+        cands.sort_by(|x, y| y.0.partial_cmp(&x.0).unwrap());
+        let mut acc: Vec<usize> = Vec::new();
+        for (_, p) in cands {
+            if acc.len() == b {
+                break;
+            }
+            if acc.iter().all(|&q| p.abs_diff(q) >= delta) {
+                acc.push(p);
+            }
+        }
+        acc.sort_unstable();
+        acc
+    }
+
+    fn rollouts(rows: &[(usize, Vec<u8>)]) -> Vec<Rollout> {
+        rows.iter()
+            .map(|(len, levels)| {
+                let lp: Vec<f64> = (0..*len)
+                    .map(|t| -f64::from(levels[t % levels.len()]) * 0.5)
+                    .collect();
+                Rollout::new(vec![1; *len], lp, 0.0)
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Surprisals from a handful of levels, so ties are everywhere: the arg-max
+        /// selection equals the literal stable sort of the spec.
+        #[test]
+        fn equals_the_sorted_walk(
+            rows in proptest::collection::vec(
+                (0usize..40, proptest::collection::vec(0u8..4, 1..7)), 1..9),
+            b in 0usize..5,
+            min_prefix in 0usize..4,
+        ) {
+            let rs = rollouts(&rows);
+            let (got, _) = select_boundaries(&rs, b, min_prefix);
+            prop_assert_eq!(got, by_sorting(&rs, b, min_prefix));
+        }
+    }
+
+    #[test]
+    fn gaps_leave_out_the_exclusion_windows() {
+        // Accepted 5 and 12 with delta 3 in 0..20 (start 0): allowed 0..=2, 8..=9, 15..20.
+        let g: Vec<_> = gaps(&[5, 12], 0, 3, 20).collect();
+        assert_eq!(g, vec![(0, 3), (8, 10), (15, 20)]);
+        // Windows that touch the ends leave empty gaps, never reversed ones.
+        let g: Vec<_> = gaps(&[1, 18], 1, 3, 19).collect();
+        assert_eq!(g, vec![(0, 0), (3, 15), (19, 19)]);
+    }
 }

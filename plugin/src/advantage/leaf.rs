@@ -4,9 +4,11 @@
 //! exact prefix and span values ([`super::tree`]), then a group-wide z-score broadcast to
 //! tokens (here).
 
+use std::cell::RefCell;
+
 use serde::{Deserialize, Serialize};
 
-use super::boundaries::select_boundaries;
+use super::boundaries::{select_into, BoundaryScratch};
 use super::tree::{
     build_nodes, build_spans, fallback_spans, Forest, ForkStats, LeafTree, Node, Span,
 };
@@ -71,12 +73,33 @@ pub struct Leaf {
 /// Floor of the span standard deviation in the z-score.
 const STD_FLOOR: f64 = 1e-6;
 
-/// Everything LEAF computes for one group, in flat arrays.
-struct Computed {
+/// The buffers LEAF computes in, reused from group to group (one set per thread), so the
+/// hot path allocates little more than its output.
+#[derive(Debug, Default)]
+struct Workspace {
+    scratch: BoundaryScratch,
     boundaries: Vec<usize>,
+    forest: Forest,
+}
+
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::default();
+}
+
+/// Runs `f` with this thread's workspace (a fresh one if it is already in use).
+fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
+    WORKSPACE.with(|w| match w.try_borrow_mut() {
+        Ok(mut ws) => f(&mut ws),
+        Err(_) => f(&mut Workspace::default()),
+    })
+}
+
+/// Everything LEAF computes for one group, in flat arrays (borrowed from the workspace).
+struct Computed<'w> {
+    boundaries: &'w [usize],
     delta: Option<usize>,
     root_value: f64,
-    forest: Forest,
+    forest: &'w Forest,
     span_mean: f64,
     span_std: f64,
     stats: ForkStats,
@@ -93,24 +116,29 @@ impl Leaf {
         &self.config
     }
 
-    fn compute(&self, group: &Group) -> Computed {
+    fn compute<'w>(&self, group: &Group, ws: &'w mut Workspace) -> Computed<'w> {
         let rollouts = group.rollouts();
         let root_value = super::mean(rollouts.iter().map(|r| r.reward));
-        let (boundaries, delta) =
-            select_boundaries(rollouts, self.config.fork_budget, self.config.min_prefix);
-        let mut forest = Forest::default();
-        if boundaries.is_empty() {
-            fallback_spans(rollouts, root_value, &mut forest);
+        let delta = select_into(
+            rollouts,
+            self.config.fork_budget,
+            self.config.min_prefix,
+            &mut ws.scratch,
+            &mut ws.boundaries,
+        );
+        if ws.boundaries.is_empty() {
+            fallback_spans(rollouts, root_value, &mut ws.forest);
         } else {
-            build_nodes(rollouts, &boundaries, &mut forest);
+            build_nodes(rollouts, &ws.boundaries, &mut ws.forest);
             build_spans(
                 rollouts,
-                boundaries.len(),
+                ws.boundaries.len(),
                 root_value,
                 self.config.terms,
-                &mut forest,
+                &mut ws.forest,
             );
         }
+        let (boundaries, forest): (&'w [usize], &'w Forest) = (&ws.boundaries, &ws.forest);
         // Step 4's scale: mean and floored sample std over every span of every response.
         let (span_mean, span_std) = match forest.spans.first() {
             None => (0.0, STD_FLOOR),
@@ -149,6 +177,8 @@ impl Leaf {
     }
 
     /// Per-token advantages: each token gets the normalised value of the span holding it.
+    /// A response's spans tile `[0, len)` in order (the last one clipped), so each output is
+    /// written once, front to back, with no zeroing pass.
     fn broadcast(group: &Group, c: &Computed) -> Vec<Vec<f64>> {
         let spans = &c.forest.spans;
         group
@@ -156,13 +186,15 @@ impl Leaf {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let mut adv = vec![0.0; r.len()];
+                let mut adv = Vec::with_capacity(r.len());
                 for span in &spans[c.forest.span_ofs[i]..c.forest.span_ofs[i + 1]] {
                     let end = span.end.min(r.len());
-                    if span.start < end {
-                        adv[span.start..end].fill((span.raw - c.span_mean) / c.span_std);
+                    debug_assert_eq!(span.start.min(end), adv.len().min(end), "spans tile");
+                    if adv.len() < end {
+                        adv.resize(end, (span.raw - c.span_mean) / c.span_std);
                     }
                 }
+                debug_assert_eq!(adv.len(), r.len(), "spans cover the response");
                 adv
             })
             .collect()
@@ -170,7 +202,7 @@ impl Leaf {
 
     /// Recovers the tree of `group` in readable form (nodes with members, spans per response).
     pub fn tree(&self, group: &Group) -> LeafTree {
-        Self::readable(group, &self.compute(group))
+        with_workspace(|ws| Self::readable(group, &self.compute(group, ws)))
     }
 
     fn readable(group: &Group, c: &Computed) -> LeafTree {
@@ -208,7 +240,7 @@ impl Leaf {
             })
             .collect();
         LeafTree {
-            boundaries: c.boundaries.clone(),
+            boundaries: c.boundaries.to_vec(),
             delta: c.delta,
             root_value: c.root_value,
             nodes,
@@ -226,21 +258,24 @@ impl AdvantageEstimator for Leaf {
     }
 
     fn estimate(&self, group: &Group) -> Advantages {
-        let c = self.compute(group);
-        Advantages {
-            per_token: Self::broadcast(group, &c),
-            stats: Some(c.stats),
-            tree: None,
-        }
+        with_workspace(|ws| {
+            let c = self.compute(group, ws);
+            Advantages {
+                per_token: Self::broadcast(group, &c),
+                stats: Some(c.stats),
+                tree: None,
+            }
+        })
     }
 
     fn estimate_with_tree(&self, group: &Group) -> Advantages {
-        let c = self.compute(group);
-        let tree = Self::readable(group, &c);
-        Advantages {
-            per_token: Self::broadcast(group, &c),
-            stats: Some(c.stats),
-            tree: Some(tree),
-        }
+        with_workspace(|ws| {
+            let c = self.compute(group, ws);
+            Advantages {
+                per_token: Self::broadcast(group, &c),
+                stats: Some(c.stats),
+                tree: Some(Self::readable(group, &c)),
+            }
+        })
     }
 }

@@ -157,6 +157,8 @@ pub(super) struct Forest {
     /// All spans, response by response; response i owns `spans[span_ofs[i]..span_ofs[i + 1]]`.
     pub spans: Vec<RawSpan>,
     pub span_ofs: Vec<usize>,
+    /// Working memory of [`build_nodes`].
+    pub scratch: Vec<usize>,
 }
 
 /// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2).
@@ -168,8 +170,10 @@ pub(super) struct Forest {
 pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &mut Forest) {
     let k = rollouts.len();
     let width = boundaries.len();
-    let mut scratch = vec![0usize; 4 * k];
-    let (class, rest) = scratch.split_at_mut(k);
+    forest.nodes.clear();
+    forest.scratch.clear();
+    forest.scratch.resize(4 * k, 0);
+    let (class, rest) = forest.scratch.split_at_mut(k);
     let (next, rest) = rest.split_at_mut(k);
     let (size, node_of) = rest.split_at_mut(k);
     forest.paths.clear();
@@ -185,7 +189,10 @@ pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &m
                 .find(|&j| {
                     next[j] == j && class[j] == class[i] && {
                         let key_j = &rollouts[j].tokens[..rollouts[j].len().min(p)];
+                        // The last tokens first: keys that differ almost always differ
+                        // there, which spares most slice comparisons.
                         key_j.len() == key_i.len()
+                            && key_j.last() == key_i.last()
                             && key_j[prev.min(key_j.len())..] == key_i[prev.min(key_i.len())..]
                     }
                 })
@@ -274,6 +281,9 @@ pub(super) fn build_spans(
 
 /// The no-boundary fallback: one span per non-empty response, advantage `reward - V0`.
 pub(super) fn fallback_spans(rollouts: &[Rollout], root_value: f64, forest: &mut Forest) {
+    forest.nodes.clear();
+    forest.paths.clear();
+    forest.path_len.clear();
     forest.spans.clear();
     forest.span_ofs.clear();
     forest.span_ofs.push(0);
