@@ -197,6 +197,13 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     assert_eq!(resumed.base_eval, report.base_eval);
     assert!(resumed.swaps > report.swaps);
     assert_eq!(resumed.rollbacks, 1);
+    // Adam's moments and the schedule came back with the weights.
+    let restored = resumed
+        .events
+        .iter()
+        .find(|e| e.kind.starts_with("optimizer_"))
+        .expect("an optimizer event on resume");
+    assert_eq!(restored.kind, "optimizer_restored", "{}", restored.message);
 }
 
 #[test]

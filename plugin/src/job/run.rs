@@ -13,10 +13,11 @@
 //!    more than `collapse_drop` below the last good version's get it published and promoted
 //!    (hot-swapped). A NaN loss or a collapse does not: the trainer rolls back to the last good
 //!    version (weights reloaded from the store, optimizer restarted), and the run says so.
-//! 5. **Report**: `report.json`, `reward_curve.png`, and `state.json` (counters, curve, traffic
-//!    cursor) after every check, from which `--resume` continues: the store's current version
-//!    is served and trained on, the counters go on. Optimizer moments and the learning-rate
-//!    schedule restart on resume (they are not in the store); nothing published is lost.
+//! 5. **Report**: `report.json`, `reward_curve.png`, `state.json` (counters, curve, traffic
+//!    cursor) and `optimizer.safetensors` (Adam's moments and the schedule's step, marked with
+//!    the adapter version they belong to) after every check, from which `--resume` continues:
+//!    the store's current version is served and trained on, the optimizer and the counters go
+//!    on. Nothing published is lost.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +52,8 @@ pub const STATE_FILE: &str = "state.json";
 pub const REPORT_FILE: &str = "report.json";
 /// File of the reward curve inside the output directory.
 pub const CURVE_FILE: &str = "reward_curve.png";
+/// File of the optimizer state (Adam's moments, step counters) inside the output directory.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Directory of the adapter store inside the output directory.
 pub const STORE_DIR: &str = "store";
 
@@ -633,6 +636,12 @@ impl Learner<'_> {
     }
 
     fn save(&mut self) -> crate::Result<()> {
+        // The optimizer first: a kill between the two files leaves a checkpoint newer than
+        // state.json, which resume detects by its version and then restarts Adam.
+        self.trainer.save_state(
+            &self.state_path.with_file_name(OPTIMIZER_FILE),
+            &self.state.good_version,
+        )?;
         self.state.cursor = self.cursor.load(Ordering::SeqCst);
         let mut s = self.state.clone();
         s.swaps = self.swaps();
@@ -668,7 +677,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             if store_dir.exists() {
                 std::fs::remove_dir_all(&store_dir).map_err(io_err(&store_dir))?;
             }
-            for f in [STATE_FILE, REPORT_FILE, CURVE_FILE] {
+            for f in [STATE_FILE, REPORT_FILE, CURVE_FILE, OPTIMIZER_FILE] {
                 let p = out.join(f);
                 if p.exists() {
                     std::fs::remove_file(&p).map_err(io_err(&p))?;
@@ -783,7 +792,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward))?;
     let current = server.current_version();
     let store = server.store().ok_or(crate::serving::ServeError::NoStore)?;
-    let trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
+    let mut trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
 
     let mut state = match saved {
         Some(mut s) => {
@@ -819,6 +828,28 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             train_reward: 0.0,
             tasks: CurvePoint::families(check),
             seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let optimizer_path = out.join(OPTIMIZER_FILE);
+    if config.resume {
+        let (kind, message) = match trainer.load_state(&optimizer_path, &current) {
+            Ok(()) => (
+                "optimizer_restored",
+                format!(
+                    "optimizer state restored (Adam moments, schedule at step {})",
+                    trainer.steps()
+                ),
+            ),
+            Err(e) => (
+                "optimizer_restarted",
+                format!("optimizer state not restored ({e}); Adam and the schedule restart"),
+            ),
+        };
+        eprintln!("leaf run: {message}");
+        state.events.push(RunEvent {
+            rollouts: state.rollouts,
+            kind: kind.into(),
+            message,
         });
     }
     let swaps_before = state.swaps;

@@ -7,11 +7,13 @@
 //! * [`schedule`]: cosine learning rate with 5 % warm-up and a floor of 0.1 of the peak.
 //! * [`update`]: [`Trainer::step`] over a batch of [`TrainSample`]s, with truncated importance
 //!   weighting for samples served by an older adapter version.
+//! * [`checkpoint`]: Adam's moments and the step counters on disk, for resuming a run.
 //! * [`synthetic`]: random models and samples of a given shape, for benchmarks.
 //!
 //! The reference policy is the same [`LlamaModel`](leaf_adapters::model::LlamaModel) with LoRA
 //! switched off.
 
+pub mod checkpoint;
 pub mod config;
 pub mod loss;
 pub mod optim;
@@ -45,6 +47,14 @@ pub enum TrainError {
     NonFinite {
         /// Which quantity.
         what: String,
+    },
+    /// A checkpoint of the optimizer state could not be written or read back.
+    #[error("trainer checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// The model failed (loading, bad input).
     #[error(transparent)]

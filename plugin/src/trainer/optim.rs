@@ -60,6 +60,46 @@ impl Adam {
         &self.vars
     }
 
+    /// First and second moments, in variable order.
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moments saved from an optimizer over the same variables, and its step count.
+    /// Fails, changing nothing, when a count or a shape differs.
+    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, steps: u64) -> Result<()> {
+        if m.len() != self.vars.len() || v.len() != self.vars.len() {
+            candle_core::bail!(
+                "adam: {} + {} moments for {} variables",
+                m.len(),
+                v.len(),
+                self.vars.len()
+            );
+        }
+        for (i, var) in self.vars.iter().enumerate() {
+            for t in [&m[i], &v[i]] {
+                if t.dims() != var.dims() {
+                    candle_core::bail!(
+                        "adam: moment {i} has shape {:?}, its variable {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
+                }
+            }
+        }
+        let to = |t: Vec<Tensor>| {
+            t.into_iter()
+                .zip(&self.vars)
+                .map(|(t, var)| t.to_device(var.device())?.to_dtype(var.dtype()))
+                .collect::<Result<Vec<_>>>()
+        };
+        let (m, v) = (to(m)?, to(v)?);
+        self.m = m;
+        self.v = v;
+        self.t = steps;
+        Ok(())
+    }
+
     /// One update with `grads[i]` the gradient of `vars[i]` (already clipped) and learning rate
     /// `lr`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {

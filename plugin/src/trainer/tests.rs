@@ -507,3 +507,68 @@ fn schedule_advances_once_per_call() {
         CosineSchedule::new(1e-3, 20, 0.1, 0.1).lr(4)
     );
 }
+
+#[test]
+fn a_restored_checkpoint_continues_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optimizer.safetensors");
+    let prompt = [1u32, 2, 3];
+    let batch = vec![
+        sample(&prompt, &[5, 6], &[1.0, 1.0]),
+        sample(&prompt, &[7, 8], &[-1.0, -1.0]),
+    ];
+    let mut a = trainer_with(config(1e-2), DType::F32);
+    for _ in 0..3 {
+        a.step(&batch).unwrap();
+    }
+    a.save_state(&path, "v3").unwrap();
+    assert_eq!(Trainer::state_version(&path).unwrap(), "v3");
+    let adapter = a.model().export_adapter("tiny").unwrap();
+
+    // A fresh trainer with the published weights and the saved optimizer state...
+    let mut b = trainer_with(config(1e-2), DType::F32);
+    b.model_mut().load_adapter(&adapter).unwrap();
+    b.load_state(&path, "v3").unwrap();
+    assert_eq!(b.steps(), 3);
+    assert_eq!(b.next_learning_rate(), a.next_learning_rate());
+    // ... takes exactly the step the original takes; without the state it would not.
+    let mut c = trainer_with(config(1e-2), DType::F32);
+    c.model_mut().load_adapter(&adapter).unwrap();
+    a.step(&batch).unwrap();
+    b.step(&batch).unwrap();
+    c.step(&batch).unwrap();
+    assert_eq!(values(a.model()), values(b.model()));
+    assert_ne!(values(a.model()), values(c.model()));
+}
+
+#[test]
+fn a_mismatched_checkpoint_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("optimizer.safetensors");
+    let mut a = trainer_with(config(1e-2), DType::F32);
+    a.step(&[sample(&[1, 2], &[5, 6], &[1.0, -1.0])]).unwrap();
+    a.save_state(&path, "v1").unwrap();
+
+    let mut b = trainer_with(config(1e-2), DType::F32);
+    let err = b.load_state(&path, "v2").unwrap_err().to_string();
+    assert!(
+        err.contains("belongs to adapter version v1, not v2"),
+        "{err}"
+    );
+    assert_eq!(b.steps(), 0);
+
+    // Another LoRA rank: the moments do not fit.
+    let mut cfg = config(1e-2);
+    cfg.lora.rank = 2;
+    let mut other = trainer_with(cfg, DType::F32);
+    let err = other.load_state(&path, "v1").unwrap_err().to_string();
+    assert!(err.contains("shape"), "{err}");
+    assert_eq!(other.steps(), 0);
+
+    // A corrupt file.
+    std::fs::write(&path, b"not a safetensors file").unwrap();
+    let err = b.load_state(&path, "v1").unwrap_err().to_string();
+    assert!(err.contains("unreadable"), "{err}");
+    let missing = dir.path().join("absent.safetensors");
+    assert!(b.load_state(&missing, "v1").is_err());
+}

@@ -89,10 +89,10 @@ struct Totals {
 pub struct Trainer {
     model: LlamaModel,
     config: TrainConfig,
-    names: Vec<String>,
-    optimizer: Adam,
+    pub(super) names: Vec<String>,
+    pub(super) optimizer: Adam,
     schedule: CosineSchedule,
-    steps: u64,
+    pub(super) steps: u64,
     policy_version: Option<String>,
 }
 
