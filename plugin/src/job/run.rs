@@ -38,13 +38,14 @@ use super::traffic::{self, TrafficConfig};
 use super::JobError;
 use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
+use crate::online::{prepare_batch, PreparedBatch};
 use crate::reward::{Metric, RewardOptions};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::speech::prepare::ExampleEncoder;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
 use crate::speech::tasks::{Corpus, Split, TaskFamily};
-use crate::trainer::{TrainConfig, TrainSample, Trainer};
+use crate::trainer::{TrainConfig, Trainer};
 
 /// File of the saved run state inside the output directory.
 pub const STATE_FILE: &str = "state.json";
@@ -497,35 +498,16 @@ impl Learner<'_> {
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> crate::Result<()> {
-        let mut samples = Vec::new();
-        let mut rewards = Vec::new();
-        let mut forks = ForkStats::default();
-        for sealed in batch {
-            let group = match sealed.to_group() {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
-                    continue;
-                }
-            };
-            let adv = self.estimator.estimate(&group);
-            if let Some(s) = &adv.stats {
-                forks.merge(s);
-            }
-            for ((s, r), a) in sealed.members.iter().zip(adv.per_token) {
-                rewards.push(*r);
-                samples.push(TrainSample {
-                    prompt: s.prompt_ids.clone(),
-                    completion: s.completion_ids.clone(),
-                    advantages: a,
-                    behaviour_logprobs: s.logprobs.clone(),
-                    behaviour_version: s.adapter_version.clone(),
-                });
-            }
-        }
-        if samples.iter().all(|s| s.completion.is_empty()) {
+        let prepared = prepare_batch(batch, self.estimator.as_ref());
+        if prepared.is_empty() {
             return Ok(());
         }
+        let PreparedBatch {
+            samples,
+            rewards,
+            forks,
+            ..
+        } = prepared;
         let n = samples.len() as u64;
         let loss = match self.trainer.step(&samples) {
             Ok(stats) => stats.loss,

@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use crate::advantage::EstimatorConfig;
 use crate::harvest::SealedGroup;
 use crate::serving::{LeafServer, ServeError, BASE_VERSION};
-use crate::trainer::{TrainConfig, TrainSample, Trainer};
+use crate::trainer::{TrainConfig, Trainer};
+
+mod batch;
+pub use batch::{prepare_batch, PreparedBatch};
 
 /// What shutdown does with what the trainer holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -234,32 +237,13 @@ impl Loop {
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> Result<(), ServeError> {
-        let mut samples = Vec::new();
-        for sealed in batch {
-            let group = match sealed.to_group() {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
-                    self.report.groups_invalid += 1;
-                    metrics::counter!("leaf_groups_invalid_total").increment(1);
-                    continue;
-                }
-            };
-            let adv = self.estimator.estimate(&group);
-            for ((s, _), a) in sealed.members.iter().zip(adv.per_token) {
-                samples.push(TrainSample {
-                    prompt: s.prompt_ids.clone(),
-                    completion: s.completion_ids.clone(),
-                    advantages: a,
-                    behaviour_logprobs: s.logprobs.clone(),
-                    behaviour_version: s.adapter_version.clone(),
-                });
-            }
-            self.report.groups_trained += 1;
-        }
-        if samples.iter().all(|s| s.completion.is_empty()) {
+        let prepared = prepare_batch(batch, self.estimator.as_ref());
+        self.report.groups_trained += prepared.groups;
+        self.report.groups_invalid += prepared.invalid;
+        if prepared.is_empty() {
             return Ok(());
         }
+        let samples = prepared.samples;
         let t0 = std::time::Instant::now();
         let stats = self.trainer.step(&samples)?;
         metrics::histogram!("leaf_update_seconds").record(t0.elapsed().as_secs_f64());
