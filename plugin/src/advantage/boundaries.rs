@@ -79,8 +79,9 @@ fn position_of(xs: &[f64], v: f64) -> Option<usize> {
         .map(|i| base + i)
 }
 
-/// The allowed gaps of `0..len` once `blocked` (ascending positions, relative to `start`) are
-/// accepted: every position at least `delta` away from each of them.
+/// The allowed gaps, as ranges of `0..len` (index `k` is position `start + k`), once the
+/// absolute positions `blocked` (ascending) are accepted: every position at least `delta`
+/// away from each of them.
 fn gaps(
     blocked: &[usize],
     start: usize,

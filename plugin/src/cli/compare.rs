@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use leaf_plugin::job::compare::{compare, CompareConfig};
-use leaf_plugin::job::run::{Estimator, RunConfig};
+use leaf_plugin::job::run::{Estimator, EvalDecoding, RunConfig};
 
 /// Arguments of `leaf compare`.
 #[derive(clap::Args, Debug)]
@@ -13,8 +13,8 @@ pub struct Args {
     /// Seeds per estimator (0..N).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
-    /// Rollouts per run.
-    #[arg(long, default_value_t = 1024)]
+    /// Rollouts per run (the main job's budget by default).
+    #[arg(long, default_value_t = RunConfig::default().rollouts)]
     pub rollouts: u64,
     /// Output directory.
     #[arg(long, default_value = "out/compare")]
@@ -55,6 +55,9 @@ pub struct CompareRunArgs {
     /// Examples per task family of each held-out check.
     #[arg(long, default_value_t = RunConfig::default().eval_samples)]
     pub eval_samples: usize,
+    /// How held-out checks and evaluations decode: as the server samples, or greedy.
+    #[arg(long, value_enum, default_value = "serving")]
+    pub eval_decoding: EvalDecoding,
     /// Examples per task family of the final evaluations.
     #[arg(long, default_value_t = RunConfig::default().final_eval_samples)]
     pub final_eval_samples: usize,
@@ -78,6 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         rank: a.run.rank,
         alpha: 2.0 * a.run.rank as f64,
         eval_samples: a.run.eval_samples,
+        eval_decoding: a.run.eval_decoding,
         final_eval_samples: a.run.final_eval_samples,
         progress: !a.run.quiet,
         ..d

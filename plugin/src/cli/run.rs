@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use leaf_plugin::job::run::{default_cache_dir, run as run_job, Estimator, RunConfig};
+use leaf_plugin::job::run::{
+    default_cache_dir, run as run_job, Estimator, EvalDecoding, RunConfig,
+};
 
 /// Arguments of `leaf run` (defaults: the tuned settings of [`RunConfig::default`]).
 #[derive(clap::Args, Debug)]
@@ -66,6 +68,10 @@ pub struct Args {
     /// Nucleus mass of the traffic.
     #[arg(long, default_value_t = RunConfig::default().top_p)]
     pub top_p: f64,
+    /// How held-out checks and evaluations decode: as the server samples the traffic, or
+    /// greedy (the report holds the final comparison under both).
+    #[arg(long, value_enum, default_value = "serving")]
+    pub eval_decoding: EvalDecoding,
     /// Examples per task family of each held-out check.
     #[arg(long, default_value_t = RunConfig::default().eval_samples)]
     pub eval_samples: usize,
@@ -104,6 +110,7 @@ impl Args {
             clients: self.clients,
             temperature: self.temperature,
             top_p: self.top_p,
+            eval_decoding: self.eval_decoding,
             eval_samples: self.eval_samples,
             final_eval_samples: self.final_eval_samples,
             collapse_drop: self.collapse_drop,
@@ -129,10 +136,37 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         report.rollbacks,
         report.wall_seconds
     );
-    eprintln!(
-        "leaf run: held-out reward {:.3} -> {:.3}, exact match {:.3} -> {:.3} (base -> final)",
-        report.base_reward, report.final_reward, report.base_exact_match, report.final_exact_match
-    );
+    let o = &report.other_decoding;
+    for (decoding, r) in [
+        (
+            report.eval_decoding,
+            (
+                report.base_reward,
+                report.final_reward,
+                report.base_exact_match,
+                report.final_exact_match,
+            ),
+        ),
+        (
+            o.decoding,
+            (
+                o.base_reward,
+                o.final_reward,
+                o.base_exact_match,
+                o.final_exact_match,
+            ),
+        ),
+    ] {
+        eprintln!(
+            "leaf run: held-out reward {:.3} -> {:.3}, exact match {:.3} -> {:.3} (base -> final, \
+             {} decoding)",
+            r.0,
+            r.1,
+            r.2,
+            r.3,
+            decoding.name()
+        );
+    }
     eprintln!(
         "leaf run: wrote {} and {}",
         config.out.join("report.json").display(),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::plot::{draw_panels, Panel, Series};
 use super::report::{write_json, ForkSummary, RunReport};
-use super::run::{run, Estimator, RunConfig};
+use super::run::{run, Estimator, EvalDecoding, RunConfig};
 use super::JobError;
 use crate::advantage::ForkStats;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model};
@@ -107,6 +107,8 @@ pub struct EstimatorSummary {
     pub final_family_exact: BTreeMap<String, Spread>,
     /// Per family: final reward over seeds.
     pub final_family_reward: BTreeMap<String, Spread>,
+    /// The same base/final comparison under the decoding the runs did not gate on.
+    pub other: OtherSummary,
     /// Fork statistics summed over seeds.
     pub fork_stats: ForkSummary,
     /// Swaps over seeds.
@@ -117,6 +119,21 @@ pub struct EstimatorSummary {
     pub wall_seconds: Spread,
     /// The aligned curve.
     pub curve: Vec<SummaryPoint>,
+}
+
+/// Base and final figures under the other decoding (see [`RunReport::other_decoding`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OtherSummary {
+    /// Which decoding (`"greedy"` when the runs evaluate as they serve).
+    pub decoding: String,
+    /// Base model's held-out reward.
+    pub base_reward: f64,
+    /// Base model's held-out exact match.
+    pub base_exact_match: f64,
+    /// Final adapter's held-out reward over seeds.
+    pub final_reward: Spread,
+    /// Final adapter's held-out exact match over seeds.
+    pub final_exact_match: Spread,
 }
 
 /// One run of the comparison.
@@ -219,6 +236,16 @@ pub fn summarise(estimator: &str, seeds: &[u64], reports: &[&RunReport]) -> Esti
         final_exact_match: spread(&|r| r.final_exact_match),
         final_family_exact: fam_final(true),
         final_family_reward: fam_final(false),
+        other: OtherSummary {
+            decoding: reports
+                .first()
+                .map(|r| r.other_decoding.decoding.name().to_string())
+                .unwrap_or_default(),
+            base_reward: spread(&|r| r.other_decoding.base_reward).mean,
+            base_exact_match: spread(&|r| r.other_decoding.base_exact_match).mean,
+            final_reward: spread(&|r| r.other_decoding.final_reward),
+            final_exact_match: spread(&|r| r.other_decoding.final_exact_match),
+        },
         fork_stats: ForkSummary::from_counts(forks),
         swaps: spread(&|r| r.swaps as f64),
         rollbacks: spread(&|r| r.rollbacks as f64),
@@ -247,9 +274,9 @@ pub fn markdown(report: &CompareReport) -> String {
         md,
         "Same base model, traffic, rollout budget ({} rollouts), K = {}, B = {} groups per \
          update, LoRA rank {} (alpha {}), learning rate {}, KL beta {}, held-out check every {} \
-         updates ({} examples per family); final evaluation: {} greedy examples per family on \
-         the test takes. Reward: cased sentence BLEU / 100. Mean ± sample standard deviation \
-         over seeds.\n",
+         updates ({} examples per family); final evaluation: {} examples per family on the test \
+         takes, decoded {}. Reward: cased sentence BLEU / 100. Mean ± sample standard \
+         deviation over seeds.\n",
         s.rollouts,
         s.group_size,
         s.groups_per_update,
@@ -259,7 +286,14 @@ pub fn markdown(report: &CompareReport) -> String {
         s.kl_beta,
         s.publish_every,
         s.eval_samples,
-        s.final_eval_samples
+        s.final_eval_samples,
+        match s.eval_decoding {
+            EvalDecoding::Serving => format!(
+                "as the server samples the traffic (temperature {}, top-p {})",
+                s.temperature, s.top_p
+            ),
+            EvalDecoding::Greedy => "greedy".to_string(),
+        }
     );
     let mut head =
         "| estimator | seeds | base reward | final reward | base exact | final exact |".to_string();
@@ -301,6 +335,26 @@ pub fn markdown(report: &CompareReport) -> String {
             "{row} {forks} | {:.1} | {:.1} |",
             e.swaps.mean, e.rollbacks.mean
         );
+    }
+    if let Some(first) = report.summary.first() {
+        let _ = writeln!(
+            md,
+            "\nThe same base and final adapters, {} decoding:\n\n| estimator | base reward | \
+             final reward | base exact | final exact |\n|---|---|---|---|---|",
+            first.other.decoding
+        );
+        for e in &report.summary {
+            let o = &e.other;
+            let _ = writeln!(
+                md,
+                "| {} | {:.3} | {} | {:.3} | {} |",
+                e.estimator,
+                o.base_reward,
+                pm(&o.final_reward),
+                o.base_exact_match,
+                pm(&o.final_exact_match)
+            );
+        }
     }
     let _ = writeln!(md, "\nHeld-out checks (mean over seeds):\n");
     let _ = writeln!(
@@ -356,7 +410,10 @@ pub fn figure(path: &Path, report: &CompareReport) -> Result<(), JobError> {
         .into_iter()
         .collect();
     let mut panels = vec![Panel {
-        title: "held-out reward (BLEU/100)".into(),
+        title: format!(
+            "held-out reward (BLEU/100, {} decoding)",
+            report.settings.eval_decoding.name()
+        ),
         x_label: "rollouts".into(),
         y_label: "reward".into(),
         series: report

@@ -242,7 +242,10 @@ pub fn reward_curve(path: &Path, report: &RunReport) -> Result<(), JobError> {
         .collect();
     let mut series = vec![
         Series {
-            label: "held-out reward (BLEU/100)".into(),
+            label: format!(
+                "held-out reward (BLEU/100, {} decoding)",
+                report.eval_decoding.name()
+            ),
             points: pts(&|p| p.reward),
             band: Vec::new(),
             color: 0,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::run::EvalDecoding;
 use crate::advantage::ForkStats;
 use crate::speech::eval::EvalReport;
 
@@ -147,6 +148,8 @@ pub struct RunReport {
     pub rollout_budget: u64,
     /// Optimizer updates.
     pub updates: u64,
+    /// How `base_eval`, `final_eval`, the rewards below and the curve decode.
+    pub eval_decoding: EvalDecoding,
     /// `leaf eval` object of the base model.
     pub base_eval: EvalReport,
     /// `leaf eval` object of the final serving adapter (the base model's when none was
@@ -160,6 +163,8 @@ pub struct RunReport {
     pub base_exact_match: f64,
     /// Held-out exact match of the final adapter.
     pub final_exact_match: f64,
+    /// The base model and the final adapter evaluated under the other decoding.
+    pub other_decoding: OtherDecoding,
     /// The held-out checks, in order (the first is the base model at 0 rollouts).
     pub curve: Vec<CurvePoint>,
     /// Hot-swaps done (over every session of a resumed run).
@@ -194,6 +199,25 @@ pub struct RunReport {
     pub settings: serde_json::Value,
     /// How to re-evaluate the final adapter.
     pub reproduce: String,
+}
+
+/// The base/final comparison of a run under the decoding it did not gate on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OtherDecoding {
+    /// Which decoding.
+    pub decoding: EvalDecoding,
+    /// Held-out reward of the base model.
+    pub base_reward: f64,
+    /// Held-out reward of the final adapter.
+    pub final_reward: f64,
+    /// Held-out exact match of the base model.
+    pub base_exact_match: f64,
+    /// Held-out exact match of the final adapter.
+    pub final_exact_match: f64,
+    /// `leaf eval` object of the base model.
+    pub base_eval: EvalReport,
+    /// `leaf eval` object of the final adapter.
+    pub final_eval: EvalReport,
 }
 
 impl RunReport {
