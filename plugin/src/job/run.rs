@@ -948,36 +948,26 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         .current()?
         .map(|v| v.to_string())
         .unwrap_or_else(|| BASE_VERSION.to_string());
-    let (final_eval, final_adapter) = if final_version == BASE_VERSION {
-        (base_eval.clone(), None)
-    } else {
-        evaluate_version(
-            &model_dir,
-            store,
-            &final_version,
-            &encoder,
-            &corpus,
-            &final_cfg,
-        )?
+    // The final adapter (the base model when none was promoted) under a decoding.
+    let final_under = |cfg: &EvalConfig, base: &EvalReport| {
+        if final_version == BASE_VERSION {
+            Ok((base.clone(), None))
+        } else {
+            evaluate_version(&model_dir, store, &final_version, &encoder, &corpus, cfg)
+        }
     };
-    // The same comparison under the other decoding: the base model and the final adapter.
+    let (final_eval, final_adapter) = final_under(&final_cfg, &base_eval)?;
+    // The same comparison under the other decoding.
     let other_cfg = config.eval_config_with(config.final_eval_samples, config.other_decoding());
-    let base_model = LlamaModel::load(&model_dir, &ModelOptions::default())?;
-    let other_base = evaluate(&base_model, &encoder, &corpus, &other_cfg)?;
-    drop(base_model);
-    let other_final = if final_version == BASE_VERSION {
-        other_base.clone()
-    } else {
-        evaluate_version(
-            &model_dir,
-            store,
-            &final_version,
-            &encoder,
-            &corpus,
-            &other_cfg,
-        )?
-        .0
-    };
+    let (other_base, _) = evaluate_version(
+        &model_dir,
+        store,
+        BASE_VERSION,
+        &encoder,
+        &corpus,
+        &other_cfg,
+    )?;
+    let (other_final, _) = final_under(&other_cfg, &other_base)?;
     let mut settings = serde_json::to_value(config)
         .map_err(|e| JobError::Failed(format!("cannot serialise the settings: {e}")))?;
     if let Some(obj) = settings.as_object_mut() {
