@@ -1,8 +1,9 @@
 //! `report.json` of `leaf run`, and the summary figures taken from `leaf eval` objects.
 //!
 //! The held-out **reward** of an evaluation is the mean over task families of the family's
-//! mean sentence BLEU / 100 (the training reward, measured with greedy decoding on the test
-//! takes); its **exact match** is the mean over families of the family's exact-match rate.
+//! mean sentence BLEU / 100 (the training reward, measured on the test takes with the run's
+//! evaluation decoding); its **exact match** is the mean over families of the family's
+//! exact-match rate.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
