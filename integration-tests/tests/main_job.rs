@@ -7,32 +7,21 @@ use std::path::{Path, PathBuf};
 use leaf_plugin::job::compare::{compare, CompareConfig};
 use leaf_plugin::job::run::{run, Estimator, RunConfig};
 use leaf_plugin::speech::pretrain::{pretrain, ModelShape, PretrainConfig};
+use leaf_plugin::speech::tasks::link_recordings;
 
 fn fsdd_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
-    assert!(
-        dir.is_dir(),
-        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
-        dir.display()
-    );
-    dir
+    leaf_plugin::speech::pretrain::default_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Two speakers, takes 0-7 (test takes 0-4, training takes 5-7), as links into FSDD.
 fn small_data(root: &Path) -> PathBuf {
-    let dir = root.join("recordings");
-    std::fs::create_dir_all(&dir).unwrap();
-    for speaker in ["george", "jackson"] {
-        for digit in 0..10 {
-            for take in 0..8 {
-                let name = format!("{digit}_{speaker}_{take}.wav");
-                let src = fsdd_dir().join(&name);
-                assert!(src.is_file(), "missing {}", src.display());
-                std::os::unix::fs::symlink(&src, dir.join(&name)).unwrap();
-            }
-        }
-    }
-    dir
+    link_recordings(
+        &fsdd_dir(),
+        &root.join("recordings"),
+        &["george", "jackson"],
+        0..8,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A tiny base model, pre-trained for a few steps (the pre-training budget of CI).

@@ -11,34 +11,23 @@ use leaf_plugin::speech::pretrain::{
     load_encoder, pretrain, Holdout, ModelShape, PretrainConfig, PretrainReport, ProgressEvent,
     MODEL_CARD_FILE, MODEL_INFO_FILE,
 };
+use leaf_plugin::speech::tasks::link_recordings;
 use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily};
 
 fn fsdd_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
-    assert!(
-        dir.is_dir(),
-        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
-        dir.display()
-    );
-    dir
+    leaf_plugin::speech::pretrain::default_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A small recordings folder (two speakers, takes 0-7) made of links into FSDD: `--data` works
 /// with any folder of FSDD-named files, and the test stays fast.
 fn small_data(root: &Path) -> PathBuf {
-    let dir = root.join("recordings");
-    std::fs::create_dir_all(&dir).unwrap();
-    for speaker in ["george", "jackson"] {
-        for digit in 0..10 {
-            for take in 0..8 {
-                let name = format!("{digit}_{speaker}_{take}.wav");
-                let src = fsdd_dir().join(&name);
-                assert!(src.is_file(), "missing {}", src.display());
-                std::os::unix::fs::symlink(&src, dir.join(&name)).unwrap();
-            }
-        }
-    }
-    dir
+    link_recordings(
+        &fsdd_dir(),
+        &root.join("recordings"),
+        &["george", "jackson"],
+        0..8,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn tiny_config(seed: u64) -> PretrainConfig {

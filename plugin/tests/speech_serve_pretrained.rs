@@ -17,6 +17,7 @@ use indexmap::IndexMap;
 use leaf_adapters::model::{LlamaModel, ModelOptions, Trainable};
 use leaf_plugin::speech::eval::{answer_text, generate_completions, Decoding};
 use leaf_plugin::speech::pretrain::{load_encoder, pretrain, ModelShape, PretrainConfig};
+use leaf_plugin::speech::tasks::link_recordings;
 use leaf_plugin::speech::tasks::{generate, Corpus, Split, TaskConfig, TaskKind};
 use mistralrs_core::{
     Constraint, DefaultSchedulerMethod, DeviceMapSetting, MessageContent, MistralRsBuilder,
@@ -29,27 +30,17 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, Mutex};
 
 fn fsdd_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
-    assert!(
-        dir.is_dir(),
-        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
-        dir.display()
-    );
-    dir
+    leaf_plugin::speech::pretrain::default_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn small_data(root: &Path) -> PathBuf {
-    let dir = root.join("recordings");
-    std::fs::create_dir_all(&dir).unwrap();
-    for speaker in ["george", "jackson"] {
-        for digit in 0..10 {
-            for take in 0..10 {
-                let name = format!("{digit}_{speaker}_{take}.wav");
-                std::os::unix::fs::symlink(fsdd_dir().join(&name), dir.join(&name)).unwrap();
-            }
-        }
-    }
-    dir
+    link_recordings(
+        &fsdd_dir(),
+        &root.join("recordings"),
+        &["george", "jackson"],
+        0..10,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Loads the directory on a fresh thread (mistral.rs keeps LoRA state in a thread-local).

@@ -13,13 +13,7 @@ use leaf_plugin::speech::tasks::{
 use leaf_plugin::speech::SpeechError;
 
 fn fsdd_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
-    assert!(
-        dir.is_dir(),
-        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
-        dir.display()
-    );
-    dir
+    leaf_plugin::speech::pretrain::default_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]

@@ -14,13 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn fsdd_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fsdd/recordings");
-    assert!(
-        dir.is_dir(),
-        "spoken-digit recordings missing: expected FSDD at {} (see shared/data/fsdd/README.md)",
-        dir.display()
-    );
-    dir
+    leaf_plugin::speech::pretrain::default_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `per` points around each of `centres` (dims = centres[0].len()), jitter +-0.1, shuffled.

@@ -258,15 +258,20 @@ fn pm(s: &Spread) -> String {
     format!("{:.3} ± {:.3}", s.mean, s.std)
 }
 
-/// The markdown table of a comparison.
-pub fn markdown(report: &CompareReport) -> String {
-    let fams: Vec<String> = report
+/// The task families of a comparison's summaries, sorted.
+fn summary_families(report: &CompareReport) -> Vec<String> {
+    report
         .summary
         .iter()
         .flat_map(|s| s.final_family_exact.keys().cloned())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
-        .collect();
+        .collect()
+}
+
+/// The markdown table of a comparison.
+pub fn markdown(report: &CompareReport) -> String {
+    let fams = summary_families(report);
     let mut md = String::new();
     let s = &report.settings;
     let _ = writeln!(md, "# LEAF vs GRPO on the spoken-digit tasks\n");
@@ -402,13 +407,7 @@ fn series(e: &EstimatorSummary, color: usize, f: &dyn Fn(&SummaryPoint) -> Sprea
 /// `compare.png`: held-out reward and per-family exact match against rollouts, mean over
 /// seeds with a min..max band.
 pub fn figure(path: &Path, report: &CompareReport) -> Result<(), JobError> {
-    let fams: Vec<String> = report
-        .summary
-        .iter()
-        .flat_map(|s| s.final_family_exact.keys().cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let fams = summary_families(report);
     let mut panels = vec![Panel {
         title: format!(
             "held-out reward (BLEU/100, {} decoding)",
