@@ -10,6 +10,7 @@
 //! when several allowed positions tie on surprisal do we look up which response holds each,
 //! to apply the tie-break exactly. O(total tokens + B * longest response).
 
+use super::kernels::{Kernels, Portable};
 use crate::rollout::Rollout;
 
 /// `delta = max(2, floor(l_min / (B + 1)))`, with `l_min` the shortest non-empty length;
@@ -17,66 +18,6 @@ use crate::rollout::Rollout;
 pub fn separation(rollouts: &[Rollout], fork_budget: usize) -> Option<usize> {
     let l_min = rollouts.iter().map(Rollout::len).filter(|&l| l > 0).min()?;
     Some((l_min / (fork_budget + 1)).max(2))
-}
-
-/// `best[k] = max(best[k], -logprobs[k])`, written so that it compiles to packed maxima.
-fn fold_max(best: &mut [f64], logprobs: &[f64]) {
-    for (b, &l) in best.iter_mut().zip(logprobs) {
-        let s = -l;
-        *b = if s > *b { s } else { *b };
-    }
-}
-
-/// `best[k] = max(best[k], -r[k] for r in rs)` over the common length of the four: four
-/// responses per pass over `best` (one load and one store of it for four responses).
-fn fold_max4(best: &mut [f64], rs: [&[f64]; 4]) {
-    let n = best.len();
-    let [a, b, c, d] = rs.map(|r| &r[..n]);
-    for k in 0..n {
-        let (sa, sb, sc, sd) = (-a[k], -b[k], -c[k], -d[k]);
-        let ab = if sb > sa { sb } else { sa };
-        let cd = if sd > sc { sd } else { sc };
-        let s = if cd > ab { cd } else { ab };
-        best[k] = if s > best[k] { s } else { best[k] };
-    }
-}
-
-/// The largest value of `xs` (`-inf` when empty), with four independent accumulators so
-/// the loop needs no branch and no loop-carried compare chain. Values are never NaN.
-fn range_max(xs: &[f64]) -> f64 {
-    let mut acc = [f64::NEG_INFINITY; 4];
-    let chunks = xs.chunks_exact(4);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    let mut m = acc
-        .into_iter()
-        .fold(f64::NEG_INFINITY, |m, a| if a > m { a } else { m });
-    for &x in rest {
-        m = if x > m { x } else { m };
-    }
-    m
-}
-
-/// The first index of `xs` holding `v`, comparing four values per step without branching
-/// on each.
-fn position_of(xs: &[f64], v: f64) -> Option<usize> {
-    let mut chunks = xs.chunks_exact(4);
-    let mut base = 0;
-    for c in chunks.by_ref() {
-        if (c[0] == v) | (c[1] == v) | (c[2] == v) | (c[3] == v) {
-            return c.iter().position(|&x| x == v).map(|i| base + i);
-        }
-        base += 4;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&x| x == v)
-        .map(|i| base + i)
 }
 
 /// The allowed gaps, as ranges of `0..len` (index `k` is position `start + k`), once the
@@ -103,6 +44,32 @@ fn gaps(
         })
 }
 
+/// `out[k] = max over the responses of -r[k]` (every response covers `out`), eight or four
+/// responses per pass; a short batch repeats its first response (the maximum is idempotent).
+#[inline(always)]
+fn fold_segment<'a>(
+    kernels: impl Kernels,
+    out: &mut [f64],
+    mut responses: impl ExactSizeIterator<Item = &'a [f64]>,
+) {
+    let mut first = true;
+    while responses.len() > 4 {
+        let mut batch: [&[f64]; 8] = [&[]; 8];
+        for s in 0..batch.len() {
+            batch[s] = responses.next().unwrap_or(batch[0]);
+        }
+        kernels.fold8(out, batch, first);
+        first = false;
+    }
+    if responses.len() > 0 {
+        let mut batch: [&[f64]; 4] = [&[]; 4];
+        for s in 0..batch.len() {
+            batch[s] = responses.next().unwrap_or(batch[0]);
+        }
+        kernels.fold4(out, batch, first);
+    }
+}
+
 /// Buffers of boundary selection, reused from group to group by the estimator.
 #[derive(Debug, Default)]
 pub(super) struct BoundaryScratch {
@@ -110,6 +77,9 @@ pub(super) struct BoundaryScratch {
     best: Vec<f64>,
     /// (lo, hi, max) of each allowed gap.
     gap_max: Vec<(usize, usize, f64)>,
+    /// (length past the start, index) of each response that reaches past the start,
+    /// longest first.
+    reach: Vec<(usize, usize)>,
 }
 
 /// The accepted boundary positions, ascending, and the separation used.
@@ -140,6 +110,52 @@ pub(super) fn select_into(
     scratch: &mut BoundaryScratch,
     accepted: &mut Vec<usize>,
 ) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx2) = super::kernels::Avx2::detect() {
+        // SAFETY: the `Avx2` token proves the CPU supports AVX2.
+        return unsafe { select_avx2(avx2, rollouts, fork_budget, min_prefix, scratch, accepted) };
+    }
+    select_with(
+        Portable,
+        rollouts,
+        fork_budget,
+        min_prefix,
+        scratch,
+        accepted,
+    )
+}
+
+/// [`select_with`] compiled for AVX2, so that its kernels inline.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn select_avx2(
+    kernels: super::kernels::Avx2,
+    rollouts: &[Rollout],
+    fork_budget: usize,
+    min_prefix: usize,
+    scratch: &mut BoundaryScratch,
+    accepted: &mut Vec<usize>,
+) -> Option<usize> {
+    select_with(
+        kernels,
+        rollouts,
+        fork_budget,
+        min_prefix,
+        scratch,
+        accepted,
+    )
+}
+
+/// The selection on the given kernels.
+#[inline(always)]
+fn select_with(
+    kernels: impl Kernels,
+    rollouts: &[Rollout],
+    fork_budget: usize,
+    min_prefix: usize,
+    scratch: &mut BoundaryScratch,
+    accepted: &mut Vec<usize>,
+) -> Option<usize> {
     accepted.clear();
     let delta = separation(rollouts, fork_budget);
     let (Some(delta), true) = (delta, fork_budget > 0) else {
@@ -150,34 +166,32 @@ pub(super) fn select_into(
     if max_len <= start {
         return Some(delta);
     }
-    // best[k] = highest surprisal at position start + k over the responses that reach it;
-    // -inf where none does (surprisals are finite: the group is validated).
-    let BoundaryScratch { best, gap_max } = scratch;
-    best.clear();
-    best.resize(max_len - start, f64::NEG_INFINITY);
-    let mut reaching = rollouts
-        .iter()
-        .filter(|r| r.len() > start)
-        .map(|r| &r.logprobs[start..]);
-    loop {
-        let mut four: [&[f64]; 4] = [&[]; 4];
-        let mut n = 0;
-        for slot in four.iter_mut() {
-            match reaching.next() {
-                Some(r) => (*slot, n) = (r, n + 1),
-                None => break,
-            }
-        }
-        if n < 4 {
-            for r in &four[..n] {
-                fold_max(&mut best[..r.len()], r);
-            }
-            break;
-        }
-        let common = four.iter().map(|r| r.len()).min().unwrap_or(0);
-        fold_max4(&mut best[..common], four);
-        for r in four {
-            fold_max(&mut best[common..r.len()], &r[common..]);
+    // best[k] = highest surprisal at position start + k over the responses that reach it
+    // (surprisals are finite: the group is validated). With the responses sorted longest
+    // first, positions `len(j + 1)..len(j)` are reached by exactly the first j + 1 of them:
+    // each such segment is one column-wise fold of those responses.
+    let BoundaryScratch {
+        best,
+        gap_max,
+        reach,
+    } = scratch;
+    reach.clear();
+    reach.extend(
+        rollouts
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.len() > start)
+            .map(|(i, r)| (r.len() - start, i)),
+    );
+    reach.sort_unstable_by_key(|&(len, _)| std::cmp::Reverse(len));
+    best.resize(max_len - start, 0.0);
+    let mut hi = best.len();
+    for j in 0..reach.len() {
+        let lo = reach.get(j + 1).map_or(0, |r| r.0);
+        if lo < hi {
+            let column = |&(_, i): &(usize, usize)| &rollouts[i].logprobs[start + lo..start + hi];
+            fold_segment(kernels, &mut best[lo..hi], reach[..=j].iter().map(column));
+            hi = lo;
         }
     }
     // The lowest response index holding surprisal `s` at position `p` (tie-break key).
@@ -193,7 +207,7 @@ pub(super) fn select_into(
         gap_max.clear();
         gap_max.extend(
             gaps(accepted, start, delta, best.len())
-                .map(|(lo, hi)| (lo, hi, range_max(&best[lo..hi]))),
+                .map(|(lo, hi)| (lo, hi, kernels.range_max(&best[lo..hi]))),
         );
         let top = gap_max
             .iter()
@@ -206,7 +220,7 @@ pub(super) fn select_into(
         let mut at_holder = usize::MAX;
         for &(lo, hi, _) in gap_max.iter().filter(|g| g.2 == top) {
             let mut k = lo;
-            while let Some(found) = position_of(&best[k..hi], top) {
+            while let Some(found) = kernels.position_of(&best[k..hi], top) {
                 let found = k + found;
                 if at == usize::MAX {
                     at = found;
@@ -280,13 +294,19 @@ mod tests {
         #[test]
         fn equals_the_sorted_walk(
             rows in proptest::collection::vec(
-                (0usize..40, proptest::collection::vec(0u8..4, 1..7)), 1..9),
+                (0usize..40, proptest::collection::vec(0u8..4, 1..7)), 1..20),
             b in 0usize..5,
             min_prefix in 0usize..4,
         ) {
             let rs = rollouts(&rows);
+            let want = by_sorting(&rs, b, min_prefix);
             let (got, _) = select_boundaries(&rs, b, min_prefix);
-            prop_assert_eq!(got, by_sorting(&rs, b, min_prefix));
+            prop_assert_eq!(&got, &want);
+            // The portable kernels too, wherever the dispatch above took the AVX2 ones.
+            let mut portable = Vec::new();
+            let mut scratch = BoundaryScratch::default();
+            select_with(Portable, &rs, b, min_prefix, &mut scratch, &mut portable);
+            prop_assert_eq!(&portable, &want);
         }
     }
 

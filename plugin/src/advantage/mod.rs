@@ -7,6 +7,7 @@
 
 mod boundaries;
 mod grpo;
+mod kernels;
 mod leaf;
 pub mod synthetic;
 mod tree;

@@ -1,0 +1,229 @@
+//! The inner loops of boundary selection, per instruction set.
+//!
+//! [`Portable`] is plain Rust that the compiler vectorises for the baseline target (SSE2 on
+//! x86-64). On x86-64 CPUs with AVX2, [`Avx2`] does the same work four values per
+//! instruction; it can only be constructed after the CPU was checked, so the selection that
+//! runs on it is compiled for AVX2 and dispatched once per group. Both give equal results
+//! (surprisals are never NaN: groups are validated), which a test checks.
+
+/// Column maxima, range maxima and equality scans over `f64` surprisal arrays.
+pub(super) trait Kernels: Copy {
+    /// `out[k] = max(-a[k], -b[k], -c[k], -d[k])` when `first`, else the maximum of that and
+    /// `out[k]`; every response is at least as long as `out`.
+    fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool);
+    /// The same for eight responses.
+    fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool);
+    /// The largest value of `xs`; `-inf` when empty.
+    fn range_max(self, xs: &[f64]) -> f64;
+    /// The first index of `xs` holding a value equal to `v`.
+    fn position_of(self, xs: &[f64], v: f64) -> Option<usize>;
+}
+
+/// The kernels in portable Rust.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Portable;
+
+impl Kernels for Portable {
+    #[inline(always)]
+    fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool) {
+        let n = out.len();
+        let [a, b, c, d] = rs.map(|r| &r[..n]);
+        for k in 0..n {
+            let (sa, sb, sc, sd) = (-a[k], -b[k], -c[k], -d[k]);
+            let ab = if sb > sa { sb } else { sa };
+            let cd = if sd > sc { sd } else { sc };
+            let s = if cd > ab { cd } else { ab };
+            out[k] = if first || s > out[k] { s } else { out[k] };
+        }
+    }
+
+    #[inline(always)]
+    fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool) {
+        let [a, b, c, d, e, f, g, h] = rs;
+        self.fold4(out, [a, b, c, d], first);
+        self.fold4(out, [e, f, g, h], false);
+    }
+
+    /// Four independent accumulators, so the loop has no branch and no loop-carried
+    /// compare chain.
+    #[inline(always)]
+    fn range_max(self, xs: &[f64]) -> f64 {
+        let mut acc = [f64::NEG_INFINITY; 4];
+        let chunks = xs.chunks_exact(4);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = if x > *a { x } else { *a };
+            }
+        }
+        let mut m = acc
+            .into_iter()
+            .fold(f64::NEG_INFINITY, |m, a| if a > m { a } else { m });
+        for &x in rest {
+            m = if x > m { x } else { m };
+        }
+        m
+    }
+
+    /// Four compares per step, one branch.
+    #[inline(always)]
+    fn position_of(self, xs: &[f64], v: f64) -> Option<usize> {
+        let mut chunks = xs.chunks_exact(4);
+        let mut base = 0;
+        for c in chunks.by_ref() {
+            if (c[0] == v) | (c[1] == v) | (c[2] == v) | (c[3] == v) {
+                return c.iter().position(|&x| x == v).map(|i| base + i);
+            }
+            base += 4;
+        }
+        chunks
+            .remainder()
+            .iter()
+            .position(|&x| x == v)
+            .map(|i| base + i)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::Avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        __m256d, _mm256_castpd256_pd128, _mm256_cmp_pd, _mm256_extractf128_pd, _mm256_loadu_pd,
+        _mm256_max_pd, _mm256_min_pd, _mm256_movemask_pd, _mm256_set1_pd, _mm256_storeu_pd,
+        _mm256_xor_pd, _mm_cvtsd_f64, _mm_max_pd, _mm_unpackhi_pd, _CMP_EQ_OQ,
+    };
+
+    use super::{Kernels, Portable};
+
+    /// The kernels in AVX2; a value of this type proves the CPU has AVX2.
+    #[derive(Debug, Clone, Copy)]
+    pub(in crate::advantage) struct Avx2(());
+
+    impl Avx2 {
+        /// `Some` when this CPU supports AVX2.
+        pub(in crate::advantage) fn detect() -> Option<Avx2> {
+            std::arch::is_x86_feature_detected!("avx2").then_some(Avx2(()))
+        }
+    }
+
+    /// Four lanes of `xs` from `k` (`k + 4 <= xs.len()`, kept by the callers' loops).
+    #[inline(always)]
+    fn load(xs: &[f64], k: usize) -> __m256d {
+        debug_assert!(k + 4 <= xs.len());
+        // SAFETY: lanes k..k + 4 are in bounds (the callers' loops keep k + 4 <= len); AVX2
+        // is present (every caller is compiled
+        // for it and only reachable through an `Avx2` token).
+        unsafe { _mm256_loadu_pd(xs.as_ptr().add(k)) }
+    }
+
+    #[inline(always)]
+    fn store(xs: &mut [f64], k: usize, v: __m256d) {
+        debug_assert!(k + 4 <= xs.len());
+        // SAFETY: as in `load`.
+        unsafe { _mm256_storeu_pd(xs.as_mut_ptr().add(k), v) }
+    }
+
+    /// `out[k] = -min(rs[..][k])` (first) or `max(out[k], -min(rs[..][k]))`, four positions
+    /// at a time; `max(-x) = -min(x)` exactly, so this equals the portable fold.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn fold<const N: usize>(out: &mut [f64], rs: [&[f64]; N], first: bool) {
+        let n = out.len();
+        // Every response covers `out`: checked once here, so the loop loads unchecked.
+        let r = rs.map(|r| &r[..n]);
+        let ptrs = r.map(|x| x.as_ptr());
+        let sign = _mm256_set1_pd(-0.0);
+        let column = |k: usize| {
+            // SAFETY: k + 4 <= n and every slice holds n values; AVX2 is enabled here.
+            let mut lanes = ptrs.map(|p| unsafe { _mm256_loadu_pd(p.add(k)) });
+            // A pairwise tree of minima.
+            let mut width = N;
+            while width > 1 {
+                let half = width / 2;
+                for i in 0..half {
+                    lanes[i] = _mm256_min_pd(lanes[i], lanes[i + half]);
+                }
+                width = half;
+            }
+            _mm256_xor_pd(lanes[0], sign)
+        };
+        let mut k = 0;
+        if first {
+            while k + 4 <= n {
+                store(out, k, column(k));
+                k += 4;
+            }
+        } else {
+            while k + 4 <= n {
+                store(out, k, _mm256_max_pd(load(out, k), column(k)));
+                k += 4;
+            }
+        }
+        for k in k..n {
+            let s = -r
+                .iter()
+                .fold(f64::INFINITY, |m, x| if x[k] < m { x[k] } else { m });
+            out[k] = if first || s > out[k] { s } else { out[k] };
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn range_max(xs: &[f64]) -> f64 {
+        let n = xs.len();
+        let mut acc = [_mm256_set1_pd(f64::NEG_INFINITY); 2];
+        let mut k = 0;
+        while k + 8 <= n {
+            acc[0] = _mm256_max_pd(acc[0], load(xs, k));
+            acc[1] = _mm256_max_pd(acc[1], load(xs, k + 4));
+            k += 8;
+        }
+        let v = _mm256_max_pd(acc[0], acc[1]);
+        let h = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        let m = _mm_cvtsd_f64(_mm_max_pd(h, _mm_unpackhi_pd(h, h)));
+        let rest = Portable.range_max(&xs[k..]);
+        if rest > m {
+            rest
+        } else {
+            m
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn position_of(xs: &[f64], v: f64) -> Option<usize> {
+        let n = xs.len();
+        let vv = _mm256_set1_pd(v);
+        let mut k = 0;
+        while k + 4 <= n {
+            let mask = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(load(xs, k), vv));
+            if mask != 0 {
+                return Some(k + mask.trailing_zeros() as usize);
+            }
+            k += 4;
+        }
+        Portable.position_of(&xs[k..], v).map(|i| k + i)
+    }
+
+    // SAFETY (every method): an `Avx2` value exists only when `detect` found AVX2.
+    impl Kernels for Avx2 {
+        #[inline(always)]
+        fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool) {
+            unsafe { fold(out, rs, first) }
+        }
+        #[inline(always)]
+        fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool) {
+            unsafe { fold(out, rs, first) }
+        }
+        #[inline(always)]
+        fn range_max(self, xs: &[f64]) -> f64 {
+            unsafe { range_max(xs) }
+        }
+        #[inline(always)]
+        fn position_of(self, xs: &[f64], v: f64) -> Option<usize> {
+            unsafe { position_of(xs, v) }
+        }
+    }
+}
