@@ -132,12 +132,19 @@ mod x86 {
     fn fold<const N: usize>(out: &mut [f64], rs: [&[f64]; N], first: bool) {
         let n = out.len();
         // Every response covers `out`: checked once here, so the loop loads unchecked.
-        let r = rs.map(|r| &r[..n]);
-        let ptrs = r.map(|x| x.as_ptr());
+        let mut ptrs = [std::ptr::null::<f64>(); N];
+        for (p, r) in ptrs.iter_mut().zip(rs) {
+            *p = r[..n].as_ptr();
+        }
         let sign = _mm256_set1_pd(-0.0);
-        let column = |k: usize| {
-            // SAFETY: k + 4 <= n and every slice holds n values; AVX2 is enabled here.
-            let mut lanes = ptrs.map(|p| unsafe { _mm256_loadu_pd(p.add(k)) });
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn column<const N: usize>(ptrs: &[*const f64; N], k: usize, sign: __m256d) -> __m256d {
+            let mut lanes = [sign; N];
+            for (lane, p) in lanes.iter_mut().zip(ptrs) {
+                // SAFETY: k + 4 <= n and every response holds n values (sliced above).
+                *lane = unsafe { _mm256_loadu_pd(p.add(k)) };
+            }
             // A pairwise tree of minima.
             let mut width = N;
             while width > 1 {
@@ -148,21 +155,21 @@ mod x86 {
                 width = half;
             }
             _mm256_xor_pd(lanes[0], sign)
-        };
+        }
         let mut k = 0;
         if first {
             while k + 4 <= n {
-                store(out, k, column(k));
+                store(out, k, column(&ptrs, k, sign));
                 k += 4;
             }
         } else {
             while k + 4 <= n {
-                store(out, k, _mm256_max_pd(load(out, k), column(k)));
+                store(out, k, _mm256_max_pd(load(out, k), column(&ptrs, k, sign)));
                 k += 4;
             }
         }
         for k in k..n {
-            let s = -r
+            let s = -rs
                 .iter()
                 .fold(f64::INFINITY, |m, x| if x[k] < m { x[k] } else { m });
             out[k] = if first || s > out[k] { s } else { out[k] };

@@ -28,6 +28,17 @@ pub enum Terms {
     Local,
 }
 
+impl Terms {
+    /// The span advantage from its global (`V - V0`) and local (`V - V(parent)`) terms.
+    pub(super) fn combine(self, global: f64, local: f64) -> f64 {
+        match self {
+            Terms::Both => global + local,
+            Terms::Global => global,
+            Terms::Local => local,
+        }
+    }
+}
+
 impl std::str::FromStr for Terms {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -129,7 +140,13 @@ impl Leaf {
         if ws.boundaries.is_empty() {
             fallback_spans(rollouts, root_value, &mut ws.forest);
         } else {
-            build_nodes(rollouts, &ws.boundaries, &mut ws.forest);
+            build_nodes(
+                rollouts,
+                &ws.boundaries,
+                root_value,
+                self.config.terms,
+                &mut ws.forest,
+            );
             build_spans(
                 rollouts,
                 ws.boundaries.len(),

@@ -136,6 +136,8 @@ pub(super) struct RawNode {
     pub value: f64,
     pub size: usize,
     pub usable: bool,
+    /// Span advantage (before normalisation) of the span that ends at this node.
+    pub span_raw: f64,
 }
 
 /// A span while the tree is computed: `node` is `u32::MAX` for a tail or fallback span.
@@ -161,20 +163,28 @@ pub(super) struct Forest {
     pub scratch: Vec<usize>,
 }
 
-/// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2).
+/// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2) and
+/// gives each node its span advantage (step 3).
 ///
 /// Equal keys at a later boundary imply equal keys at an earlier one, so each boundary only
 /// refines the classes of the previous one and compares the new segment of the key. A class
 /// is named by its lowest member; classes of two or more become nodes, in boundary order and
-/// then by lowest member.
-pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &mut Forest) {
+/// then by lowest member. Members of a node share their previous node too, so the span that
+/// ends at a node has one value for all its members, computed once here.
+pub(super) fn build_nodes(
+    rollouts: &[Rollout],
+    boundaries: &[usize],
+    root_value: f64,
+    terms: Terms,
+    forest: &mut Forest,
+) {
     let k = rollouts.len();
     let width = boundaries.len();
     forest.nodes.clear();
     forest.scratch.clear();
     forest.scratch.resize(4 * k, 0);
-    let (class, rest) = forest.scratch.split_at_mut(k);
-    let (next, rest) = rest.split_at_mut(k);
+    let (mut class, rest) = forest.scratch.split_at_mut(k);
+    let (mut next, rest) = rest.split_at_mut(k);
     let (size, node_of) = rest.split_at_mut(k);
     forest.paths.clear();
     forest.paths.resize(k * width, u32::MAX);
@@ -200,12 +210,13 @@ pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &m
             next[i] = rep;
             size[rep] += 1;
         }
-        class.copy_from_slice(next);
+        std::mem::swap(&mut class, &mut next);
         for i in 0..k {
             let rep = class[i];
             if size[rep] < 2 {
                 continue;
             }
+            let depth = forest.path_len[i];
             if rep == i {
                 node_of[rep] = forest.nodes.len();
                 let first = rollouts[i].reward;
@@ -216,21 +227,28 @@ pub(super) fn build_nodes(rollouts: &[Rollout], boundaries: &[usize], forest: &m
                     usable |= rollouts[m].reward != first;
                 }
                 let value = first + sum / size[rep] as f64;
+                let parent = match depth {
+                    0 => root_value,
+                    d => forest.nodes[forest.paths[i * width + d - 1] as usize].value,
+                };
                 forest.nodes.push(RawNode {
                     position: p,
                     value,
                     size: size[rep],
                     usable,
+                    span_raw: terms.combine(value - root_value, value - parent)
+                        / (size[rep] as f64).sqrt(),
                 });
             }
-            forest.paths[i * width + forest.path_len[i]] = node_of[rep] as u32;
-            forest.path_len[i] += 1;
+            forest.paths[i * width + depth] = node_of[rep] as u32;
+            forest.path_len[i] = depth + 1;
         }
         prev = p;
     }
 }
 
-/// Span advantages of every response (step 3), before normalisation.
+/// Span advantages of every response (step 3), before normalisation: the internal spans
+/// carry their node's value, the tail span `combine(r - V0, r - V(last node))`.
 pub(super) fn build_spans(
     rollouts: &[Rollout],
     width: usize,
@@ -238,41 +256,35 @@ pub(super) fn build_spans(
     terms: Terms,
     forest: &mut Forest,
 ) {
-    let combine = |global: f64, local: f64| match terms {
-        Terms::Both => global + local,
-        Terms::Global => global,
-        Terms::Local => local,
-    };
     forest.spans.clear();
     forest.span_ofs.clear();
     forest.span_ofs.push(0);
     for (i, r) in rollouts.iter().enumerate() {
         let (mut prev_pos, mut prev_v) = (0usize, root_value);
-        let path = forest
+        let depth = forest.path_len.get(i).copied().unwrap_or(0);
+        for &v in forest
             .paths
-            .get(i * width..i * width + forest.path_len.get(i).copied().unwrap_or(0));
-        for &v in path.unwrap_or(&[]) {
+            .get(i * width..i * width + depth)
+            .unwrap_or(&[])
+        {
             let node = forest.nodes[v as usize];
             if node.position > prev_pos {
-                let raw = combine(node.value - root_value, node.value - prev_v)
-                    / (node.size as f64).sqrt();
                 forest.spans.push(RawSpan {
                     start: prev_pos,
                     end: node.position,
                     node: v,
-                    raw,
+                    raw: node.span_raw,
                 });
                 prev_pos = node.position;
                 prev_v = node.value;
             }
         }
         if prev_pos < r.len() {
-            let raw = combine(r.reward - root_value, r.reward - prev_v);
             forest.spans.push(RawSpan {
                 start: prev_pos,
                 end: r.len(),
                 node: u32::MAX,
-                raw,
+                raw: terms.combine(r.reward - root_value, r.reward - prev_v),
             });
         }
         forest.span_ofs.push(forest.spans.len());
