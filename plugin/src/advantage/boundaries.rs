@@ -44,12 +44,16 @@ fn gaps(
         })
 }
 
-/// `out[k] = max over the responses of -r[k]` (every response covers `out`), eight or four
-/// responses per pass; a short batch repeats its first response (the maximum is idempotent).
+/// `best[k] = max over the responses of -r[k]` for `k` in `range` (every response covers it),
+/// eight or four responses per pass; a short batch repeats its first response (the maximum
+/// is idempotent). Up to three positions below the range may be overwritten too (see
+/// [`Kernels::fold4`]): the caller folds segments from the end down, so a later segment
+/// rewrites them.
 #[inline(always)]
 fn fold_segment<'a>(
     kernels: impl Kernels,
-    out: &mut [f64],
+    best: &mut [f64],
+    range: std::ops::Range<usize>,
     mut responses: impl ExactSizeIterator<Item = &'a [f64]>,
 ) {
     let mut first = true;
@@ -58,7 +62,7 @@ fn fold_segment<'a>(
         for s in 0..batch.len() {
             batch[s] = responses.next().unwrap_or(batch[0]);
         }
-        kernels.fold8(out, batch, first);
+        kernels.fold8(best, batch, range.clone(), first);
         first = false;
     }
     if responses.len() > 0 {
@@ -66,7 +70,7 @@ fn fold_segment<'a>(
         for s in 0..batch.len() {
             batch[s] = responses.next().unwrap_or(batch[0]);
         }
-        kernels.fold4(out, batch, first);
+        kernels.fold4(best, batch, range, first);
     }
 }
 
@@ -189,8 +193,8 @@ fn select_with(
     for j in 0..reach.len() {
         let lo = reach.get(j + 1).map_or(0, |r| r.0);
         if lo < hi {
-            let column = |&(_, i): &(usize, usize)| &rollouts[i].logprobs[start + lo..start + hi];
-            fold_segment(kernels, &mut best[lo..hi], reach[..=j].iter().map(column));
+            let column = |&(_, i): &(usize, usize)| &rollouts[i].logprobs[start..];
+            fold_segment(kernels, best, lo..hi, reach[..=j].iter().map(column));
             hi = lo;
         }
     }

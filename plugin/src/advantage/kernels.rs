@@ -6,13 +6,17 @@
 //! runs on it is compiled for AVX2 and dispatched once per group. Both give equal results
 //! (surprisals are never NaN: groups are validated), which a test checks.
 
+use std::ops::Range;
+
 /// Column maxima, range maxima and equality scans over `f64` surprisal arrays.
 pub(super) trait Kernels: Copy {
-    /// `out[k] = max(-a[k], -b[k], -c[k], -d[k])` when `first`, else the maximum of that and
-    /// `out[k]`; every response is at least as long as `out`.
-    fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool);
+    /// `best[k] = max(-a[k], -b[k], -c[k], -d[k])` for `k` in `range` when `first`, else the
+    /// maximum of that and `best[k]`; every response covers the range. May also write up to
+    /// three positions just below `range.start` (with the maximum over these responses), so
+    /// that a range whose length is not a multiple of the vector width needs no scalar tail.
+    fn fold4(self, best: &mut [f64], rs: [&[f64]; 4], range: Range<usize>, first: bool);
     /// The same for eight responses.
-    fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool);
+    fn fold8(self, best: &mut [f64], rs: [&[f64]; 8], range: Range<usize>, first: bool);
     /// The largest value of `xs`; `-inf` when empty.
     fn range_max(self, xs: &[f64]) -> f64;
     /// The first index of `xs` holding a value equal to `v`.
@@ -25,23 +29,22 @@ pub(super) struct Portable;
 
 impl Kernels for Portable {
     #[inline(always)]
-    fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool) {
-        let n = out.len();
-        let [a, b, c, d] = rs.map(|r| &r[..n]);
-        for k in 0..n {
+    fn fold4(self, best: &mut [f64], rs: [&[f64]; 4], range: Range<usize>, first: bool) {
+        let [a, b, c, d] = rs.map(|r| &r[range.clone()]);
+        for (k, out) in best[range].iter_mut().enumerate() {
             let (sa, sb, sc, sd) = (-a[k], -b[k], -c[k], -d[k]);
             let ab = if sb > sa { sb } else { sa };
             let cd = if sd > sc { sd } else { sc };
             let s = if cd > ab { cd } else { ab };
-            out[k] = if first || s > out[k] { s } else { out[k] };
+            *out = if first || s > *out { s } else { *out };
         }
     }
 
     #[inline(always)]
-    fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool) {
+    fn fold8(self, best: &mut [f64], rs: [&[f64]; 8], range: Range<usize>, first: bool) {
         let [a, b, c, d, e, f, g, h] = rs;
-        self.fold4(out, [a, b, c, d], first);
-        self.fold4(out, [e, f, g, h], false);
+        self.fold4(best, [a, b, c, d], range.clone(), first);
+        self.fold4(best, [e, f, g, h], range, false);
     }
 
     /// Four independent accumulators, so the loop has no branch and no loop-carried
@@ -95,6 +98,8 @@ mod x86 {
         _mm256_xor_pd, _mm_cvtsd_f64, _mm_max_pd, _mm_unpackhi_pd, _CMP_EQ_OQ,
     };
 
+    use std::ops::Range;
+
     use super::{Kernels, Portable};
 
     /// The kernels in AVX2; a value of this type proves the CPU has AVX2.
@@ -125,24 +130,41 @@ mod x86 {
         unsafe { _mm256_storeu_pd(xs.as_mut_ptr().add(k), v) }
     }
 
-    /// `out[k] = -min(rs[..][k])` (first) or `max(out[k], -min(rs[..][k]))`, four positions
-    /// at a time; `max(-x) = -min(x)` exactly, so this equals the portable fold.
+    /// `best[k] = -min(rs[..][k])` (first) or `max(best[k], -min(rs[..][k]))` over `range`,
+    /// four positions at a time, the last four ending at `range.end` (overlapping the
+    /// previous ones or reaching below the range: recomputing a position gives the same
+    /// value). `max(-x) = -min(x)` exactly, so this equals the portable fold.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn fold<const N: usize>(out: &mut [f64], rs: [&[f64]; N], first: bool) {
-        let n = out.len();
-        // Every response covers `out`: checked once here, so the loop loads unchecked.
+    fn fold<const N: usize>(best: &mut [f64], rs: [&[f64]; N], range: Range<usize>, first: bool) {
+        let Range { start, end } = range;
+        if end < 4 {
+            // Too short for one vector.
+            let mut s = [f64::NEG_INFINITY; 4];
+            for (k, s) in (start..end).zip(&mut s) {
+                *s = -rs
+                    .iter()
+                    .fold(f64::INFINITY, |m, x| if x[k] < m { x[k] } else { m });
+            }
+            for (k, s) in (start..end).zip(s) {
+                best[k] = if first || s > best[k] { s } else { best[k] };
+            }
+            return;
+        }
+        // Every response covers `..end` and so does `best`: checked once here, so the loop
+        // loads unchecked.
         let mut ptrs = [std::ptr::null::<f64>(); N];
         for (p, r) in ptrs.iter_mut().zip(rs) {
-            *p = r[..n].as_ptr();
+            *p = r[..end].as_ptr();
         }
+        let out = &mut best[..end];
         let sign = _mm256_set1_pd(-0.0);
         #[inline]
         #[target_feature(enable = "avx2")]
         fn column<const N: usize>(ptrs: &[*const f64; N], k: usize, sign: __m256d) -> __m256d {
             let mut lanes = [sign; N];
             for (lane, p) in lanes.iter_mut().zip(ptrs) {
-                // SAFETY: k + 4 <= n and every response holds n values (sliced above).
+                // SAFETY: k + 4 <= end and every response holds `end` values (sliced above).
                 *lane = unsafe { _mm256_loadu_pd(p.add(k)) };
             }
             // A pairwise tree of minima.
@@ -156,23 +178,30 @@ mod x86 {
             }
             _mm256_xor_pd(lanes[0], sign)
         }
-        let mut k = 0;
+        let last = end - 4;
+        let mut k = start;
         if first {
-            while k + 4 <= n {
-                store(out, k, column(&ptrs, k, sign));
+            loop {
+                let at = k.min(last);
+                store(out, at, column(&ptrs, at, sign));
+                if at == last {
+                    break;
+                }
                 k += 4;
             }
         } else {
-            while k + 4 <= n {
-                store(out, k, _mm256_max_pd(load(out, k), column(&ptrs, k, sign)));
+            loop {
+                let at = k.min(last);
+                store(
+                    out,
+                    at,
+                    _mm256_max_pd(load(out, at), column(&ptrs, at, sign)),
+                );
+                if at == last {
+                    break;
+                }
                 k += 4;
             }
-        }
-        for k in k..n {
-            let s = -rs
-                .iter()
-                .fold(f64::INFINITY, |m, x| if x[k] < m { x[k] } else { m });
-            out[k] = if first || s > out[k] { s } else { out[k] };
         }
     }
 
@@ -217,12 +246,12 @@ mod x86 {
     // SAFETY (every method): an `Avx2` value exists only when `detect` found AVX2.
     impl Kernels for Avx2 {
         #[inline(always)]
-        fn fold4(self, out: &mut [f64], rs: [&[f64]; 4], first: bool) {
-            unsafe { fold(out, rs, first) }
+        fn fold4(self, best: &mut [f64], rs: [&[f64]; 4], range: Range<usize>, first: bool) {
+            unsafe { fold(best, rs, range, first) }
         }
         #[inline(always)]
-        fn fold8(self, out: &mut [f64], rs: [&[f64]; 8], first: bool) {
-            unsafe { fold(out, rs, first) }
+        fn fold8(self, best: &mut [f64], rs: [&[f64]; 8], range: Range<usize>, first: bool) {
+            unsafe { fold(best, rs, range, first) }
         }
         #[inline(always)]
         fn range_max(self, xs: &[f64]) -> f64 {
