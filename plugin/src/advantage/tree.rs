@@ -182,10 +182,12 @@ pub(super) fn build_nodes(
     let width = boundaries.len();
     forest.nodes.clear();
     forest.scratch.clear();
-    forest.scratch.resize(4 * k, 0);
+    forest.scratch.resize(6 * k, 0);
     let (mut class, rest) = forest.scratch.split_at_mut(k);
     let (mut next, rest) = rest.split_at_mut(k);
-    let (size, node_of) = rest.split_at_mut(k);
+    let (size, rest) = rest.split_at_mut(k);
+    let (node_of, rest) = rest.split_at_mut(k);
+    let (key_len, last) = rest.split_at_mut(k);
     forest.paths.clear();
     forest.paths.resize(k * width, u32::MAX);
     forest.path_len.clear();
@@ -193,18 +195,26 @@ pub(super) fn build_nodes(
     let mut prev = 0usize;
     for &p in boundaries {
         size.fill(0);
+        // Each key's length and last token (`usize::MAX` for an empty key), gathered once:
+        // keys that differ almost always differ there, which spares most slice comparisons.
+        for (i, r) in rollouts.iter().enumerate() {
+            key_len[i] = r.len().min(p);
+            last[i] = key_len[i]
+                .checked_sub(1)
+                .map_or(usize::MAX, |t| r.tokens[t] as usize);
+        }
         for i in 0..k {
-            let key_i = &rollouts[i].tokens[..rollouts[i].len().min(p)];
             let rep = (0..i)
                 .find(|&j| {
-                    next[j] == j && class[j] == class[i] && {
-                        let key_j = &rollouts[j].tokens[..rollouts[j].len().min(p)];
-                        // The last tokens first: keys that differ almost always differ
-                        // there, which spares most slice comparisons.
-                        key_j.len() == key_i.len()
-                            && key_j.last() == key_i.last()
-                            && key_j[prev.min(key_j.len())..] == key_i[prev.min(key_i.len())..]
-                    }
+                    next[j] == j
+                        && class[j] == class[i]
+                        && key_len[j] == key_len[i]
+                        && last[j] == last[i]
+                        && {
+                            let from = prev.min(key_len[i]);
+                            rollouts[j].tokens[from..key_len[j]]
+                                == rollouts[i].tokens[from..key_len[i]]
+                        }
                 })
                 .unwrap_or(i);
             next[i] = rep;
