@@ -44,28 +44,27 @@ fn gaps(
         })
 }
 
-/// `best[k] = max over the responses of -r[k]` for `k` in `range` (every response covers it),
-/// eight or four responses per pass; a short batch repeats its first response (the maximum
-/// is idempotent). Up to three positions below the range may be overwritten too (see
-/// [`Kernels::fold4`]): the caller folds segments from the end down, so a later segment
-/// rewrites them.
+/// `best[k] = max over the responses of -r[k]` for `k` in `range` (every response covers it;
+/// at most eight), or the maximum of that and `best[k]` when not `first`; a short batch
+/// repeats its first response (the maximum is idempotent). Up to three positions below the
+/// range may be written too (see [`Kernels::fold4`]), with values of responses that reach
+/// them: the caller folds from the end down, so a later fold of the same batch rewrites them.
 #[inline(always)]
-fn fold_segment<'a>(
+fn fold_batch<'a>(
     kernels: impl Kernels,
     best: &mut [f64],
     range: std::ops::Range<usize>,
+    first: bool,
     mut responses: impl ExactSizeIterator<Item = &'a [f64]>,
 ) {
-    let mut first = true;
-    while responses.len() > 4 {
+    debug_assert!((1..=8).contains(&responses.len()));
+    if responses.len() > 4 {
         let mut batch: [&[f64]; 8] = [&[]; 8];
         for s in 0..batch.len() {
             batch[s] = responses.next().unwrap_or(batch[0]);
         }
-        kernels.fold8(best, batch, range.clone(), first);
-        first = false;
-    }
-    if responses.len() > 0 {
+        kernels.fold8(best, batch, range, first);
+    } else {
         let mut batch: [&[f64]; 4] = [&[]; 4];
         for s in 0..batch.len() {
             batch[s] = responses.next().unwrap_or(batch[0]);
@@ -171,9 +170,11 @@ fn select_with(
         return Some(delta);
     }
     // best[k] = highest surprisal at position start + k over the responses that reach it
-    // (surprisals are finite: the group is validated). With the responses sorted longest
-    // first, positions `len(j + 1)..len(j)` are reached by exactly the first j + 1 of them:
-    // each such segment is one column-wise fold of those responses.
+    // (surprisals are finite: the group is validated). The responses, longest first, go in
+    // batches of eight; within a batch, positions `len(j + 1)..len(j)` are reached by exactly
+    // its first j + 1 members, so each such segment is one column-wise fold. The first batch
+    // writes every position (its last member is at least as long as any later response), the
+    // others take the maximum with it.
     let BoundaryScratch {
         best,
         gap_max,
@@ -189,13 +190,19 @@ fn select_with(
     );
     reach.sort_unstable_by_key(|&(len, _)| std::cmp::Reverse(len));
     best.resize(max_len - start, 0.0);
-    let mut hi = best.len();
-    for j in 0..reach.len() {
-        let lo = reach.get(j + 1).map_or(0, |r| r.0);
-        if lo < hi {
-            let column = |&(_, i): &(usize, usize)| &rollouts[i].logprobs[start..];
-            fold_segment(kernels, best, lo..hi, reach[..=j].iter().map(column));
-            hi = lo;
+    let column = |&(_, i): &(usize, usize)| &rollouts[i].logprobs[start..];
+    for (b, batch) in reach.chunks(8).enumerate() {
+        for j in 0..batch.len() {
+            let (lo, hi) = (batch.get(j + 1).map_or(0, |r| r.0), batch[j].0);
+            if lo < hi {
+                fold_batch(
+                    kernels,
+                    best,
+                    lo..hi,
+                    b == 0,
+                    batch[..=j].iter().map(column),
+                );
+            }
         }
     }
     // The lowest response index holding surprisal `s` at position `p` (tie-break key).
