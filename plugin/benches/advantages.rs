@@ -8,7 +8,7 @@
 //! With glibc, heap trimming is turned off first: otherwise freeing a K = 64 x 1,000 group's
 //! output (512 KB) can hand the top of the heap back to the OS and the next group page-faults
 //! it in again, in LEAF and GRPO alike; whether that happens depends on the heap layout of the
-//! build, and it then dominates both timings (measured: 160-200 us per group instead of
+//! build, and it then dominates both timings (measured: 160-250 us per group instead of
 //! 10-35 us). A trainer that frees its advantages group by group can set
 //! `MALLOC_TRIM_THRESHOLD_` the same way.
 
