@@ -59,18 +59,20 @@ fn fold_batch<'a>(
 ) {
     debug_assert!((1..=8).contains(&responses.len()));
     if responses.len() > 4 {
-        let mut batch: [&[f64]; 8] = [&[]; 8];
-        for s in 0..batch.len() {
-            batch[s] = responses.next().unwrap_or(batch[0]);
-        }
-        kernels.fold8(best, batch, range, first);
+        kernels.fold8(best, padded(&mut responses), range, first);
     } else {
-        let mut batch: [&[f64]; 4] = [&[]; 4];
-        for s in 0..batch.len() {
-            batch[s] = responses.next().unwrap_or(batch[0]);
-        }
-        kernels.fold4(best, batch, range, first);
+        kernels.fold4(best, padded(&mut responses), range, first);
     }
+}
+
+/// The next `N` responses, the first one repeated where fewer remain.
+#[inline(always)]
+fn padded<'a, const N: usize>(responses: &mut impl Iterator<Item = &'a [f64]>) -> [&'a [f64]; N] {
+    let mut batch: [&[f64]; N] = [&[]; N];
+    for s in 0..N {
+        batch[s] = responses.next().unwrap_or(batch[0]);
+    }
+    batch
 }
 
 /// Buffers of boundary selection, reused from group to group by the estimator.
