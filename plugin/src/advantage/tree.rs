@@ -166,7 +166,7 @@ pub(super) struct Forest {
 }
 
 /// Up to this many responses, [`build_nodes`] compares each response with every earlier
-/// class; above it, it buckets them first (measured at K = 64: 1.5 us less per group).
+/// class; above it, it buckets them first (measured at K = 64 x 1,000: about 1 us less per group).
 const SCAN_LIMIT: usize = 16;
 
 /// Groups responses by their key `tokens[..min(p, len)]` at each boundary (step 2) and
@@ -212,6 +212,7 @@ pub(super) fn build_nodes(
         }
         // Same key = same class at the previous boundary, same length, same last token and
         // the same new segment; `next[j] == j` marks j as the lowest member of its class.
+        // Both callers below have checked the lengths first.
         let same_key = |next: &[usize], i: usize, j: usize| {
             next[j] == j && {
                 let from = prev.min(key_len[i]);
