@@ -240,8 +240,7 @@ impl SamplingTap {
             } else if cfg.top_p >= 1.0 {
                 z_of(ci) - lse
             } else {
-                candidates(&st.z, cfg.top_p, sum, &mut st.idx);
-                let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
+                let mass = top_p_nucleus(&st.z, cfg.top_p, sum, &mut st.idx);
                 if st.idx.contains(&c) {
                     (z_of(ci) - lse - (mass / sum).ln()).min(0.0)
                 } else {
@@ -262,8 +261,7 @@ impl SamplingTap {
             let (chosen, mass) = if cfg.top_p >= 1.0 {
                 (draw(&st.z, 0..v, u * sum), sum)
             } else {
-                candidates(&st.z, cfg.top_p, sum, &mut st.idx);
-                let mass = nucleus(&st.z, cfg.top_p * sum, &mut st.idx);
+                let mass = top_p_nucleus(&st.z, cfg.top_p, sum, &mut st.idx);
                 let members = st.idx.iter().map(|&i| i as usize);
                 (draw(&st.z, members, u * mass), mass)
             };
@@ -318,11 +316,13 @@ impl SamplingTap {
     }
 }
 
-/// The ids that can be in the top-p nucleus: every id whose weight is at least
-/// `(1 - top_p) * sum / len`. The others together weigh less than `(1 - top_p) * sum` and all
-/// lie below them, so they belong to the excluded tail whatever the order: one linear pass
-/// that usually leaves the quickselect a small fraction of the vocabulary.
-fn candidates(w: &[f64], top_p: f64, sum: f64, idx: &mut Vec<u32>) {
+/// [`nucleus`] of the weights `w` (summing to `sum`) at `top_p`, into `idx`; returns its mass.
+///
+/// Only ids whose weight is at least `(1 - top_p) * sum / len` are handed to the quickselect.
+/// The others together weigh less than `(1 - top_p) * sum` and all lie below them, so they
+/// belong to the excluded tail whatever the order: one linear pass that usually leaves the
+/// quickselect a small fraction of the vocabulary.
+fn top_p_nucleus(w: &[f64], top_p: f64, sum: f64, idx: &mut Vec<u32>) -> f64 {
     let cut = (1.0 - top_p).max(0.0) * sum / w.len() as f64;
     idx.clear();
     idx.extend(
@@ -331,6 +331,7 @@ fn candidates(w: &[f64], top_p: f64, sum: f64, idx: &mut Vec<u32>) {
             .filter(|(_, &x)| x >= cut && x > 0.0)
             .map(|(i, _)| i as u32),
     );
+    nucleus(w, top_p * sum, idx)
 }
 
 /// Walks `members` (ids into `probs`) in order and returns the first id at which the running
@@ -556,8 +557,7 @@ mod tests {
             let w: Vec<f64> = raw.iter().map(|&r| r as f64).collect();
             let m1 = nucleus(&w, top_p * total, &mut all);
             let mut some = Vec::new();
-            candidates(&w, top_p, total, &mut some);
-            let m2 = nucleus(&w, top_p * total, &mut some);
+            let m2 = top_p_nucleus(&w, top_p, total, &mut some);
             all.sort_unstable();
             some.sort_unstable();
             prop_assert_eq!(all, some);
