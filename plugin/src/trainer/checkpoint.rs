@@ -47,17 +47,14 @@ impl Trainer {
 
     /// The adapter version a checkpoint file belongs to.
     pub fn state_version(path: &Path) -> Result<String, TrainError> {
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| bad(path, format!("unreadable ({e})")))?;
-        version_of(path, &tensors)
+        version_of(path, &read(path)?)
     }
 
     /// Restores what [`save_state`](Self::save_state) wrote. Refused, with the trainer
     /// unchanged, when the file belongs to another adapter version than `version`, misses a
     /// parameter, or holds a moment of the wrong shape.
     pub fn load_state(&mut self, path: &Path, version: &str) -> Result<(), TrainError> {
-        let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| bad(path, format!("unreadable ({e})")))?;
+        let mut tensors = read(path)?;
         let saved = version_of(path, &tensors)?;
         if saved != version {
             return Err(bad(
@@ -96,6 +93,12 @@ impl Trainer {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// Every tensor of the checkpoint file at `path`.
+fn read(path: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(path, format!("unreadable ({e})")))
 }
 
 fn version_of(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<String, TrainError> {
