@@ -222,6 +222,18 @@ impl Leaf {
         with_workspace(|ws| Self::readable(group, &self.compute(group, ws)))
     }
 
+    /// The per-token advantages and fork counts of `group`, with its tree when `with_tree`.
+    fn advantages(&self, group: &Group, with_tree: bool) -> Advantages {
+        with_workspace(|ws| {
+            let c = self.compute(group, ws);
+            Advantages {
+                per_token: Self::broadcast(group, &c),
+                stats: Some(c.stats),
+                tree: with_tree.then(|| Self::readable(group, &c)),
+            }
+        })
+    }
+
     fn readable(group: &Group, c: &Computed) -> LeafTree {
         let f = &c.forest;
         let width = c.boundaries.len();
@@ -275,24 +287,10 @@ impl AdvantageEstimator for Leaf {
     }
 
     fn estimate(&self, group: &Group) -> Advantages {
-        with_workspace(|ws| {
-            let c = self.compute(group, ws);
-            Advantages {
-                per_token: Self::broadcast(group, &c),
-                stats: Some(c.stats),
-                tree: None,
-            }
-        })
+        self.advantages(group, false)
     }
 
     fn estimate_with_tree(&self, group: &Group) -> Advantages {
-        with_workspace(|ws| {
-            let c = self.compute(group, ws);
-            Advantages {
-                per_token: Self::broadcast(group, &c),
-                stats: Some(c.stats),
-                tree: Some(Self::readable(group, &c)),
-            }
-        })
+        self.advantages(group, true)
     }
 }
