@@ -136,37 +136,29 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         report.rollbacks,
         report.wall_seconds
     );
-    let o = &report.other_decoding;
-    for (decoding, r) in [
-        (
-            report.eval_decoding,
-            (
-                report.base_reward,
-                report.final_reward,
-                report.base_exact_match,
-                report.final_exact_match,
-            ),
-        ),
-        (
-            o.decoding,
-            (
-                o.base_reward,
-                o.final_reward,
-                o.base_exact_match,
-                o.final_exact_match,
-            ),
-        ),
-    ] {
+    // Base -> final under the decoding the run gated on, then under the other one.
+    let line = |decoding: EvalDecoding, reward: (f64, f64), exact: (f64, f64)| {
         eprintln!(
             "leaf run: held-out reward {:.3} -> {:.3}, exact match {:.3} -> {:.3} (base -> final, \
              {} decoding)",
-            r.0,
-            r.1,
-            r.2,
-            r.3,
+            reward.0,
+            reward.1,
+            exact.0,
+            exact.1,
             decoding.name()
-        );
-    }
+        )
+    };
+    line(
+        report.eval_decoding,
+        (report.base_reward, report.final_reward),
+        (report.base_exact_match, report.final_exact_match),
+    );
+    let o = &report.other_decoding;
+    line(
+        o.decoding,
+        (o.base_reward, o.final_reward),
+        (o.base_exact_match, o.final_exact_match),
+    );
     eprintln!(
         "leaf run: wrote {} and {}",
         config.out.join("report.json").display(),
