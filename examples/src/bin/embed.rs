@@ -15,6 +15,7 @@ use leaf_plugin::harvest::ReferenceReward;
 use leaf_plugin::online::{OnlineConfig, OnlineTrainer};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, LeafServer, Message, Part, ServerConfig};
+use leaf_plugin::speech::numbers::english;
 use leaf_plugin::speech::pretrain::{default_data_dir, ensure_default_model};
 use leaf_plugin::trainer::TrainConfig;
 
@@ -58,11 +59,9 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     // 3. Traffic: audio in, text out; the reference becomes the reward.
-    let digits = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    ];
     for i in 0..requests {
         let digit = i % 10;
+        let word = english(digit as u32).expect("a digit has a word");
         let wav = std::fs::read(data.join(format!("{digit}_jackson_{}.wav", 5 + i / 10)))
             .context("reading a recording")?;
         let reply = server
@@ -71,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
                     role: "user".into(),
                     content: vec![Part::Wav(wav), Part::Text("Transcribe the audio.".into())],
                 }],
-                reference: Some(digits[digit].into()),
+                reference: Some(word.into()),
                 ..ChatRequest::default()
             })
             .await?;
@@ -83,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{:>3}  ref {:<6} got {:<24} adapter {}",
             i,
-            digits[digit],
+            word,
             format!("{text:?}"),
             reply.adapter_version
         );
