@@ -1,8 +1,8 @@
 //! Pre-training throughput: one supervised step (forward, cross-entropy on the answer tokens,
 //! backward, clipping, Adam) of the default spoken-digit model (2 layers, d = 128, the task
-//! tokenizer's vocabulary) on a batch of 16 sequences (the default) shaped like the training data (about 60
-//! prompt tokens, 5 answer tokens). Criterion reports input tokens per second; a summary line
-//! prints tokens per second and seconds per step.
+//! tokenizer's vocabulary) on a batch of 16 sequences (the default) shaped like the training
+//! data (about 60 prompt tokens, 5 answer tokens). Criterion reports input tokens per second;
+//! a summary line prints tokens per second and seconds per step.
 //!
 //! The token ids are synthetic (the cost does not depend on them), so the bench runs without the
 //! dataset. Short run: `cargo bench -p leaf-plugin --no-default-features --bench pretrain --
