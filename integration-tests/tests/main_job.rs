@@ -66,6 +66,8 @@ fn short_run(model: &Path, data: &Path, out: &Path) -> RunConfig {
         traffic_prompts: 24,
         eval_samples: 4,
         final_eval_samples: 6,
+        ceiling_samples: 3,
+        cache_dir: out.with_file_name("cache"),
         // Only the injected fault may roll back in this test.
         collapse_drop: 10.0,
         progress: false,
@@ -105,9 +107,30 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
         "base_model",
         "final_adapter",
         "settings",
+        "ceiling",
+        "diagnostics",
     ] {
         assert!(json.get(key).is_some(), "report.json lacks {key}");
     }
+    // The diagnostics: one record per update, the time split, the ceiling per family.
+    let d = &report.diagnostics;
+    assert_eq!(d.updates.len() as u64, d.summary.updates);
+    assert!(!d.updates.is_empty());
+    for u in &d.updates {
+        assert!(u.entropy.is_finite() && u.entropy >= 0.0, "{u:?}");
+        assert!(u.ratio_max >= u.ratio_mean && u.ratio_mean > 0.0, "{u:?}");
+        assert!((0.0..=1.0).contains(&u.batch.zero_advantage_share), "{u:?}");
+        assert!(u.batch.informative_group_share > 0.0, "{u:?}");
+    }
+    assert!(d.phases.get(leaf_plugin::online::Phase::Training) > 0.0);
+    assert!(d.phases.get(leaf_plugin::online::Phase::HeldoutChecks) > 0.0);
+    assert!(d.rollouts_per_second > 0.0);
+    assert_eq!(report.ceiling.k, 4);
+    assert!(!report.ceiling.families.is_empty());
+    for f in report.ceiling.families.values() {
+        assert!(f.base_pass_at_k >= 0.0 && f.base_pass_at_k <= 1.0);
+    }
+    assert!(!report.diagnostics_lines().is_empty());
     assert_eq!(json["estimator"], "leaf");
     assert!(json["base_eval"]["in_speaker"]["tasks"]["asr"]["exact_match"].is_number());
     assert!(json["final_eval"]["in_speaker"]["tasks"]["sqa"]["bleu"].is_number());

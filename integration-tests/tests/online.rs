@@ -9,7 +9,7 @@ use leaf_integration_tests::{start, tiny_model};
 use leaf_plugin::harvest::{
     AssemblerConfig, ReferenceReward, RewardContext, RewardSource, SealedGroup,
 };
-use leaf_plugin::online::{OnlineConfig, OnlineTrainer, ShutdownMode};
+use leaf_plugin::online::{training_group_policy, OnlineConfig, OnlineTrainer, ShutdownMode};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServerConfig, BASE_VERSION};
 use leaf_plugin::trainer::TrainConfig;
@@ -170,5 +170,73 @@ async fn persist_shutdown_writes_held_groups() -> anyhow::Result<()> {
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].members.len(), 4);
     assert_eq!(server.current_version(), BASE_VERSION);
+    Ok(())
+}
+
+/// `leaf serve --online` with `{}` as its config: the default group policy of online training
+/// and the default `OnlineConfig`. Four clients send unique prompts (no prompt repeats, as
+/// with live audio); the server's own extra samples form the groups, and a new version is
+/// published and served while the traffic goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_online_settings_learn_from_unique_prompts() -> anyhow::Result<()> {
+    let m = tiny_model(10)?;
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.store_dir = Some(m.tmp.path().join("store"));
+    cfg.group_policy = training_group_policy();
+    let (server, rx) = start(cfg, Arc::new(EvenIds)).await?;
+    let online = OnlineTrainer::spawn(
+        server.clone(),
+        rx,
+        OnlineConfig::default(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4u64 {
+        let (server, stop) = (server.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut failed = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
+                let prompt = format!("Client {c} asks question {n}.");
+                if server.chat(ask(&prompt, "x", 1000 * c + n)).await.is_err() {
+                    failed += 1;
+                }
+                n += 1;
+            }
+            (n, failed)
+        }));
+    }
+    let mut served_new = false;
+    for _ in 0..1200 {
+        if server.current_version() != BASE_VERSION {
+            served_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sent = 0;
+    for c in clients {
+        let (n, failed) = c.await?;
+        assert_eq!(failed, 0, "client requests failed");
+        sent += n;
+    }
+    let status = server.status();
+    let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
+    eprintln!("{sent} requests; status {status:?}; report {report:?}");
+    assert!(
+        served_new,
+        "no new version within 60 s of steady traffic: {status:?}; {report:?}"
+    );
+    assert!(status.groups_sealed >= 10, "{status:?}");
+    assert!(status.forks_fired >= 10, "{status:?}");
+    assert!(report.updates >= 10);
+    assert!(!report.published.is_empty());
+    let last = report.last_update.expect("diagnostics of the last update");
+    assert!(last.batch.informative_group_share > 0.0);
+    assert!(last.entropy > 0.0 && last.ratio_max >= last.ratio_mean);
+    // The one-member groups of unforked requests were dropped early, not held to the timeout.
+    assert!(status.open_groups <= 16, "{status:?}");
     Ok(())
 }

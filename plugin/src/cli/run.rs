@@ -59,6 +59,16 @@ pub struct Args {
     /// KL penalty weight.
     #[arg(long, default_value_t = RunConfig::default().kl_beta)]
     pub kl_beta: f64,
+    /// PPO epochs (passes over each batch).
+    #[arg(long, default_value_t = RunConfig::default().epochs)]
+    pub epochs: usize,
+    /// Distinct training prompts in the traffic, replayed cyclically (fewer prompts than
+    /// rollouts / K replays each prompt more than once).
+    #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
+    pub prompts: usize,
+    /// Examples per task family of the base model's pass@K (cached per model).
+    #[arg(long, default_value_t = RunConfig::default().ceiling_samples)]
+    pub ceiling_samples: usize,
     /// Concurrent traffic clients.
     #[arg(long, default_value_t = RunConfig::default().clients)]
     pub clients: usize,
@@ -107,6 +117,9 @@ impl Args {
             rank: self.rank,
             alpha: self.alpha,
             kl_beta: self.kl_beta,
+            epochs: self.epochs,
+            traffic_prompts: self.prompts,
+            ceiling_samples: self.ceiling_samples,
             clients: self.clients,
             temperature: self.temperature,
             top_p: self.top_p,
@@ -159,6 +172,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         (o.base_reward, o.final_reward),
         (o.base_exact_match, o.final_exact_match),
     );
+    eprintln!("leaf run: what learning did (greedy on held-out test takes):");
+    for line in report.diagnostics_lines() {
+        eprintln!("  {line}");
+    }
     eprintln!(
         "leaf run: wrote {} and {}",
         config.out.join("report.json").display(),

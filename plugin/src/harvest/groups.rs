@@ -155,6 +155,9 @@ pub struct AssemblerStats {
     pub dropped_capacity: AtomicU64,
     /// Unrewarded members dropped from partial groups.
     pub dropped_unrewarded: AtomicU64,
+    /// Coalescing groups dropped as soon as they could no longer fill: their joining window
+    /// closed with fewer than `min_group_size` members (a prompt nobody repeated).
+    pub dropped_unfillable: AtomicU64,
 }
 
 /// Which group a sample joins.
@@ -362,20 +365,38 @@ impl GroupAssembler {
         Ok(())
     }
 
-    /// Seals or drops every group open longer than `seal_timeout_s` (see the module docs).
-    /// Returns how many groups it closed. Called periodically by the server.
+    /// Seals or drops every group open longer than `seal_timeout_s`, and drops at once every
+    /// coalescing group that can no longer fill (its joining window closed with fewer than
+    /// `min_group_size` members: holding it to the timeout would only keep a prompt nobody
+    /// repeats, and its reference, in memory). Returns how many groups it closed. Called
+    /// periodically by the server.
     pub fn sweep(&self) -> usize {
         let timeout = Duration::from_secs_f64(self.config.seal_timeout_s);
-        let expired: Vec<u64> = self
+        let window = Duration::from_secs_f64(self.config.coalesce_window_s);
+        let min = self.config.min_group_size.min(self.config.group_size);
+        let unfillable =
+            |g: &OpenGroup| g.coalescing && g.opened.elapsed() > window && g.members.len() < min;
+        let expired: Vec<(u64, bool)> = self
             .groups
             .iter()
-            .filter(|g| g.opened.elapsed() >= timeout)
-            .map(|g| *g.key())
+            .filter(|g| g.opened.elapsed() >= timeout || unfillable(g))
+            .map(|g| (*g.key(), g.opened.elapsed() < timeout))
             .collect();
         let mut closed = 0;
-        for no in expired {
-            if let Some((_, g)) = self.groups.remove(&no) {
-                closed += 1;
+        for (no, early) in expired {
+            let Some((_, g)) = self
+                .groups
+                .remove_if(&no, |_, g| !early || unfillable(g))
+            else {
+                continue;
+            };
+            closed += 1;
+            if early {
+                self.unindex(no, &g);
+                self.stats.dropped_unfillable.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("leaf_groups_dropped_total", "reason" => "unfillable")
+                    .increment(1);
+            } else {
                 self.close(no, g, true);
             }
         }
@@ -404,8 +425,8 @@ impl GroupAssembler {
         }
     }
 
-    /// Removes the indexes of a removed group and seals or drops it.
-    fn close(&self, no: u64, g: OpenGroup, timed_out: bool) {
+    /// Removes the request and prompt indexes of a removed group.
+    fn unindex(&self, no: u64, g: &OpenGroup) {
         for (s, _) in &g.members {
             self.by_request.remove_if(&s.request_id, |_, v| *v == no);
         }
@@ -414,6 +435,11 @@ impl GroupAssembler {
                 self.by_prompt.remove_if(key, |_, v| *v == no);
             }
         }
+    }
+
+    /// Removes the indexes of a removed group and seals or drops it.
+    fn close(&self, no: u64, g: OpenGroup, timed_out: bool) {
+        self.unindex(no, &g);
         let expected = g.expected;
         let age = g.opened.elapsed().as_secs_f64();
         let total = g.members.len();
@@ -541,6 +567,32 @@ mod tests {
         assert_eq!(ids, vec!["a", "b"]);
         assert!(rx.try_recv().is_err());
         assert_eq!(a.open_groups(), 1);
+    }
+
+    #[test]
+    fn coalescing_groups_that_cannot_fill_are_dropped_at_once_and_counted() {
+        let (a, rx) = GroupAssembler::new(AssemblerConfig {
+            coalesce_window_s: 0.0,
+            seal_timeout_s: 3600.0,
+            ..cfg(4)
+        })
+        .unwrap();
+        // A unique prompt: its window is over, one member < min_group_size 2.
+        a.submit(sample("u", &[7]), Some(1.0), Membership::Coalesce);
+        // A repeated prompt that reached min_group_size waits for the timeout as before.
+        let g = a.reserve(4).unwrap();
+        a.submit(sample("r1", &[8]), Some(1.0), Membership::Reserved(g));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(a.sweep(), 1);
+        assert_eq!(a.open_groups(), 1);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(a.stats().dropped_unfillable.load(Ordering::Relaxed), 1);
+        assert_eq!(a.stats().dropped_too_small.load(Ordering::Relaxed), 0);
+        // Its request id is forgotten: feedback is refused with a typed error.
+        assert!(matches!(
+            a.set_reward("u", 0.1),
+            Err(HarvestError::UnknownRequest { .. })
+        ));
     }
 
     #[test]

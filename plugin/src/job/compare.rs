@@ -48,6 +48,24 @@ pub struct Spread {
     pub max: f64,
     /// Number of values.
     pub n: usize,
+    /// Half-width of the 95 % confidence interval of the mean (Student's t with n - 1
+    /// degrees of freedom; 0 for fewer than two values).
+    #[serde(default)]
+    pub ci95: f64,
+}
+
+/// The two-sided 97.5 % quantile of Student's t with `df` degrees of freedom.
+pub fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        d if d <= 30 => TABLE[d - 1],
+        _ => 1.960,
+    }
 }
 
 impl Spread {
@@ -69,6 +87,11 @@ impl Spread {
             min: values.iter().copied().fold(f64::INFINITY, f64::min),
             max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             n,
+            ci95: if n < 2 {
+                0.0
+            } else {
+                t975(n - 1) * std / (n as f64).sqrt()
+            },
         }
     }
 }
@@ -559,8 +582,12 @@ mod tests {
         assert_eq!(s.mean, 2.0);
         assert_eq!(s.std, 1.0);
         assert_eq!((s.min, s.max, s.n), (1.0, 3.0, 3));
+        // t(2) = 4.303: 4.303 * 1 / sqrt(3).
+        assert!((s.ci95 - 4.303 / 3f64.sqrt()).abs() < 1e-12);
         let one = Spread::of(&[0.5]);
-        assert_eq!((one.mean, one.std), (0.5, 0.0));
+        assert_eq!((one.mean, one.std, one.ci95), (0.5, 0.0, 0.0));
+        assert_eq!(t975(4), 2.776);
+        assert_eq!(t975(100), 1.960);
         assert_eq!(Spread::of(&[]), Spread::default());
     }
 }

@@ -10,7 +10,9 @@
 //! [`compare::compare`] repeats runs for both estimators and several seeds and writes a table
 //! and a figure.
 
+pub mod ceiling;
 pub mod compare;
+pub mod eval_cache;
 pub mod plot;
 pub mod report;
 pub mod run;

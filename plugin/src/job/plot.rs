@@ -294,3 +294,56 @@ pub fn reward_curve(path: &Path, report: &RunReport) -> Result<(), JobError> {
     };
     draw_panels(path, (960, 600), 1, 1, &[panel])
 }
+
+/// `diagnostics.png` of a run: per update, the policy entropy and the KL to the base model,
+/// the share of informative groups and of zero-advantage tokens, the importance ratios and
+/// the gradient norm, against rollouts.
+pub fn diagnostics(path: &Path, report: &RunReport) -> Result<(), JobError> {
+    let updates = &report.diagnostics.updates;
+    let line = |label: &str, color: usize, f: &dyn Fn(&crate::online::UpdateRecord) -> f64| {
+        Series {
+            label: label.into(),
+            points: updates.iter().map(|u| (u.rollouts as f64, f(u))).collect(),
+            band: Vec::new(),
+            color,
+            markers_only: false,
+        }
+    };
+    let panel = |title: &str, y_label: &str, series: Vec<Series>| Panel {
+        title: title.into(),
+        x_label: "rollouts".into(),
+        y_label: y_label.into(),
+        series,
+        baseline: None,
+    };
+    let panels = [
+        panel(
+            "policy entropy (nats/token)",
+            "nats",
+            vec![line("entropy", 0, &|u| u.entropy)],
+        ),
+        panel(
+            "k3 KL to the base model (per token)",
+            "KL",
+            vec![line("KL", 1, &|u| u.kl)],
+        ),
+        panel(
+            "where the signal is",
+            "share",
+            vec![
+                line("informative groups", 2, &|u| u.batch.informative_group_share),
+                line("zero-advantage tokens", 3, &|u| u.batch.zero_advantage_share),
+            ],
+        ),
+        panel(
+            "importance ratio (policy / sampler) and gradient norm",
+            "value",
+            vec![
+                line("ratio mean", 0, &|u| u.ratio_mean),
+                line("ratio max", 1, &|u| u.ratio_max),
+                line("grad norm", 2, &|u| u.grad_norm),
+            ],
+        ),
+    ];
+    draw_panels(path, (1200, 800), 2, 2, &panels)
+}

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::ceiling::Ceiling;
 use super::run::EvalDecoding;
+use crate::online::{Phase, PhaseTimes, UpdateRecord, UpdateSummary};
 use crate::advantage::ForkStats;
 use crate::speech::eval::EvalReport;
 
@@ -200,6 +202,31 @@ pub struct RunReport {
     pub settings: serde_json::Value,
     /// How to re-evaluate the final adapter.
     pub reproduce: String,
+    /// Base greedy exact match, the base model's pass@K and the final greedy exact match per
+    /// family, and the unheard speaker's recognition.
+    pub ceiling: Ceiling,
+    /// What the updates did and where the time went.
+    pub diagnostics: Diagnostics,
+}
+
+/// Why a run's greedy answers moved or did not: per-update numbers, their summary, the wall
+/// time per phase and the throughput of the learning phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Diagnostics {
+    /// Means over the updates (first and last quarter for the entropy).
+    pub summary: UpdateSummary,
+    /// Seconds per phase of the learner thread (generation = waiting for sealed groups;
+    /// rewards overlap generation, measured inside the server's reward source).
+    pub phases: PhaseTimes,
+    /// Seconds of the learning phase (traffic + learner, checks and swaps included).
+    pub rl_seconds: f64,
+    /// Rollouts harvested per second of the learning phase.
+    pub rollouts_per_second: f64,
+    /// CPU seconds of the process per wall second of the learning phase (2.0 = both cores of
+    /// a 2-core machine busy).
+    pub cpu_cores_busy: Option<f64>,
+    /// Every update.
+    pub updates: Vec<UpdateRecord>,
 }
 
 /// The base/final comparison of a run under the decoding it did not gate on.
@@ -225,6 +252,79 @@ impl RunReport {
     /// Writes the report as pretty JSON (through a temporary file and a rename).
     pub fn write(&self, path: &Path) -> crate::Result<()> {
         write_json(path, self)
+    }
+}
+
+impl RunReport {
+    /// The short diagnostics block `leaf run` prints at the end: the ceiling table, the unheard
+    /// speaker, the update diagnostics and the time split.
+    pub fn diagnostics_lines(&self) -> Vec<String> {
+        let c = &self.ceiling;
+        let mut out = vec![format!(
+            "{:<8} {:>11} {:>7} {:>12} {:>10}",
+            "family",
+            "base greedy",
+            format!("pass@{}", c.k),
+            "final greedy",
+            "gap closed"
+        )];
+        for (f, row) in &c.families {
+            out.push(format!(
+                "{f:<8} {:>11.3} {:>7.3} {:>12.3} {:>10}",
+                row.base_greedy,
+                row.base_pass_at_k,
+                row.final_greedy,
+                row.gap_closed
+                    .map_or("-".to_string(), |g| format!("{:.0} %", 100.0 * g))
+            ));
+        }
+        if let (Some(s), Some(b), Some(f)) = (
+            &c.unheard_speaker,
+            c.unheard_base_greedy_asr,
+            c.unheard_final_greedy_asr,
+        ) {
+            out.push(format!(
+                "unheard speaker {s}: greedy recognition exact match {b:.3} -> {f:.3}"
+            ));
+        }
+        let d = &self.diagnostics;
+        let u = &d.summary;
+        out.push(format!(
+            "{} updates: entropy {:.3} -> {:.3} nats/token, KL to base {:.4}, clip fraction \
+             {:.3}, importance ratio mean {:.3} max {:.2}, grad norm {:.3}",
+            u.updates,
+            u.entropy_first,
+            u.entropy_last,
+            u.kl_last,
+            u.clip_fraction,
+            u.ratio_mean,
+            u.ratio_max,
+            u.grad_norm
+        ));
+        out.push(format!(
+            "advantages: std {:.3}, zero-advantage tokens {:.0} %, informative groups {:.0} %, \
+             staleness {:.2} versions (max {})",
+            u.advantage_std,
+            100.0 * u.zero_advantage_share,
+            100.0 * u.informative_group_share,
+            u.staleness_mean,
+            u.staleness_max
+        ));
+        let p = |phase| d.phases.get(phase);
+        out.push(format!(
+            "time: generation {:.0} s (rewards {:.1} s within), advantages {:.1} s, training \
+             {:.0} s, held-out checks {:.0} s, swaps {:.1} s; {:.1} rollouts/s, {} cores busy",
+            p(Phase::Generation),
+            p(Phase::Rewards),
+            p(Phase::Advantages),
+            p(Phase::Training),
+            p(Phase::HeldoutChecks),
+            p(Phase::Swaps),
+            d.rollouts_per_second,
+            d.cpu_cores_busy
+                .map_or("?".to_string(), |c| format!("{c:.2}"))
+        ));
+        out
     }
 }
 

@@ -20,6 +20,7 @@
 //!    the store's current version is served and trained on, the optimizer and the counters go
 //!    on. Nothing published is lost.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,14 +33,18 @@ use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
 use serde::{Deserialize, Serialize};
 
 use super::report::{
-    heldout_exact, heldout_reward, mean, write_json, CurvePoint, ForkSummary, GroupPolicyStats,
-    OtherDecoding, RunEvent, RunReport,
+    heldout_exact, heldout_reward, mean, write_json, CurvePoint, Diagnostics, ForkSummary,
+    GroupPolicyStats, OtherDecoding, RunEvent, RunReport,
 };
+use super::ceiling::{pass_at_k, Ceiling};
+use super::eval_cache::EvalCache;
 use super::traffic::{self, TrafficConfig};
 use super::JobError;
 use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
-use crate::online::{prepare_batch, PreparedBatch};
+use crate::online::{
+    prepare_batch, Phase, PhaseTimes, TimedReward, UpdateRecord, UpdateSummary, VersionHistory,
+};
 use crate::reward::{Metric, RewardOptions};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
@@ -54,6 +59,8 @@ pub const STATE_FILE: &str = "state.json";
 pub const REPORT_FILE: &str = "report.json";
 /// File of the reward curve inside the output directory.
 pub const CURVE_FILE: &str = "reward_curve.png";
+/// File of the per-update diagnostics figure inside the output directory.
+pub const DIAGNOSTICS_FILE: &str = "diagnostics.png";
 /// File of the optimizer state (Adam's moments, step counters) inside the output directory.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Directory of the adapter store inside the output directory.
@@ -146,6 +153,10 @@ pub struct RunConfig {
     pub alpha: f64,
     /// Weight of the KL penalty to the base model.
     pub kl_beta: f64,
+    /// PPO epochs: passes over each batch of rollouts (the ratio and clip act from the
+    /// second pass on).
+    #[serde(default = "one")]
+    pub epochs: usize,
     /// Concurrent traffic clients.
     pub clients: usize,
     /// Most new tokens per answer.
@@ -165,6 +176,9 @@ pub struct RunConfig {
     pub final_eval_samples: usize,
     /// Seed of the held-out examples.
     pub eval_seed: u64,
+    /// Examples per task family of the base model's pass@K (K = `group_size`, the serving
+    /// decoding): the ceiling of what learning from the model's own samples can reach.
+    pub ceiling_samples: usize,
     /// A candidate whose held-out reward is more than this below the last good version's is
     /// a collapse: not promoted, and the trainer rolls back.
     pub collapse_drop: f64,
@@ -176,6 +190,10 @@ pub struct RunConfig {
     pub progress: bool,
     /// Fault injection (tests): treat the loss of this update (1-based) as NaN.
     pub fault_nan_update: Option<u64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
@@ -203,6 +221,7 @@ impl Default for RunConfig {
             rank: 8,
             alpha: 16.0,
             kl_beta: 0.02,
+            epochs: 1,
             clients: 4,
             max_tokens: 16,
             temperature: 1.0,
@@ -212,6 +231,7 @@ impl Default for RunConfig {
             eval_samples: 32,
             final_eval_samples: 400,
             eval_seed: 0,
+            ceiling_samples: 200,
             collapse_drop: 0.15,
             resume: false,
             overwrite: false,
@@ -243,6 +263,9 @@ impl RunConfig {
         if !(self.kl_beta.is_finite() && self.kl_beta >= 0.0) {
             return bad("kl_beta must be >= 0");
         }
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1");
+        }
         if self.clients == 0 || self.max_tokens == 0 || self.traffic_prompts == 0 {
             return bad("clients, max_tokens and traffic_prompts must be positive");
         }
@@ -252,8 +275,8 @@ impl RunConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p must be in (0, 1]");
         }
-        if self.eval_samples == 0 || self.final_eval_samples == 0 {
-            return bad("eval_samples and final_eval_samples must be positive");
+        if self.eval_samples == 0 || self.final_eval_samples == 0 || self.ceiling_samples == 0 {
+            return bad("eval_samples, final_eval_samples and ceiling_samples must be positive");
         }
         if !(self.collapse_drop.is_finite() && self.collapse_drop >= 0.0) {
             return bad("collapse_drop must be >= 0");
@@ -281,6 +304,7 @@ impl RunConfig {
             total_steps: self.planned_updates(),
             warmup_fraction: 0.05,
             micro_batch_size: self.group_size,
+            epochs: self.epochs,
             lora: LoraOptions {
                 rank: self.rank,
                 alpha: self.alpha,
@@ -294,10 +318,17 @@ impl RunConfig {
     }
 
     fn eval_config(&self, samples: usize) -> EvalConfig {
-        self.eval_config_with(samples, self.eval_decoding)
+        self.eval_config_with(samples, self.eval_decoding, None)
     }
 
-    fn eval_config_with(&self, samples: usize, decoding: EvalDecoding) -> EvalConfig {
+    /// The evaluation of `samples` examples per family under `decoding`; with `holdout`, that
+    /// speaker is also evaluated on its own (and left out of the in-speaker figures).
+    fn eval_config_with(
+        &self,
+        samples: usize,
+        decoding: EvalDecoding,
+        holdout: Option<&str>,
+    ) -> EvalConfig {
         EvalConfig {
             families: TaskFamily::ALL.to_vec(),
             split: Split::Test,
@@ -311,6 +342,7 @@ impl RunConfig {
                 },
             },
             max_new_tokens: self.max_tokens,
+            holdout_speaker: holdout.map(str::to_string),
             ..EvalConfig::default()
         }
     }
@@ -355,6 +387,15 @@ pub struct RunState {
     pub good_reward: f64,
     /// Sessions so far.
     pub sessions: u64,
+    /// The diagnostics of every update.
+    #[serde(default)]
+    pub update_log: Vec<UpdateRecord>,
+    /// The learner's wall time per phase.
+    #[serde(default)]
+    pub phases: PhaseTimes,
+    /// Versions served, oldest first (for staleness).
+    #[serde(default)]
+    pub history: VersionHistory,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> crate::Error + '_ {
@@ -442,6 +483,10 @@ struct Learner<'a> {
     train_rewards: Vec<f64>,
     started: Instant,
     bar: indicatif::ProgressBar,
+    /// Print plain progress lines (progress is on and stderr is not a terminal).
+    plain_progress: bool,
+    /// 5 % steps already printed.
+    printed_steps: u64,
     state_path: PathBuf,
 }
 
@@ -475,11 +520,11 @@ impl Learner<'_> {
         });
     }
 
-    fn refresh_bar(&self) {
+    fn refresh_bar(&mut self) {
         let last = self.state.curve.last();
         self.bar
             .set_position(self.state.rollouts.min(self.config.rollouts));
-        self.bar.set_message(format!(
+        let message = format!(
             "reward {:.3} | held-out {:.3} (base {:.3}) | exact {:.3} | adapter {} | swaps {}",
             mean(self.train_rewards.iter().copied()),
             last.map_or(0.0, |p| p.reward),
@@ -487,7 +532,23 @@ impl Learner<'_> {
             last.map_or(0.0, |p| p.exact_match),
             short(&self.state.good_version),
             self.swaps(),
-        ));
+        );
+        // Without a terminal the bar is not drawn: a plain line every 5 % instead.
+        if self.plain_progress {
+            let step = (self.config.rollouts / 20).max(1);
+            let reached = self.state.rollouts.min(self.config.rollouts) / step;
+            if reached > self.printed_steps {
+                self.printed_steps = reached;
+                eprintln!(
+                    "leaf run: {:>3} % {}/{} rollouts, {:.0} s | {message}",
+                    100 * self.state.rollouts.min(self.config.rollouts) / self.config.rollouts,
+                    self.state.rollouts.min(self.config.rollouts),
+                    self.config.rollouts,
+                    self.started.elapsed().as_secs_f64(),
+                );
+            }
+        }
+        self.bar.set_message(message);
     }
 
     /// Rebuilds the trainer at the last good version.
@@ -512,7 +573,12 @@ impl Learner<'_> {
         let mut held: Vec<SealedGroup> = Vec::new();
         let mut idle = Instant::now();
         while self.state.rollouts < self.config.rollouts {
-            match rx.recv_timeout(Duration::from_millis(100)) {
+            let waited = Instant::now();
+            let got = rx.recv_timeout(Duration::from_millis(100));
+            self.state
+                .phases
+                .add(Phase::Generation, waited.elapsed().as_secs_f64());
+            match got {
                 Ok(g) => {
                     held.push(g);
                     idle = Instant::now();
@@ -544,19 +610,25 @@ impl Learner<'_> {
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> crate::Result<()> {
-        let prepared = prepare_batch(batch, self.estimator.as_ref());
+        let estimator = self.estimator.as_ref();
+        let prepared = self
+            .state
+            .phases
+            .time(Phase::Advantages, || prepare_batch(batch, estimator));
+        // The budget counts every harvested rollout, trained on or not.
+        self.state.rollouts += prepared.harvested;
+        self.train_rewards.extend(&prepared.all_rewards);
         if prepared.is_empty() {
+            // Every group's rewards were equal: no update comes from them.
             return Ok(());
         }
-        let PreparedBatch {
-            samples,
-            rewards,
-            forks,
-            ..
-        } = prepared;
-        let n = samples.len() as u64;
-        let loss = match self.trainer.step(&samples) {
-            Ok(stats) => stats.loss,
+        let t0 = Instant::now();
+        let result = self.trainer.step(&prepared.samples);
+        self.state
+            .phases
+            .add(Phase::Training, t0.elapsed().as_secs_f64());
+        let stats = match result {
+            Ok(stats) => stats,
             Err(e) => {
                 let msg = format!("update failed ({e}); batch dropped");
                 self.event("update_failed", msg);
@@ -567,11 +639,17 @@ impl Learner<'_> {
         let loss = if self.config.fault_nan_update == Some(number) {
             f64::NAN
         } else {
-            loss
+            stats.loss
         };
-        self.state.rollouts += n;
         self.state.updates = number;
         self.server.note_update();
+        let staleness = self.state.history.staleness(
+            self.trainer.policy_version().unwrap_or(BASE_VERSION),
+            prepared.samples.iter().map(|s| s.behaviour_version.as_str()),
+        );
+        let record = UpdateRecord::new(number, self.state.rollouts, &stats, &prepared, staleness);
+        record.export();
+        self.state.update_log.push(record);
         if !loss.is_finite() {
             let msg = format!(
                 "update {number}: loss is {loss}; promotion stopped, rolled back to the last good \
@@ -583,8 +661,7 @@ impl Learner<'_> {
             self.train_rewards.clear();
             return Ok(());
         }
-        self.state.fork_counts.merge(&forks);
-        self.train_rewards.extend(rewards);
+        self.state.fork_counts.merge(&prepared.forks);
         self.since_check += 1;
         if self.since_check >= self.config.publish_every
             || self.state.rollouts >= self.config.rollouts
@@ -597,12 +674,17 @@ impl Learner<'_> {
     /// The held-out check of the candidate, then promotion or rollback; saves the state.
     fn check(&mut self) -> crate::Result<()> {
         self.since_check = 0;
+        let t0 = Instant::now();
         let eval = evaluate(
             self.trainer.model(),
             self.encoder,
             self.corpus,
             &self.config.eval_config(self.config.eval_samples),
-        )?;
+        );
+        self.state
+            .phases
+            .add(Phase::HeldoutChecks, t0.elapsed().as_secs_f64());
+        let eval = eval?;
         let reward = heldout_reward(&eval);
         let mut promoted = false;
         if reward < self.state.good_reward - self.config.collapse_drop {
@@ -614,8 +696,14 @@ impl Learner<'_> {
             self.event("reward_collapse", msg);
             self.roll_back()?;
         } else {
-            match self.publish() {
+            let t0 = Instant::now();
+            let published = self.publish();
+            self.state
+                .phases
+                .add(Phase::Swaps, t0.elapsed().as_secs_f64());
+            match published {
                 Ok(v) => {
+                    self.state.history.push(v.clone());
                     self.trainer.set_policy_version(v.clone());
                     self.state.good_version = v;
                     self.state.good_reward = reward;
@@ -677,6 +765,29 @@ impl Learner<'_> {
     }
 }
 
+/// The speaker that the model in `dir` left out of pretraining (from its `leaf_model.json`),
+/// when the recordings hold that speaker; `None` for other models.
+fn unheard_speaker(dir: &Path, corpus: &Corpus) -> Option<String> {
+    let report = crate::speech::pretrain::PretrainReport::load(dir).ok()?;
+    report
+        .holdout_speaker
+        .filter(|s| corpus.speakers().iter().any(|x| x == s))
+}
+
+/// User + system CPU seconds of this process so far (`None` where it cannot be read).
+fn process_cpu_seconds() -> Option<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a complete rusage into the pointer it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: rc == 0, so the struct was filled.
+    let u = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(u.ru_utime) + secs(u.ru_stime))
+}
+
 fn short(v: &str) -> &str {
     v.get(..12).unwrap_or(v)
 }
@@ -705,7 +816,13 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             if store_dir.exists() {
                 std::fs::remove_dir_all(&store_dir).map_err(io_err(&store_dir))?;
             }
-            for f in [STATE_FILE, REPORT_FILE, CURVE_FILE, OPTIMIZER_FILE] {
+            for f in [
+                STATE_FILE,
+                REPORT_FILE,
+                CURVE_FILE,
+                DIAGNOSTICS_FILE,
+                OPTIMIZER_FILE,
+            ] {
                 let p = out.join(f);
                 if p.exists() {
                     std::fs::remove_file(&p).map_err(io_err(&p))?;
@@ -767,29 +884,54 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     let mut corpus = Corpus::open(&data_dir)?;
     corpus.preload()?;
     let encoder = load_encoder(&model_dir)?;
+    // The speaker the base model never heard in pretraining hears nothing in the traffic
+    // either; the base and final evaluations report it on its own.
+    let holdout = unheard_speaker(&model_dir, &corpus);
+    let heard = corpus.filter(|c| Some(c.speaker.as_str()) != holdout.as_deref());
     let items = Arc::new(traffic::prepare(
         &model_dir,
-        &corpus,
+        &heard,
         config.traffic_prompts,
         config.seed,
     )?);
 
     // 2. The base model's evaluation.
-    let final_cfg = config.eval_config(config.final_eval_samples);
+    let final_cfg = config.eval_config_with(
+        config.final_eval_samples,
+        config.eval_decoding,
+        holdout.as_deref(),
+    );
+    // The base model's evaluations are cached per model and settings (they do not change
+    // between runs); the key names the recordings too.
+    let cache = EvalCache::new(config.cache_dir.join("evals"));
+    let base_model = std::cell::OnceCell::new();
+    let evaluate_base = |cfg: &EvalConfig, corpus: &Corpus| {
+        let settings = (cfg, &data_dir, corpus.len());
+        cache.get_or_compute(&model_dir, "eval", &settings, || {
+            let model = match base_model.get() {
+                Some(m) => m,
+                None => {
+                    let m = LlamaModel::load(&model_dir, &ModelOptions::default())?;
+                    base_model.get_or_init(|| m)
+                }
+            };
+            evaluate(model, &encoder, corpus, cfg)
+        })
+    };
+    let note = |msg: &str| {
+        if config.progress {
+            eprintln!("leaf run: {msg}");
+        }
+    };
     let (base_eval, base_point) = match &saved {
         Some(s) => (s.base_eval.clone(), None),
         None => {
-            let model = LlamaModel::load(&model_dir, &ModelOptions::default())?;
-            let base_eval = evaluate(&model, &encoder, &corpus, &final_cfg)?;
+            note("evaluating the base model (cached per model and settings)");
+            let base_eval = evaluate_base(&final_cfg, &corpus)?;
             let check = if config.eval_samples == config.final_eval_samples {
                 base_eval.clone()
             } else {
-                evaluate(
-                    &model,
-                    &encoder,
-                    &corpus,
-                    &config.eval_config(config.eval_samples),
-                )?
+                evaluate_base(&config.eval_config(config.eval_samples), &heard)?
             };
             (base_eval, Some(check))
         }
@@ -816,8 +958,11 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         max_foreground_inflight: config.clients * 2,
         seed: config.seed,
     };
-    let reward = Arc::new(ReferenceReward::new(Metric::Bleu, RewardOptions::default()));
-    let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward))?;
+    let reward = Arc::new(TimedReward::new(ReferenceReward::new(
+        Metric::Bleu,
+        RewardOptions::default(),
+    )));
+    let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward.clone()))?;
     let current = server.current_version();
     let store = server.store().ok_or(crate::serving::ServeError::NoStore)?;
     let mut trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
@@ -843,6 +988,9 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             good_version: current.clone(),
             good_reward: 0.0,
             sessions: 1,
+            update_log: Vec::new(),
+            phases: PhaseTimes::default(),
+            history: VersionHistory::starting_at(current.clone()),
         },
     };
     if let Some(check) = &base_point {
@@ -881,6 +1029,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         });
     }
     let swaps_before = state.swaps;
+    let rollouts_before = state.rollouts;
 
     // 4. Traffic and the learner.
     let bar = if config.progress {
@@ -919,7 +1068,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         trainer,
         estimator: config.estimator.config().build(),
         encoder: &encoder,
-        corpus: &corpus,
+        corpus: &heard,
         state,
         swaps_before,
         cursor: cursor.clone(),
@@ -927,10 +1076,19 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         train_rewards: Vec::new(),
         started,
         bar,
+        plain_progress: config.progress && !std::io::stderr().is_terminal(),
+        printed_steps: 0,
         state_path: state_path.clone(),
     };
     learner.refresh_bar();
+    let rl_started = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let learned = learner.run(&rx, &|| traffic.is_finished());
+    let rl_seconds = rl_started.elapsed().as_secs_f64();
+    let cpu_cores_busy = match (cpu_before, process_cpu_seconds()) {
+        (Some(a), Some(b)) if rl_seconds > 0.0 => Some((b - a) / rl_seconds),
+        _ => None,
+    };
     stop.store(true, Ordering::SeqCst);
     let traffic_stats = runtime
         .block_on(traffic)
@@ -957,17 +1115,15 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             evaluate_version(&model_dir, store, &final_version, &encoder, &corpus, cfg)
         }
     };
+    note("final evaluation of the served adapter");
     let (final_eval, final_adapter) = final_under(&final_cfg, &base_eval)?;
     // The same comparison under the other decoding.
-    let other_cfg = config.eval_config_with(config.final_eval_samples, config.other_decoding());
-    let (other_base, _) = evaluate_version(
-        &model_dir,
-        store,
-        BASE_VERSION,
-        &encoder,
-        &corpus,
-        &other_cfg,
-    )?;
+    let other_cfg = config.eval_config_with(
+        config.final_eval_samples,
+        config.other_decoding(),
+        holdout.as_deref(),
+    );
+    let other_base = evaluate_base(&other_cfg, &corpus)?;
     let (other_final, _) = final_under(&other_cfg, &other_base)?;
     let mut settings = serde_json::to_value(config)
         .map_err(|e| JobError::Failed(format!("cannot serialise the settings: {e}")))?;
@@ -1002,6 +1158,38 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         config.final_eval_samples,
         config.eval_seed
     );
+    // The ceiling: the base model's pass@K under the serving decoding, against greedy.
+    note("the base model's pass@K (cached per model and settings)");
+    let ceiling_cfg = config.eval_config_with(config.ceiling_samples, EvalDecoding::Serving, None);
+    let k = config.group_size;
+    let pass = cache.get_or_compute(
+        &model_dir,
+        "pass_at_k",
+        &(&ceiling_cfg, k, &data_dir, heard.len()),
+        || {
+            let model = LlamaModel::load(&model_dir, &ModelOptions::default())?;
+            pass_at_k(&model, &encoder, &heard, &ceiling_cfg, k)
+        },
+    )?;
+    let (greedy_base, greedy_final) = match config.eval_decoding {
+        EvalDecoding::Greedy => (&base_eval, &final_eval),
+        EvalDecoding::Serving => (&other_base, &other_final),
+    };
+    let ceiling = Ceiling::new(k, &pass, greedy_base, greedy_final);
+    let mut phases = state.phases.clone();
+    phases.add(Phase::Rewards, reward.seconds());
+    let diagnostics = Diagnostics {
+        summary: UpdateSummary::of(&state.update_log),
+        phases,
+        rl_seconds,
+        rollouts_per_second: if rl_seconds > 0.0 {
+            (state.rollouts - rollouts_before) as f64 / rl_seconds
+        } else {
+            0.0
+        },
+        cpu_cores_busy,
+        updates: state.update_log.clone(),
+    };
     let report = RunReport {
         estimator: config.estimator.name().into(),
         rollouts: state.rollouts,
@@ -1047,9 +1235,14 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         sessions: state.sessions,
         settings,
         reproduce,
+        ceiling,
+        diagnostics,
     };
     report.write(&out.join(REPORT_FILE))?;
     let curve_path = out.join(CURVE_FILE);
     super::plot::reward_curve(&curve_path, &report)?;
+    if !report.diagnostics.updates.is_empty() {
+        super::plot::diagnostics(&out.join(DIAGNOSTICS_FILE), &report)?;
+    }
     Ok(report)
 }

@@ -30,11 +30,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantage::EstimatorConfig;
 use crate::harvest::SealedGroup;
-use crate::serving::{LeafServer, ServeError, BASE_VERSION};
+use crate::serving::{GroupPolicy, LeafServer, ServeError, BASE_VERSION};
 use crate::trainer::{TrainConfig, Trainer};
 
 mod batch;
-pub use batch::{prepare_batch, PreparedBatch};
+mod diagnostics;
+pub use batch::{prepare_batch, BatchStats, PreparedBatch, ZERO_ADVANTAGE};
+pub use diagnostics::{
+    Phase, PhaseTimes, TimedReward, UpdateRecord, UpdateSummary, VersionHistory,
+};
 
 /// What shutdown does with what the trainer holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +82,22 @@ impl Default for OnlineConfig {
     }
 }
 
+/// The group policy `leaf serve --online` uses when its server config sets none: live prompts
+/// are rarely repeated (every audio prompt is unique), so groups come from the server itself:
+/// each client request gets K - 1 extra samples drawn in the background after its answer is
+/// sent. The compute budget: at most `background_concurrency` extra samples generate at once
+/// and at most that many groups wait for theirs (other requests are not forked:
+/// `leaf_forks_skipped_total`), and none start while more than `max_foreground_inflight`
+/// client requests are in flight (`leaf_forks_failed_total`).
+pub fn training_group_policy() -> GroupPolicy {
+    GroupPolicy {
+        fork_fraction: 1.0,
+        background_concurrency: 4,
+        max_foreground_inflight: 8,
+        ..GroupPolicy::default()
+    }
+}
+
 /// What the trainer did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct OnlineReport {
@@ -99,6 +119,12 @@ pub struct OnlineReport {
     pub update_failures: u64,
     /// The last update error, if any.
     pub last_error: Option<String>,
+    /// Groups left out because all their rewards were equal (no advantage to learn from).
+    pub groups_uninformative: u64,
+    /// The diagnostics of the last update.
+    pub last_update: Option<UpdateRecord>,
+    /// Wall time of the trainer thread per phase.
+    pub phases: PhaseTimes,
 }
 
 /// The running trainer thread.
@@ -116,6 +142,8 @@ struct Loop {
     estimator: Box<dyn crate::advantage::AdvantageEstimator>,
     report: OnlineReport,
     since_publish: u64,
+    history: VersionHistory,
+    harvested: u64,
 }
 
 impl OnlineTrainer {
@@ -149,6 +177,7 @@ impl OnlineTrainer {
                 .load_adapter(&adapter)
                 .map_err(ServeError::Adapter)?;
         }
+        let history = VersionHistory::starting_at(current.clone());
         trainer.set_policy_version(current);
         let estimator = config.estimator.build();
         let stop = Arc::new(AtomicBool::new(false));
@@ -161,6 +190,8 @@ impl OnlineTrainer {
             estimator,
             report: OnlineReport::default(),
             since_publish: 0,
+            history,
+            harvested: 0,
         };
         let handle = std::thread::Builder::new()
             .name("leaf-online".into())
@@ -195,7 +226,12 @@ impl Loop {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            let waited = std::time::Instant::now();
+            let got = rx.recv_timeout(Duration::from_millis(50));
+            self.report
+                .phases
+                .add(Phase::Generation, waited.elapsed().as_secs_f64());
+            match got {
                 Ok(g) => held.push(g),
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -237,18 +273,39 @@ impl Loop {
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> Result<(), ServeError> {
-        let prepared = prepare_batch(batch, self.estimator.as_ref());
+        let estimator = self.estimator.as_ref();
+        let prepared = self
+            .report
+            .phases
+            .time(Phase::Advantages, || prepare_batch(batch, estimator));
         self.report.groups_trained += prepared.groups;
         self.report.groups_invalid += prepared.invalid;
+        self.report.groups_uninformative += prepared.uninformative;
+        self.harvested += prepared.harvested;
         if prepared.is_empty() {
+            // Every group's rewards were equal (or invalid): no update comes from them.
             return Ok(());
         }
-        let samples = prepared.samples;
         let t0 = std::time::Instant::now();
-        let stats = self.trainer.step(&samples)?;
-        metrics::histogram!("leaf_update_seconds").record(t0.elapsed().as_secs_f64());
+        let stats = self.trainer.step(&prepared.samples)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        self.report.phases.add(Phase::Training, seconds);
+        metrics::histogram!("leaf_update_seconds").record(seconds);
         self.report.updates += 1;
         self.report.last_loss = Some(stats.loss);
+        let staleness = self.history.staleness(
+            self.trainer.policy_version().unwrap_or(BASE_VERSION),
+            prepared.samples.iter().map(|s| s.behaviour_version.as_str()),
+        );
+        let record = UpdateRecord::new(
+            self.report.updates,
+            self.harvested,
+            &stats,
+            &prepared,
+            staleness,
+        );
+        record.export();
+        self.report.last_update = Some(record);
         self.since_publish += 1;
         self.server.note_update();
         if self.since_publish >= self.config.publish_every {
@@ -260,6 +317,7 @@ impl Loop {
     /// Exports, publishes and (with `promote`) hot-swaps the adapter. A failure is logged and
     /// counted; the served version stays.
     fn publish(&mut self, promote: bool) {
+        let t0 = std::time::Instant::now();
         let result = (|| -> Result<String, ServeError> {
             let store = self.server.store().ok_or(ServeError::NoStore)?;
             let adapter = self
@@ -288,8 +346,14 @@ impl Loop {
             }
             Ok(id.to_string())
         })();
+        self.report
+            .phases
+            .add(Phase::Swaps, t0.elapsed().as_secs_f64());
         match result {
             Ok(id) => {
+                if promote {
+                    self.history.push(id.clone());
+                }
                 self.trainer.set_policy_version(id.clone());
                 self.report.published.push(id);
                 self.since_publish = 0;

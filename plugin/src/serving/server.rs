@@ -62,7 +62,9 @@ pub struct GroupPolicy {
     /// Fraction of client requests (in [0, 1]) for which K - 1 extra samples are drawn after
     /// the client's answer was sent. Default 0.
     pub fork_fraction: f64,
-    /// Most extra samples generating at once. Default 2.
+    /// Most extra samples generating at once, and most groups waiting for their extra samples
+    /// (a client request whose group would exceed it is not forked; counted in
+    /// `leaf_forks_skipped_total{reason="budget"}`). Default 2.
     pub background_concurrency: usize,
     /// Forks are skipped (and counted) while more client requests than this are in flight,
     /// so they only use spare capacity. Default 8.
@@ -319,6 +321,10 @@ pub struct ServerStatus {
     pub forks_usable: u64,
     /// Extra samples that failed or were skipped.
     pub forks_failed: u64,
+    /// Client requests whose group policy did not fire because the background budget was
+    /// spent (`background_concurrency` groups already waiting for their extra samples).
+    #[serde(default)]
+    pub forks_skipped_budget: u64,
     /// Groups open.
     pub open_groups: usize,
     /// Sealed groups waiting for the trainer.
@@ -374,6 +380,7 @@ struct Counters {
     forks_fired: AtomicU64,
     forks_usable: AtomicU64,
     forks_failed: AtomicU64,
+    forks_skipped_budget: AtomicU64,
     updates: AtomicU64,
     swaps: AtomicU64,
     engines_created: AtomicU64,
@@ -410,6 +417,8 @@ pub struct LeafServer {
     assembler: Arc<GroupAssembler>,
     reward: Arc<dyn RewardSource>,
     background: Arc<Semaphore>,
+    /// Extra samples reserved and not yet finished (the group policy's budget).
+    pending_forks: Arc<AtomicUsize>,
     foreground: Arc<AtomicUsize>,
     rng: Mutex<ChaCha8Rng>,
     counters: Counters,
@@ -493,6 +502,7 @@ impl LeafServer {
             assembler: Arc::new(assembler),
             reward,
             background: Arc::new(Semaphore::new(config.group_policy.background_concurrency)),
+            pending_forks: Arc::new(AtomicUsize::new(0)),
             foreground: Arc::new(AtomicUsize::new(0)),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.group_policy.seed)),
             counters: Counters {
@@ -993,10 +1003,23 @@ impl LeafServer {
                     .fetch_add(1, Ordering::Relaxed);
                 let policy = &self.config.group_policy;
                 let k = self.config.assembler.group_size;
-                let fire = k > 1 && policy.fork_fraction > 0.0 && {
+                let mut fire = k > 1 && policy.fork_fraction > 0.0 && {
                     let u: f64 = self.rng.lock().unwrap_or_else(|p| p.into_inner()).random();
                     u < policy.fork_fraction
                 };
+                // The budget: at most `background_concurrency` groups wait for their extra
+                // samples, so groups fill promptly instead of queueing without bound.
+                if fire
+                    && self.pending_forks.load(Ordering::SeqCst)
+                        >= policy.background_concurrency * (k - 1)
+                {
+                    fire = false;
+                    self.counters
+                        .forks_skipped_budget
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("leaf_forks_skipped_total", "reason" => "budget")
+                        .increment(1);
+                }
                 let group = if fire {
                     self.assembler.reserve(k)
                 } else {
@@ -1009,6 +1032,7 @@ impl LeafServer {
                         let prompt = sample.prompt_ids.clone();
                         self.assembler
                             .submit(sample, reward, Membership::Reserved(g));
+                        self.pending_forks.fetch_add(k - 1, Ordering::SeqCst);
                         for _ in 1..k {
                             let s = self.clone();
                             let prompt = prompt.clone();
@@ -1039,6 +1063,14 @@ impl LeafServer {
     }
 
     async fn fork_inner(self: Arc<Self>, group: u64, prompt: Vec<u32>, meta: Meta) {
+        /// Gives the fork's place in the budget back however the fork ends.
+        struct Pending(Arc<AtomicUsize>);
+        impl Drop for Pending {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _pending = Pending(self.pending_forks.clone());
         let fail = |s: &LeafServer| {
             s.counters.forks_failed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("leaf_forks_failed_total").increment(1);
@@ -1322,11 +1354,13 @@ impl LeafServer {
             groups_sealed_partial: get(&a.sealed_partial),
             groups_dropped: get(&a.dropped_too_small)
                 + get(&a.dropped_queue_full)
-                + get(&a.dropped_capacity),
+                + get(&a.dropped_capacity)
+                + get(&a.dropped_unfillable),
             forks_fired: get(&c.forks_fired),
             fork_candidates: get(&c.fork_candidates),
             forks_usable: get(&c.forks_usable),
             forks_failed: get(&c.forks_failed),
+            forks_skipped_budget: get(&c.forks_skipped_budget),
             open_groups: self.assembler.open_groups(),
             sealed_queue_depth: self.assembler.queue_depth(),
             updates_done: get(&c.updates),

@@ -432,6 +432,35 @@ pub fn evaluate_examples(
         .collect()
 }
 
+/// The examples [`evaluate`] asks of family number `family` of `config` for speaker group
+/// `group` (0: the in-speaker group, 1: the held-out speaker), drawn from `corpus`.
+pub fn family_examples(
+    corpus: &Corpus,
+    config: &EvalConfig,
+    family: usize,
+    group: u64,
+) -> Result<Vec<Example>> {
+    let Some(f) = config.families.get(family) else {
+        return Err(SpeechError::Config(format!(
+            "family number {family} is not among the {} evaluated",
+            config.families.len()
+        ))
+        .into());
+    };
+    let seed = config
+        .seed
+        .wrapping_add(1000 * group)
+        .wrapping_add(family as u64 + 1);
+    Ok(generate(
+        corpus,
+        config.split,
+        f.kinds(),
+        config.samples,
+        seed,
+        &TaskConfig::default(),
+    )?)
+}
+
 fn evaluate_group(
     model: &LlamaModel,
     encoder: &ExampleEncoder,
@@ -440,19 +469,8 @@ fn evaluate_group(
     group: u64,
 ) -> Result<GroupReport> {
     let mut examples = Vec::new();
-    for (fi, family) in config.families.iter().enumerate() {
-        let seed = config
-            .seed
-            .wrapping_add(1000 * group)
-            .wrapping_add(fi as u64 + 1);
-        examples.extend(generate(
-            corpus,
-            config.split,
-            family.kinds(),
-            config.samples,
-            seed,
-            &TaskConfig::default(),
-        )?);
+    for fi in 0..config.families.len() {
+        examples.extend(family_examples(corpus, config, fi, group)?);
     }
     let scored = evaluate_examples(model, encoder, corpus, &examples, config)?;
     let speakers: Vec<String> = {

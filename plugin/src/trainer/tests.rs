@@ -128,6 +128,28 @@ fn update_raises_positive_and_lowers_negative_advantage_tokens() {
 }
 
 #[test]
+fn entropy_and_importance_ratios_are_hand_computable() {
+    let mut t = trainer_with(config(1e-3), DType::F64);
+    let (p1, c1) = ([1u32, 2], [3u32, 4, 5]);
+    let (p2, c2) = ([6u32], [7u32]);
+    let lp1 = logprobs(t.model(), &p1, &c1);
+    let lp2 = logprobs(t.model(), &p2, &c2);
+    // Sample 1 was served by this very policy (ratio 1); sample 2 by a policy that gave its
+    // token ln-prob 0.5 lower (ratio e^0.5); a third sample has no behaviour log-probs.
+    let mut s1 = sample(&p1, &c1, &[1.0, 1.0, -1.0]);
+    s1.behaviour_logprobs = lp1.clone();
+    let mut s2 = sample(&p2, &c2, &[2.0]);
+    s2.behaviour_logprobs = vec![lp2[0] - 0.5];
+    let s3 = sample(&p2, &c2, &[0.5]);
+    let stats = t.step(&[s1, s2, s3]).unwrap();
+    let surprisal = -(lp1.iter().sum::<f64>() + 2.0 * lp2[0]) / 5.0;
+    assert!((stats.entropy - surprisal).abs() < 1e-9, "{stats:?}");
+    let ratio_mean = (3.0 + 0.5f64.exp()) / 4.0;
+    assert!((stats.ratio_mean - ratio_mean).abs() < 1e-9, "{stats:?}");
+    assert!((stats.ratio_max - 0.5f64.exp()).abs() < 1e-9, "{stats:?}");
+}
+
+#[test]
 fn first_step_statistics_are_hand_computable() {
     // B = 0: ratio 1, new = ref, so kl = 0 and pg = -mean over sequences of mean advantage.
     let mut t = trainer_with(config(1e-3), DType::F64);

@@ -62,6 +62,19 @@ pub struct StepStats {
     pub tis_mean_weight: f64,
     /// Fraction of weighted tokens whose weight hit the cap.
     pub tis_capped_fraction: f64,
+    /// Policy entropy per token, in nats, estimated as the mean surprisal `-ln p` of the trained
+    /// tokens under the policy before the update (an unbiased estimate of the entropy of the
+    /// distribution they were drawn from when the policy served them, as on-policy samples are).
+    #[serde(default)]
+    pub entropy: f64,
+    /// Mean over tokens of the importance ratio `exp(logp_policy - logp_behaviour)` of the
+    /// policy before the update against the distribution that sampled the token (1 when the
+    /// serving adapter is the trained one; tokens without behaviour log-probs are left out).
+    #[serde(default)]
+    pub ratio_mean: f64,
+    /// Largest such ratio in the batch.
+    #[serde(default)]
+    pub ratio_max: f64,
 }
 
 /// A micro-batch ready for the loss.
@@ -69,6 +82,8 @@ struct Micro {
     batch: Batch,
     advantages: Tensor,
     behaviour: Tensor,
+    /// Rows whose behaviour log-probs are known (one per completion token).
+    has_behaviour: Vec<bool>,
     tis_rows: Vec<bool>,
     logp_old: Option<Tensor>,
     logp_ref: Option<Tensor>,
@@ -82,6 +97,10 @@ struct Totals {
     tis_tokens: usize,
     tis_weight_sum: f64,
     tis_capped: usize,
+    surprisal_sum: f64,
+    ratio_sum: f64,
+    ratio_max: f64,
+    ratio_tokens: usize,
 }
 
 /// The LEAF/GRPO trainer: owns the LoRA model, Adam's state and the schedule.
@@ -273,20 +292,26 @@ impl Trainer {
         let mut adv = vec![0f64; samples.len() * c];
         let mut beh = vec![0f64; samples.len() * c];
         let mut tis_rows = Vec::with_capacity(samples.len());
+        let mut has_behaviour = Vec::with_capacity(samples.len());
         for (i, s) in samples.iter().enumerate() {
             adv[i * c..i * c + s.advantages.len()].copy_from_slice(&s.advantages);
-            let tis = self.wants_tis(s);
-            if tis {
+            // Rows that get TIS were checked to carry one finite log-prob per token; others
+            // are copied when complete and finite, for the importance-ratio diagnostics.
+            let known = s.behaviour_logprobs.len() == s.completion.len()
+                && s.behaviour_logprobs.iter().all(|l| l.is_finite());
+            if known {
                 beh[i * c..i * c + s.behaviour_logprobs.len()]
                     .copy_from_slice(&s.behaviour_logprobs);
             }
-            tis_rows.push(tis);
+            has_behaviour.push(known);
+            tis_rows.push(self.wants_tis(s));
         }
         let shape = (samples.len(), c);
         Ok(Micro {
             batch,
             advantages: Tensor::from_vec(adv, shape, device)?.to_dtype(dtype)?,
             behaviour: Tensor::from_vec(beh, shape, &Device::Cpu)?,
+            has_behaviour,
             tis_rows,
             logp_old: None,
             logp_ref: None,
@@ -328,6 +353,7 @@ impl Trainer {
         let mut sums = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut any_clip = false;
         let mut last = Totals::default();
+        let mut first: Option<(f64, f64, f64)> = None;
         for epoch in 0..epochs {
             let (grads, totals) = self.accumulate(&micros, epoch, n_seq)?;
             let norm = global_norm(&grads)?;
@@ -354,9 +380,24 @@ impl Trainer {
             sums.2 += kl;
             sums.3 += norm;
             sums.4 += totals.clipped as f64 / n_tok as f64;
+            // Entropy and ratios describe the policy that met the batch: the first epoch's.
+            first.get_or_insert((
+                totals.surprisal_sum / n_tok as f64,
+                if totals.ratio_tokens > 0 {
+                    totals.ratio_sum / totals.ratio_tokens as f64
+                } else {
+                    1.0
+                },
+                if totals.ratio_tokens > 0 {
+                    totals.ratio_max
+                } else {
+                    1.0
+                },
+            ));
             last = totals;
         }
         let e = epochs as f64;
+        let (entropy, ratio_mean, ratio_max) = first.unwrap_or((0.0, 1.0, 1.0));
         let step = self.steps;
         self.steps += 1;
         Ok(StepStats {
@@ -386,6 +427,9 @@ impl Trainer {
             } else {
                 0.0
             },
+            entropy,
+            ratio_mean,
+            ratio_max,
         })
     }
 
@@ -444,7 +488,7 @@ impl Trainer {
                 .to_dtype(DType::F64)?
                 .sum_all()?
                 .to_scalar::<f64>()?;
-            totals.clipped += self.count_clipped(m, &new, &old)?;
+            self.token_stats(m, &new, &old, &mut totals)?;
             let grads = loss.backward()?;
             for (slot, var) in acc.iter_mut().zip(vars) {
                 if let Some(g) = grads.get(var.as_tensor()) {
@@ -510,19 +554,34 @@ impl Trainer {
         Ok(Tensor::from_vec(w, shape, self.model.device())?.to_dtype(dtype)?)
     }
 
-    fn count_clipped(&self, m: &Micro, new: &Tensor, old: &Tensor) -> Result<usize, TrainError> {
+    /// Per-token diagnostics of a micro-batch: clipped tokens, surprisal under the policy and
+    /// the importance ratio against the behaviour distribution.
+    fn token_stats(
+        &self,
+        m: &Micro,
+        new: &Tensor,
+        old: &Tensor,
+        totals: &mut Totals,
+    ) -> Result<(), TrainError> {
         let new_v: Vec<Vec<f64>> = new.to_dtype(DType::F64)?.to_vec2()?;
         let old_v: Vec<Vec<f64>> = old.to_dtype(DType::F64)?.to_vec2()?;
         let adv: Vec<Vec<f64>> = m.advantages.to_dtype(DType::F64)?.to_vec2()?;
-        let mut n = 0;
+        let beh_v: Vec<Vec<f64>> = m.behaviour.to_vec2()?;
         for (i, &len) in m.batch.completion_lens().iter().enumerate() {
             for j in 0..len {
                 let ratio = (new_v[i][j] - old_v[i][j]).exp();
                 if loss::is_clipped(ratio, adv[i][j], self.config.clip_eps) {
-                    n += 1;
+                    totals.clipped += 1;
+                }
+                totals.surprisal_sum -= new_v[i][j];
+                if m.has_behaviour[i] {
+                    let r = (new_v[i][j] - beh_v[i][j]).exp();
+                    totals.ratio_sum += r;
+                    totals.ratio_max = totals.ratio_max.max(r);
+                    totals.ratio_tokens += 1;
                 }
             }
         }
-        Ok(n)
+        Ok(())
     }
 }
