@@ -53,10 +53,12 @@ pub const DEFAULT_STEPS: usize = 2500;
 /// Default wall-clock cap of the training loop, in seconds.
 pub const DEFAULT_MAX_SECONDS: f64 = 520.0;
 
-/// Default task mix of the training examples: recognition four times as often as each other
-/// kind (recognition is the skill every task builds on, and the one the model card targets).
-pub const DEFAULT_TRAIN_KINDS: [TaskKind; 8] = [
-    TaskKind::Recognition,
+/// Default task mix of the training examples (a kind drawn uniformly from this list, so a kind
+/// listed twice is drawn twice as often). Recognition of short and long digit strings gets the
+/// most weight (it is the skill every task builds on, and the one the model card targets), the
+/// arithmetic twice the weight of one QA question (its working has 10-20 tokens to learn), the
+/// other kinds once each.
+pub const DEFAULT_TRAIN_KINDS: [TaskKind; 11] = [
     TaskKind::Recognition,
     TaskKind::Recognition,
     TaskKind::Recognition,
@@ -64,7 +66,16 @@ pub const DEFAULT_TRAIN_KINDS: [TaskKind; 8] = [
     TaskKind::Sum,
     TaskKind::Largest,
     TaskKind::Count,
+    TaskKind::CodeRecognition,
+    TaskKind::CodeRecognition,
+    TaskKind::CodeTranslation,
+    TaskKind::Arithmetic,
 ];
+
+/// Steps whose examples are grouped by length: the examples of this many consecutive batches
+/// are sorted by digit count before being cut into batches (whose order is then shuffled), so a
+/// batch rarely pads two-digit utterances to the length of a ten-digit code.
+pub const LENGTH_BUCKET_STEPS: usize = 8;
 
 /// Default examples per step. At this model size candle's CPU step costs grow faster than the
 /// batch, and more, smaller steps learn faster per second than batches of 32.
@@ -74,8 +85,13 @@ pub const DEFAULT_BATCH_SIZE: usize = 16;
 /// example slowed learning several-fold within the ten-minute budget.
 pub const DEFAULT_AUGMENT_PROB: f64 = 0.15;
 
-/// Name of the cached default model inside a cache directory.
-pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base";
+/// Default test examples per task family for the model card: 100 per family and speaker group
+/// keeps the evaluation of six families (long answers included) within about a minute.
+pub const DEFAULT_EVAL_SAMPLES: usize = 100;
+
+/// Name of the cached default model inside a cache directory (`-v2`: trained on the long
+/// families too, so a model cached by an older build is not reused).
+pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base-v2";
 
 const FORMAT: &str = "leaf-model";
 const VERSION: u32 = 1;
@@ -226,7 +242,7 @@ impl Default for PretrainConfig {
             augment: Some(AugmentConfig::default()),
             augment_prob: DEFAULT_AUGMENT_PROB,
             train_kinds: DEFAULT_TRAIN_KINDS.to_vec(),
-            eval_samples: 200,
+            eval_samples: DEFAULT_EVAL_SAMPLES,
             threads: 0,
         }
     }
@@ -616,6 +632,7 @@ pub fn pretrain(
         let augment_prob = config.augment_prob;
         let train = &train;
         let batch_size = config.batch_size;
+        let max_positions = config.shape.max_positions;
         scope.spawn(move || {
             for chunk_start in (0..examples.len()).step_by(batch_size) {
                 let batch: Result<Vec<EncodedExample>> = (chunk_start
@@ -629,9 +646,17 @@ pub fn pretrain(
                         } else {
                             clean_encoder
                         };
-                        encoder
-                            .encode(train, &examples[i], seed)
-                            .map_err(Error::from)
+                        let e = encoder.encode(train, &examples[i], seed)?;
+                        let len = e.prompt.len() + e.answer.len();
+                        if len > max_positions {
+                            return Err(SpeechError::Config(format!(
+                                "training example {i} ({} digits) needs {len} positions, the \
+                                 model has {max_positions}",
+                                examples[i].digits.len()
+                            ))
+                            .into());
+                        }
+                        Ok(e)
                     })
                     .collect();
                 let failed = batch.is_err();
@@ -831,7 +856,8 @@ pub fn model_card(r: &PretrainReport) -> String {
 ///
 /// Training goes to a temporary directory inside `cache_dir` that is renamed into place when
 /// complete, so a crash never leaves a half-written model behind, and two processes racing each
-/// other both end up with one complete model. With `progress` a progress bar is drawn on stderr.
+/// other both end up with one complete model. With `progress` it reports on stderr (see
+/// [`ProgressBar`]: a bar on a terminal, a plain line every few percent otherwise).
 pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -> Result<PathBuf> {
     let target = cache_dir.join(DEFAULT_MODEL_NAME);
     let config = PretrainConfig::default();
@@ -884,10 +910,49 @@ pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -
     }
 }
 
-/// An `indicatif` progress bar for [`ProgressEvent`]s (stages as messages, steps as the bar).
+/// Default spacing of the plain progress lines printed when stderr is not a terminal, in
+/// percent of the planned steps.
+pub const DEFAULT_LINE_PERCENT: usize = 5;
+
+/// When a plain progress line is due: after every `percent` % of the `steps` planned (every
+/// `ceil(steps * percent / 100)` steps, at least every step) and after the last step.
+pub fn progress_line_due(step: usize, steps: usize, percent: usize) -> bool {
+    if step == 0 || steps == 0 {
+        return false;
+    }
+    let every = (steps * percent.clamp(1, 100)).div_ceil(100).max(1);
+    step % every == 0 || step == steps
+}
+
+/// Seconds as "1m 05s" (or "42s").
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// One plain progress line: step, percent, loss, elapsed time and an estimate of the time left
+/// (from the mean step time so far).
+pub fn progress_line(step: usize, steps: usize, loss: f64, seconds: f64) -> String {
+    let pct = 100 * step / steps.max(1);
+    let eta = seconds / step.max(1) as f64 * steps.saturating_sub(step) as f64;
+    format!(
+        "pretrain: step {step}/{steps} ({pct} %), loss {loss:.3}, elapsed {}, eta {}",
+        clock(seconds),
+        clock(eta)
+    )
+}
+
+/// Progress of a pre-training run on stderr: an `indicatif` bar on a terminal; otherwise (stderr
+/// piped or redirected, where the bar would stay hidden) a plain line per stage and one every
+/// [`DEFAULT_LINE_PERCENT`] % of the steps with loss, elapsed time and ETA.
 #[derive(Debug)]
 pub struct ProgressBar {
-    bar: indicatif::ProgressBar,
+    bar: Option<indicatif::ProgressBar>,
+    steps: usize,
 }
 
 impl Default for ProgressBar {
@@ -897,31 +962,55 @@ impl Default for ProgressBar {
 }
 
 impl ProgressBar {
-    /// A spinner until training starts, then a bar over the steps (drawn on stderr).
+    /// A bar when stderr is a terminal (a spinner until training starts, then a bar over the
+    /// steps), plain lines otherwise.
     pub fn new() -> Self {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
-        Self { bar }
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
+        });
+        Self { bar, steps: 0 }
     }
 
-    /// Updates the bar.
+    /// Updates the bar or prints a line.
     pub fn handle(&mut self, event: &ProgressEvent) {
-        match event {
-            ProgressEvent::Stage(s) => self.bar.set_message(s.clone()),
-            ProgressEvent::Start { steps } => {
-                self.bar.set_length(*steps as u64);
-                self.bar.set_position(0);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{spinner} pretrain [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
-                ) {
-                    self.bar.set_style(style);
+        match (event, &self.bar) {
+            (ProgressEvent::Stage(s), Some(bar)) => bar.set_message(s.clone()),
+            (ProgressEvent::Stage(s), None) => eprintln!("pretrain: {s}"),
+            (ProgressEvent::Start { steps }, bar) => {
+                self.steps = *steps;
+                match bar {
+                    Some(bar) => {
+                        bar.set_length(*steps as u64);
+                        bar.set_position(0);
+                        if let Ok(style) = indicatif::ProgressStyle::with_template(
+                            "{spinner} pretrain [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+                        ) {
+                            bar.set_style(style);
+                        }
+                        bar.set_message("");
+                    }
+                    None => eprintln!("pretrain: training, {steps} steps"),
                 }
-                self.bar.set_message("");
             }
-            ProgressEvent::Step { step, loss, .. } => {
-                self.bar.set_position(*step as u64);
+            (ProgressEvent::Step { step, loss, .. }, Some(bar)) => {
+                bar.set_position(*step as u64);
                 if step % 10 == 0 {
-                    self.bar.set_message(format!("loss {loss:.3}"));
+                    bar.set_message(format!("loss {loss:.3}"));
+                }
+            }
+            (
+                ProgressEvent::Step {
+                    step,
+                    loss,
+                    seconds,
+                },
+                None,
+            ) => {
+                if progress_line_due(*step, self.steps, DEFAULT_LINE_PERCENT) {
+                    eprintln!("{}", progress_line(*step, self.steps, *loss, *seconds));
                 }
             }
         }
@@ -929,32 +1018,74 @@ impl ProgressBar {
 
     /// Removes the bar.
     pub fn finish(&self) {
-        self.bar.finish_and_clear();
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
 impl Drop for ProgressBar {
     fn drop(&mut self) {
-        self.bar.finish_and_clear();
+        self.finish();
     }
 }
 
 /// The training examples of a run, in the order they are used (step `s` trains on
-/// `[s * batch_size, (s + 1) * batch_size)`).
+/// `[s * batch_size, (s + 1) * batch_size)`): generated from the seed, then grouped by length
+/// within every [`LENGTH_BUCKET_STEPS`] batches (sorted by digit count, cut into batches, the
+/// batches shuffled with a seeded generator), so padding stays small. Deterministic given the
+/// configuration.
 pub fn training_examples(config: &PretrainConfig, train: &Corpus) -> Result<Vec<Example>> {
-    Ok(generate(
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut examples = generate(
         train,
         Split::Train,
         &config.train_kinds,
         config.steps * config.batch_size,
         config.seed,
         &TaskConfig::default(),
-    )?)
+    )?;
+    let batch = config.batch_size.max(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(example_seed(config.seed, 0xB0C4_E700));
+    for window in examples.chunks_mut(LENGTH_BUCKET_STEPS * batch) {
+        window.sort_by_key(|e| e.digits.len());
+        let mut batches: Vec<Vec<Example>> = window.chunks(batch).map(<[_]>::to_vec).collect();
+        batches.shuffle(&mut rng);
+        for (slot, e) in window.iter_mut().zip(batches.into_iter().flatten()) {
+            *slot = e;
+        }
+    }
+    Ok(examples)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_progress_lines_every_five_percent() {
+        let due: Vec<usize> = (1..=2500)
+            .filter(|&s| progress_line_due(s, 2500, 5))
+            .collect();
+        assert_eq!(due.len(), 20);
+        assert_eq!(due[0], 125);
+        assert_eq!(*due.last().unwrap(), 2500);
+        assert!(due.windows(2).all(|w| w[1] - w[0] == 125));
+        // Steps that do not divide evenly still end with the last step.
+        let due: Vec<usize> = (1..=30).filter(|&s| progress_line_due(s, 30, 5)).collect();
+        assert_eq!(due, (2..=30).step_by(2).collect::<Vec<_>>());
+        let due: Vec<usize> = (1..=7).filter(|&s| progress_line_due(s, 7, 50)).collect();
+        assert_eq!(due, [4, 7]);
+        assert!(!progress_line_due(0, 10, 5));
+        assert!(!progress_line_due(1, 0, 5));
+        // A zero percentage still prints (every 1 %), never divides by zero.
+        assert!(progress_line_due(1, 100, 0));
+        assert_eq!(
+            progress_line(125, 2500, 1.23456, 30.0),
+            "pretrain: step 125/2500 (5 %), loss 1.235, elapsed 30s, eta 9m 30s"
+        );
+    }
 
     #[test]
     fn holdout_resolution() {
