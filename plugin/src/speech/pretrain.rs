@@ -1088,6 +1088,62 @@ mod tests {
     }
 
     #[test]
+    fn training_batches_group_examples_by_length() {
+        let clips = (0..10u8)
+            .flat_map(|digit| {
+                [("ann", 5u32), ("ann", 6), ("bo", 7)].map(|(s, take)| crate::speech::Clip {
+                    digit,
+                    speaker: s.into(),
+                    take,
+                    path: format!("{digit}_{s}_{take}.wav").into(),
+                })
+            })
+            .collect();
+        let corpus = Corpus::from_clips(clips).unwrap();
+        let config = PretrainConfig {
+            steps: 40,
+            batch_size: 16,
+            ..PretrainConfig::default()
+        };
+        let ordered = training_examples(&config, &corpus).unwrap();
+        assert_eq!(ordered, training_examples(&config, &corpus).unwrap());
+        // A permutation of the generated examples, within windows of LENGTH_BUCKET_STEPS batches.
+        let drawn = generate(
+            &corpus,
+            Split::Train,
+            &config.train_kinds,
+            40 * 16,
+            config.seed,
+            &TaskConfig::default(),
+        )
+        .unwrap();
+        let window = LENGTH_BUCKET_STEPS * 16;
+        for (a, b) in ordered.chunks(window).zip(drawn.chunks(window)) {
+            let key = |e: &Example| serde_json::to_string(e).unwrap();
+            let mut a: Vec<String> = a.iter().map(key).collect();
+            let mut b: Vec<String> = b.iter().map(key).collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+        }
+        // Padding: the longest utterance per batch, summed over batches, drops well below the
+        // unsorted order's.
+        let padded = |ex: &[Example]| -> usize {
+            ex.chunks(16)
+                .map(|b| b.iter().map(|e| e.digits.len()).max().unwrap_or(0) * b.len())
+                .sum()
+        };
+        let (sorted, unsorted) = (padded(&ordered), padded(&drawn));
+        assert!(sorted * 10 < unsorted * 7, "{sorted} vs {unsorted}");
+        // The batches are not simply ordered short to long within a window.
+        let maxima: Vec<usize> = ordered[..window]
+            .chunks(16)
+            .map(|b| b.iter().map(|e| e.digits.len()).max().unwrap())
+            .collect();
+        assert!(maxima.windows(2).any(|w| w[0] > w[1]), "{maxima:?}");
+    }
+
+    #[test]
     fn holdout_resolution() {
         let sp: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         assert_eq!(Holdout::Auto.resolve(&sp).unwrap(), Some("c".into()));
