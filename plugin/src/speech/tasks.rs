@@ -456,12 +456,14 @@ pub fn check_arithmetic(answer: &str) -> Option<Vec<u8>> {
     let first_step = steps.next()?;
     let (first, first_rest) = match first_step.split_once(' ') {
         Some((w, rest)) => (w, Some(rest)),
-        None => (first_step, None),
+        // A lone digit is the whole working of a one-digit utterance.
+        None if answer == first_step => (first_step, None),
+        None => return None,
     };
     let mut digits = vec![digit(first)?];
     for step in first_rest.into_iter().chain(steps) {
         let words: Vec<&str> = step.split(' ').collect();
-        let [op, d, is, total] = words[..] else {
+        let &[op, d, is, total] = &words[..] else {
             return None;
         };
         if is != "is" || !matches!(op, "plus" | "minus") {
@@ -905,6 +907,8 @@ mod tests {
             "seven plus five twelve",
             "ten plus five is fifteen",
             "seven plus five is twelve,",
+            "seven, plus five is twelve",
+            "seven plus  five is twelve",
         ] {
             assert_eq!(check_arithmetic(bad), None, "{bad}");
         }
