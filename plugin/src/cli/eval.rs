@@ -9,7 +9,7 @@ use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
 use leaf_adapters::LoraAdapter;
 use leaf_plugin::speech::eval::{evaluate, Decoding, EvalConfig};
 use leaf_plugin::speech::pretrain::{default_data_dir, load_encoder};
-use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily};
+use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
 
 /// Arguments of `leaf eval`.
 #[derive(clap::Args, Debug)]
@@ -20,7 +20,8 @@ pub struct Args {
     /// A PEFT LoRA adapter directory to apply on top of the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Task family: asr, ast, sqa, or all.
+    /// Task family: asr, ast, sqa (short answers), asr_long, ast_long, arith (long answers),
+    /// short, long, or all.
     #[arg(long, default_value = "all")]
     pub task: String,
     /// Which takes: test (0-4) or train (5 and up).
@@ -50,17 +51,18 @@ pub struct Args {
     /// Prompts per decoder pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Longest answer in tokens.
-    #[arg(long, default_value_t = 16)]
+    /// Longest answer in tokens (the stop token included).
+    #[arg(long, default_value_t = MAX_ANSWER_TOKENS)]
     pub max_new_tokens: usize,
 }
 
 /// Runs `leaf eval`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let families: Vec<TaskFamily> = if a.task == "all" {
-        TaskFamily::ALL.to_vec()
-    } else {
-        vec![a.task.parse()?]
+    let families: Vec<TaskFamily> = match a.task.as_str() {
+        "all" => TaskFamily::ALL.to_vec(),
+        "short" => TaskFamily::SHORT.to_vec(),
+        "long" => TaskFamily::LONG.to_vec(),
+        one => vec![one.parse()?],
     };
     let split: Split = a.split.parse()?;
     if !a.sample && (a.temperature != 1.0 || a.top_p != 1.0) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use leaf_plugin::speech::pretrain::{
     default_data_dir, pretrain, Holdout, PretrainConfig, ProgressBar, DEFAULT_AUGMENT_PROB,
-    DEFAULT_BATCH_SIZE, DEFAULT_MAX_SECONDS, DEFAULT_STEPS, MODEL_INFO_FILE,
+    DEFAULT_BATCH_SIZE, DEFAULT_EVAL_SAMPLES, DEFAULT_MAX_SECONDS, DEFAULT_STEPS, MODEL_INFO_FILE,
 };
 use leaf_plugin::speech::tasks::TaskKind;
 
@@ -45,14 +45,16 @@ pub struct Args {
     /// Fraction of training examples that are augmented.
     #[arg(long, default_value_t = DEFAULT_AUGMENT_PROB)]
     pub augment_prob: f64,
-    /// Task kinds to train on, comma-separated (recognition, translation, sum, largest,
-    /// count); repeat a kind to weight it [default: recognition four times, the others once].
+    /// Task kinds to train on, comma-separated (recognition, translation, sum, largest, count,
+    /// code_recognition, code_translation, arithmetic); repeat a kind to weight it [default:
+    /// recognition three times, code_recognition twice, the others once].
     #[arg(long, value_delimiter = ',')]
     pub train_kinds: Vec<String>,
     /// Test examples per task family for the model card (0 skips the evaluation).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = DEFAULT_EVAL_SAMPLES)]
     pub eval_samples: usize,
-    /// Do not draw a progress bar.
+    /// Print no progress (by default a bar on a terminal, otherwise a plain line every 5 % of
+    /// the steps).
     #[arg(long)]
     pub quiet: bool,
 }
@@ -73,7 +75,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 serde_json::from_value::<TaskKind>(serde_json::json!(k.trim())).map_err(|_| {
                     anyhow::anyhow!(
                         "--train-kinds: unknown task kind {k:?} (expected recognition, \
-                         translation, sum, largest or count)"
+                         translation, sum, largest, count, code_recognition, code_translation \
+                         or arithmetic)"
                     )
                 })
             })

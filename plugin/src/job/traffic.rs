@@ -1,5 +1,7 @@
 //! Live traffic: the spoken-digit **training** tasks replayed through the plugin by several
-//! concurrent clients.
+//! concurrent clients. The prompts cover every task kind, the long families (5-10 digit codes
+//! and arithmetic with the working, whose answers run to 20 tokens) as well as the short ones;
+//! each request names its family (`task`), so the server can report them apart.
 //!
 //! Every request carries its reference answer, so the server's
 //! [`crate::harvest::ReferenceReward`] scores each sample (the job uses cased sentence
@@ -60,8 +62,11 @@ impl TrafficItem {
     }
 }
 
-/// Generates `n` training-split examples of every task kind (seeded) and encodes their audio
-/// with the codebook of the model in `model_dir` (no augmentation).
+/// Generates `n` training-split examples, task kinds drawn uniformly from [`TaskKind::ALL`]
+/// (seeded), and encodes their audio with the codebook of the model in `model_dir` (no
+/// augmentation). Answers of the long kinds need up to
+/// [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
+/// [`TrafficConfig::max_tokens`] cuts them short.
 pub fn prepare(
     model_dir: &Path,
     corpus: &Corpus,

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::prepare::ExampleEncoder;
-use super::tasks::{generate, Corpus, Example, Split, TaskConfig, TaskFamily};
+use super::tasks::{generate, Corpus, Example, Split, TaskConfig, TaskFamily, MAX_ANSWER_TOKENS};
 use super::tokenizer::SpeechTokenizer;
 use super::SpeechError;
 use crate::reward::{Metric, RewardOptions};
@@ -295,7 +295,8 @@ pub struct EvalConfig {
     pub seed: u64,
     /// Greedy or sampled.
     pub decoding: Decoding,
-    /// Longest answer, in tokens (the stop token included).
+    /// Longest answer, in tokens (the stop token included); the default,
+    /// [`MAX_ANSWER_TOKENS`], fits every reference.
     pub max_new_tokens: usize,
     /// Prompts per decoder pass.
     pub batch_size: usize,
@@ -314,7 +315,7 @@ impl Default for EvalConfig {
             samples: 200,
             seed: 0,
             decoding: Decoding::Greedy,
-            max_new_tokens: 16,
+            max_new_tokens: MAX_ANSWER_TOKENS,
             batch_size: 64,
             holdout_speaker: None,
             threads: 0,
@@ -327,7 +328,8 @@ impl Default for EvalConfig {
 pub struct GroupReport {
     /// The speakers the examples came from.
     pub speakers: Vec<String>,
-    /// Scores per family name (`asr`, `ast`, `sqa`).
+    /// Scores per family name ([`TaskFamily::name`]: `asr`, `ast`, `sqa`, `asr_long`,
+    /// `ast_long`, `arith`).
     pub tasks: BTreeMap<String, FamilyScores>,
     /// Total number of examples.
     pub examples: usize,

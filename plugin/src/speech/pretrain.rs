@@ -7,10 +7,12 @@
 //! masks; [`super::augment`]) for robustness to unheard voices, and by default one speaker is
 //! left out of training entirely so the model card can state held-out-speaker accuracy.
 //!
-//! The budget is in steps, with a wall-clock cap. Given the seed the run is deterministic: the
+//! The budget is in steps, with a wall-clock cap; when the machine is too busy to finish the
+//! steps in time, the learning-rate schedule follows the clock instead ([`schedule_position`]),
+//! so the cosine decay still completes at the cap. Given the seed the run is deterministic: the
 //! weights are seeded, examples and their augmentations are drawn from per-example seeds, batches
-//! are consumed in a fixed order, so two runs that end by the step budget write byte-identical
-//! weights.
+//! are consumed in a fixed order, so two runs that keep to the step budget (no clock-paced step)
+//! write byte-identical weights.
 //!
 //! The output is a Hugging Face-style directory that mistral.rs 0.8.1 and
 //! [`LlamaModel::load`] both read: `config.json`, `model.safetensors`, `tokenizer.json`,
@@ -45,18 +47,20 @@ pub const MODEL_INFO_FILE: &str = "leaf_model.json";
 pub const MODEL_CARD_FILE: &str = "README.md";
 
 /// Default step budget: sized so the default run (codebook, training, evaluation) ends within
-/// ten minutes on two busy CPU cores (about 0.2 s per step of 16 examples). Measured: 2500
-/// steps in 484 s (507 s in all), 36 % test recognition exact match in-speaker, 20 % on the
-/// held-out speaker.
-pub const DEFAULT_STEPS: usize = 2500;
+/// ten minutes on two CPU cores (about 0.27 s per step of 16 examples when both are free; the
+/// six-family mix averages 87 positions per example). On a busier machine the wall-clock cap
+/// ends the run and the learning rate follows the clock ([`schedule_position`]).
+pub const DEFAULT_STEPS: usize = 1800;
 
 /// Default wall-clock cap of the training loop, in seconds.
 pub const DEFAULT_MAX_SECONDS: f64 = 520.0;
 
-/// Default task mix of the training examples: recognition four times as often as each other
-/// kind (recognition is the skill every task builds on, and the one the model card targets).
-pub const DEFAULT_TRAIN_KINDS: [TaskKind; 8] = [
-    TaskKind::Recognition,
+/// Default task mix of the training examples (a kind drawn uniformly from this list, so a kind
+/// listed twice is drawn twice as often). Recognition of short and long digit strings gets the
+/// most weight (it is the skill every task builds on, and the one the model card targets), the
+/// arithmetic twice the weight of one QA question (its working has 10-20 tokens to learn), the
+/// other kinds once each.
+pub const DEFAULT_TRAIN_KINDS: [TaskKind; 11] = [
     TaskKind::Recognition,
     TaskKind::Recognition,
     TaskKind::Recognition,
@@ -64,7 +68,16 @@ pub const DEFAULT_TRAIN_KINDS: [TaskKind; 8] = [
     TaskKind::Sum,
     TaskKind::Largest,
     TaskKind::Count,
+    TaskKind::CodeRecognition,
+    TaskKind::CodeRecognition,
+    TaskKind::CodeTranslation,
+    TaskKind::Arithmetic,
 ];
+
+/// Steps whose examples are grouped by length: the examples of this many consecutive batches
+/// are sorted by digit count before being cut into batches (whose order is then shuffled), so a
+/// batch rarely pads two-digit utterances to the length of a ten-digit code.
+pub const LENGTH_BUCKET_STEPS: usize = 8;
 
 /// Default examples per step. At this model size candle's CPU step costs grow faster than the
 /// batch, and more, smaller steps learn faster per second than batches of 32.
@@ -74,8 +87,13 @@ pub const DEFAULT_BATCH_SIZE: usize = 16;
 /// example slowed learning several-fold within the ten-minute budget.
 pub const DEFAULT_AUGMENT_PROB: f64 = 0.15;
 
-/// Name of the cached default model inside a cache directory.
-pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base";
+/// Default test examples per task family for the model card: 100 per family and speaker group
+/// keeps the evaluation of six families (long answers included) within about a minute.
+pub const DEFAULT_EVAL_SAMPLES: usize = 100;
+
+/// Name of the cached default model inside a cache directory (`-v2`: trained on the long
+/// families too, so a model cached by an older build is not reused).
+pub const DEFAULT_MODEL_NAME: &str = "leaf-digits-base-v2";
 
 const FORMAT: &str = "leaf-model";
 const VERSION: u32 = 1;
@@ -226,7 +244,7 @@ impl Default for PretrainConfig {
             augment: Some(AugmentConfig::default()),
             augment_prob: DEFAULT_AUGMENT_PROB,
             train_kinds: DEFAULT_TRAIN_KINDS.to_vec(),
-            eval_samples: 200,
+            eval_samples: DEFAULT_EVAL_SAMPLES,
             threads: 0,
         }
     }
@@ -426,6 +444,10 @@ pub struct PretrainReport {
     pub steps: usize,
     /// `"steps"` when the step budget ended the run, `"time"` when the wall-clock cap did.
     pub stopped_by: String,
+    /// Steps whose learning rate was paced by the wall-clock cap rather than the step count
+    /// (see [`schedule_position`]); 0 means the run is reproducible byte for byte.
+    #[serde(default)]
+    pub time_paced_steps: usize,
     /// Seconds in the training loop.
     pub train_seconds: f64,
     /// Seconds for the whole run (codebook, training, evaluation, writing).
@@ -605,6 +627,7 @@ pub fn pretrain(
     let mut losses = Vec::with_capacity(config.steps);
     let (mut answer_tokens, mut tokens) = (0usize, 0usize);
     let mut stopped_by = "steps";
+    let mut time_paced_steps = 0usize;
     let aug_seed = example_seed(config.seed, 0xA0D1_0000);
     std::thread::scope(|scope| -> Result<()> {
         // Batches are encoded one step ahead on a second thread; each example's augmentation
@@ -616,6 +639,7 @@ pub fn pretrain(
         let augment_prob = config.augment_prob;
         let train = &train;
         let batch_size = config.batch_size;
+        let max_positions = config.shape.max_positions;
         scope.spawn(move || {
             for chunk_start in (0..examples.len()).step_by(batch_size) {
                 let batch: Result<Vec<EncodedExample>> = (chunk_start
@@ -629,9 +653,17 @@ pub fn pretrain(
                         } else {
                             clean_encoder
                         };
-                        encoder
-                            .encode(train, &examples[i], seed)
-                            .map_err(Error::from)
+                        let e = encoder.encode(train, &examples[i], seed)?;
+                        let len = e.prompt.len() + e.answer.len();
+                        if len > max_positions {
+                            return Err(SpeechError::Config(format!(
+                                "training example {i} ({} digits) needs {len} positions, the \
+                                 model has {max_positions}",
+                                examples[i].digits.len()
+                            ))
+                            .into());
+                        }
+                        Ok(e)
                     })
                     .collect();
                 let failed = batch.is_err();
@@ -649,11 +681,16 @@ pub fn pretrain(
             let batch = rx.recv().map_err(|_| {
                 SpeechError::Config("the batch encoder stopped unexpectedly".into())
             })??;
+            let elapsed = loop_started.elapsed().as_secs_f64();
+            let position = schedule_position(step, config.steps, elapsed, config.max_seconds);
+            if position > step {
+                time_paced_steps += 1;
+            }
             let stats = train_step(
                 &model,
                 &mut optimizer,
                 &batch,
-                schedule.lr(step as u64),
+                schedule.lr(position as u64),
                 config.grad_clip,
             )?;
             losses.push(stats.loss);
@@ -704,6 +741,7 @@ pub fn pretrain(
         steps_planned: config.steps,
         steps: losses.len(),
         stopped_by: stopped_by.into(),
+        time_paced_steps,
         train_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
@@ -757,6 +795,10 @@ pub fn model_card(r: &PretrainReport) -> String {
             format!("{} / {}", r.steps, r.steps_planned),
         ),
         ("stopped by", r.stopped_by.clone()),
+        (
+            "steps with a clock-paced learning rate",
+            r.time_paced_steps.to_string(),
+        ),
         ("training seconds", format!("{:.1}", r.train_seconds)),
         ("total seconds", format!("{:.1}", r.total_seconds)),
         ("batch size", c.batch_size.to_string()),
@@ -821,7 +863,7 @@ pub fn model_card(r: &PretrainReport) -> String {
     out.push_str(&format!(
         "\nThe same figures are in `{MODEL_INFO_FILE}`. Re-running `leaf pretrain` with the same \
          seed and data reproduces the weights byte for byte when the step budget (not the \
-         wall-clock cap) ends the run.\n"
+         wall-clock cap) paces the run (no step with a clock-paced learning rate).\n"
     ));
     out
 }
@@ -831,7 +873,8 @@ pub fn model_card(r: &PretrainReport) -> String {
 ///
 /// Training goes to a temporary directory inside `cache_dir` that is renamed into place when
 /// complete, so a crash never leaves a half-written model behind, and two processes racing each
-/// other both end up with one complete model. With `progress` a progress bar is drawn on stderr.
+/// other both end up with one complete model. With `progress` it reports on stderr (see
+/// [`ProgressBar`]: a bar on a terminal, a plain line every few percent otherwise).
 pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -> Result<PathBuf> {
     let target = cache_dir.join(DEFAULT_MODEL_NAME);
     let config = PretrainConfig::default();
@@ -884,10 +927,62 @@ pub fn ensure_default_model(cache_dir: &Path, data_dir: &Path, progress: bool) -
     }
 }
 
-/// An `indicatif` progress bar for [`ProgressEvent`]s (stages as messages, steps as the bar).
+/// The step of the learning-rate schedule that 0-based `step` trains at: the step itself, or,
+/// when the wall-clock cap is nearer than the step budget (`elapsed / max_seconds` ahead of
+/// `step / steps`), the step at that fraction of the time, so the cosine decay still ends when
+/// the cap stops a run on a slow or busy machine instead of leaving it at a high learning rate.
+/// A run that never falls behind its budget uses the step count only (and stays deterministic).
+pub fn schedule_position(step: usize, steps: usize, elapsed: f64, max_seconds: f64) -> usize {
+    if !(max_seconds > 0.0 && elapsed.is_finite() && elapsed > 0.0) {
+        return step;
+    }
+    let by_time = ((elapsed / max_seconds).min(1.0) * steps as f64).floor() as usize;
+    step.max(by_time)
+}
+
+/// Default spacing of the plain progress lines printed when stderr is not a terminal, in
+/// percent of the planned steps.
+pub const DEFAULT_LINE_PERCENT: usize = 5;
+
+/// When a plain progress line is due: after every `percent` % of the `steps` planned (every
+/// `ceil(steps * percent / 100)` steps, at least every step) and after the last step.
+pub fn progress_line_due(step: usize, steps: usize, percent: usize) -> bool {
+    if step == 0 || steps == 0 {
+        return false;
+    }
+    let every = (steps * percent.clamp(1, 100)).div_ceil(100).max(1);
+    step % every == 0 || step == steps
+}
+
+/// Seconds as "1m 05s" (or "42s").
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// One plain progress line: step, percent, loss, elapsed time and an estimate of the time left
+/// (from the mean step time so far).
+pub fn progress_line(step: usize, steps: usize, loss: f64, seconds: f64) -> String {
+    let pct = 100 * step / steps.max(1);
+    let eta = seconds / step.max(1) as f64 * steps.saturating_sub(step) as f64;
+    format!(
+        "pretrain: step {step}/{steps} ({pct} %), loss {loss:.3}, elapsed {}, eta {}",
+        clock(seconds),
+        clock(eta)
+    )
+}
+
+/// Progress of a pre-training run on stderr: an `indicatif` bar on a terminal; otherwise (stderr
+/// piped or redirected, where the bar would stay hidden) a plain line per stage and one every
+/// [`DEFAULT_LINE_PERCENT`] % of the steps with loss, elapsed time and ETA.
 #[derive(Debug)]
 pub struct ProgressBar {
-    bar: indicatif::ProgressBar,
+    bar: Option<indicatif::ProgressBar>,
+    steps: usize,
 }
 
 impl Default for ProgressBar {
@@ -897,31 +992,55 @@ impl Default for ProgressBar {
 }
 
 impl ProgressBar {
-    /// A spinner until training starts, then a bar over the steps (drawn on stderr).
+    /// A bar when stderr is a terminal (a spinner until training starts, then a bar over the
+    /// steps), plain lines otherwise.
     pub fn new() -> Self {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(std::time::Duration::from_millis(200));
-        Self { bar }
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
+        });
+        Self { bar, steps: 0 }
     }
 
-    /// Updates the bar.
+    /// Updates the bar or prints a line.
     pub fn handle(&mut self, event: &ProgressEvent) {
-        match event {
-            ProgressEvent::Stage(s) => self.bar.set_message(s.clone()),
-            ProgressEvent::Start { steps } => {
-                self.bar.set_length(*steps as u64);
-                self.bar.set_position(0);
-                if let Ok(style) = indicatif::ProgressStyle::with_template(
-                    "{spinner} pretrain [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
-                ) {
-                    self.bar.set_style(style);
+        match (event, &self.bar) {
+            (ProgressEvent::Stage(s), Some(bar)) => bar.set_message(s.clone()),
+            (ProgressEvent::Stage(s), None) => eprintln!("pretrain: {s}"),
+            (ProgressEvent::Start { steps }, bar) => {
+                self.steps = *steps;
+                match bar {
+                    Some(bar) => {
+                        bar.set_length(*steps as u64);
+                        bar.set_position(0);
+                        if let Ok(style) = indicatif::ProgressStyle::with_template(
+                            "{spinner} pretrain [{elapsed_precise}] {bar:30} {pos}/{len} steps, eta {eta} {msg}",
+                        ) {
+                            bar.set_style(style);
+                        }
+                        bar.set_message("");
+                    }
+                    None => eprintln!("pretrain: training, {steps} steps"),
                 }
-                self.bar.set_message("");
             }
-            ProgressEvent::Step { step, loss, .. } => {
-                self.bar.set_position(*step as u64);
+            (ProgressEvent::Step { step, loss, .. }, Some(bar)) => {
+                bar.set_position(*step as u64);
                 if step % 10 == 0 {
-                    self.bar.set_message(format!("loss {loss:.3}"));
+                    bar.set_message(format!("loss {loss:.3}"));
+                }
+            }
+            (
+                ProgressEvent::Step {
+                    step,
+                    loss,
+                    seconds,
+                },
+                None,
+            ) => {
+                if progress_line_due(*step, self.steps, DEFAULT_LINE_PERCENT) {
+                    eprintln!("{}", progress_line(*step, self.steps, *loss, *seconds));
                 }
             }
         }
@@ -929,32 +1048,144 @@ impl ProgressBar {
 
     /// Removes the bar.
     pub fn finish(&self) {
-        self.bar.finish_and_clear();
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
 impl Drop for ProgressBar {
     fn drop(&mut self) {
-        self.bar.finish_and_clear();
+        self.finish();
     }
 }
 
 /// The training examples of a run, in the order they are used (step `s` trains on
-/// `[s * batch_size, (s + 1) * batch_size)`).
+/// `[s * batch_size, (s + 1) * batch_size)`): generated from the seed, then grouped by length
+/// within every [`LENGTH_BUCKET_STEPS`] batches (sorted by digit count, cut into batches, the
+/// batches shuffled with a seeded generator), so padding stays small. Deterministic given the
+/// configuration.
 pub fn training_examples(config: &PretrainConfig, train: &Corpus) -> Result<Vec<Example>> {
-    Ok(generate(
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut examples = generate(
         train,
         Split::Train,
         &config.train_kinds,
         config.steps * config.batch_size,
         config.seed,
         &TaskConfig::default(),
-    )?)
+    )?;
+    let batch = config.batch_size.max(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(example_seed(config.seed, 0xB0C4_E700));
+    for window in examples.chunks_mut(LENGTH_BUCKET_STEPS * batch) {
+        window.sort_by_key(|e| e.digits.len());
+        let mut batches: Vec<Vec<Example>> = window.chunks(batch).map(<[_]>::to_vec).collect();
+        batches.shuffle(&mut rng);
+        for (slot, e) in window.iter_mut().zip(batches.into_iter().flatten()) {
+            *slot = e;
+        }
+    }
+    Ok(examples)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schedule_follows_the_clock_only_when_it_is_ahead() {
+        // On time: the step itself.
+        assert_eq!(schedule_position(100, 1000, 10.0, 520.0), 100);
+        assert_eq!(schedule_position(0, 1000, 0.0, 520.0), 0);
+        // Behind: half the time gone at step 100 of 1000 trains at step 500.
+        assert_eq!(schedule_position(100, 1000, 260.0, 520.0), 500);
+        // Past the cap, the end of the schedule; never beyond it.
+        assert_eq!(schedule_position(100, 1000, 600.0, 520.0), 1000);
+        // No cap, or a clock that makes no sense: the step.
+        assert_eq!(schedule_position(100, 1000, 600.0, 0.0), 100);
+        assert_eq!(schedule_position(100, 1000, f64::NAN, 520.0), 100);
+    }
+
+    #[test]
+    fn plain_progress_lines_every_five_percent() {
+        let due: Vec<usize> = (1..=2500)
+            .filter(|&s| progress_line_due(s, 2500, 5))
+            .collect();
+        assert_eq!(due.len(), 20);
+        assert_eq!(due[0], 125);
+        assert_eq!(*due.last().unwrap(), 2500);
+        assert!(due.windows(2).all(|w| w[1] - w[0] == 125));
+        // Steps that do not divide evenly still end with the last step.
+        let due: Vec<usize> = (1..=30).filter(|&s| progress_line_due(s, 30, 5)).collect();
+        assert_eq!(due, (2..=30).step_by(2).collect::<Vec<_>>());
+        let due: Vec<usize> = (1..=7).filter(|&s| progress_line_due(s, 7, 50)).collect();
+        assert_eq!(due, [4, 7]);
+        assert!(!progress_line_due(0, 10, 5));
+        assert!(!progress_line_due(1, 0, 5));
+        // A zero percentage still prints (every 1 %), never divides by zero.
+        assert!(progress_line_due(1, 100, 0));
+        assert_eq!(
+            progress_line(125, 2500, 1.23456, 30.0),
+            "pretrain: step 125/2500 (5 %), loss 1.235, elapsed 30s, eta 9m 30s"
+        );
+    }
+
+    #[test]
+    fn training_batches_group_examples_by_length() {
+        let clips = (0..10u8)
+            .flat_map(|digit| {
+                [("ann", 5u32), ("ann", 6), ("bo", 7)].map(|(s, take)| crate::speech::Clip {
+                    digit,
+                    speaker: s.into(),
+                    take,
+                    path: format!("{digit}_{s}_{take}.wav").into(),
+                })
+            })
+            .collect();
+        let corpus = Corpus::from_clips(clips).unwrap();
+        let config = PretrainConfig {
+            steps: 40,
+            batch_size: 16,
+            ..PretrainConfig::default()
+        };
+        let ordered = training_examples(&config, &corpus).unwrap();
+        assert_eq!(ordered, training_examples(&config, &corpus).unwrap());
+        // A permutation of the generated examples, within windows of LENGTH_BUCKET_STEPS batches.
+        let drawn = generate(
+            &corpus,
+            Split::Train,
+            &config.train_kinds,
+            40 * 16,
+            config.seed,
+            &TaskConfig::default(),
+        )
+        .unwrap();
+        let window = LENGTH_BUCKET_STEPS * 16;
+        for (a, b) in ordered.chunks(window).zip(drawn.chunks(window)) {
+            let key = |e: &Example| serde_json::to_string(e).unwrap();
+            let mut a: Vec<String> = a.iter().map(key).collect();
+            let mut b: Vec<String> = b.iter().map(key).collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+        }
+        // Padding: the longest utterance per batch, summed over batches, drops well below the
+        // unsorted order's.
+        let padded = |ex: &[Example]| -> usize {
+            ex.chunks(16)
+                .map(|b| b.iter().map(|e| e.digits.len()).max().unwrap_or(0) * b.len())
+                .sum()
+        };
+        let (sorted, unsorted) = (padded(&ordered), padded(&drawn));
+        assert!(sorted * 10 < unsorted * 7, "{sorted} vs {unsorted}");
+        // The batches are not simply ordered short to long within a window.
+        let maxima: Vec<usize> = ordered[..window]
+            .chunks(16)
+            .map(|b| b.iter().map(|e| e.digits.len()).max().unwrap())
+            .collect();
+        assert!(maxima.windows(2).any(|w| w[0] > w[1]), "{maxima:?}");
+    }
 
     #[test]
     fn holdout_resolution() {

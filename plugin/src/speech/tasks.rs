@@ -1,11 +1,16 @@
 //! Spoken-digit tasks built from recordings named like the Free Spoken Digit Dataset's,
 //! `{digit}_{speaker}_{take}.wav`.
 //!
-//! An utterance is 1 to 4 digits spoken by one speaker: the clips are joined with short
-//! silences. Each utterance is asked one of five questions ([`TaskKind`]): transcribe it, translate
-//! it into German, or three spoken-QA questions (sum, largest digit, how many digits). Takes 0-4
-//! are the test split, the dataset's own convention; everything else is training data.
-//! Generation is deterministic given a seed.
+//! An utterance is a few digits spoken by one speaker: the clips are joined with short silences.
+//! Each utterance is asked one of eight questions ([`TaskKind`]), reported in six families
+//! ([`TaskFamily`]). Three short families have answers of 1-4 words: transcribe 1-4 digits
+//! (`asr`), translate them into German (`ast`), or three spoken-QA questions (sum, largest digit,
+//! how many digits; `sqa`). Three long families have answers long enough for prefix trees to
+//! branch: transcribe a spoken code of 5-10 digits (`asr_long`), translate it into German
+//! (`ast_long`), and step-by-step arithmetic over 3-5 digits with the working written out
+//! (`arith`, "seven plus five is twelve, minus three is nine"). Takes 0-4 are the test split, the
+//! dataset's own convention; everything else is training data. Generation is deterministic given
+//! a seed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -310,23 +315,56 @@ pub enum TaskKind {
     Largest,
     /// How many digits, in English words ("three").
     Count,
+    /// A spoken code of 5-10 digits, transcribed digit by digit: "four one five five two six".
+    CodeRecognition,
+    /// A spoken code of 5-10 digits, translated into German digit by digit:
+    /// "vier eins fünf fünf zwei sechs".
+    CodeTranslation,
+    /// Step-by-step arithmetic over 3-5 digits with the working: start from the first digit, add
+    /// the next one while the total is below ten, otherwise subtract it, and state every total:
+    /// 7, 5, 3 -> "seven plus five is twelve, minus three is nine".
+    Arithmetic,
 }
 
 /// Task families as the evaluation reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskFamily {
-    /// Speech recognition.
+    /// Speech recognition of 1-4 digits.
     Asr,
-    /// Speech translation.
+    /// Speech translation of 1-4 digits.
     Ast,
     /// Spoken question answering.
     Sqa,
+    /// Speech recognition of 5-10 digit codes.
+    AsrLong,
+    /// Speech translation of 5-10 digit codes.
+    AstLong,
+    /// Spoken arithmetic answered with the working.
+    Arith,
 }
 
 impl TaskFamily {
-    /// All families.
-    pub const ALL: [TaskFamily; 3] = [TaskFamily::Asr, TaskFamily::Ast, TaskFamily::Sqa];
+    /// All families, the short ones first.
+    pub const ALL: [TaskFamily; 6] = [
+        TaskFamily::Asr,
+        TaskFamily::Ast,
+        TaskFamily::Sqa,
+        TaskFamily::AsrLong,
+        TaskFamily::AstLong,
+        TaskFamily::Arith,
+    ];
+
+    /// The families whose answers are 1-4 words.
+    pub const SHORT: [TaskFamily; 3] = [TaskFamily::Asr, TaskFamily::Ast, TaskFamily::Sqa];
+
+    /// The families whose answers are long enough for prefix trees to branch (5 words and more).
+    pub const LONG: [TaskFamily; 3] = [TaskFamily::AsrLong, TaskFamily::AstLong, TaskFamily::Arith];
+
+    /// True for the families in [`TaskFamily::LONG`].
+    pub fn is_long(self) -> bool {
+        TaskFamily::LONG.contains(&self)
+    }
 
     /// The task kinds of this family.
     pub fn kinds(self) -> &'static [TaskKind] {
@@ -334,16 +372,28 @@ impl TaskFamily {
             TaskFamily::Asr => &[TaskKind::Recognition],
             TaskFamily::Ast => &[TaskKind::Translation],
             TaskFamily::Sqa => &[TaskKind::Sum, TaskKind::Largest, TaskKind::Count],
+            TaskFamily::AsrLong => &[TaskKind::CodeRecognition],
+            TaskFamily::AstLong => &[TaskKind::CodeTranslation],
+            TaskFamily::Arith => &[TaskKind::Arithmetic],
         }
     }
 
-    /// "asr", "ast" or "sqa".
+    /// The name reports use: "asr", "ast", "sqa", "asr_long", "ast_long" or "arith".
     pub fn name(self) -> &'static str {
         match self {
             TaskFamily::Asr => "asr",
             TaskFamily::Ast => "ast",
             TaskFamily::Sqa => "sqa",
+            TaskFamily::AsrLong => "asr_long",
+            TaskFamily::AstLong => "ast_long",
+            TaskFamily::Arith => "arith",
         }
+    }
+}
+
+impl std::fmt::Display for TaskFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -354,20 +404,114 @@ impl std::str::FromStr for TaskFamily {
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                SpeechError::Config(format!("unknown task {s:?} (expected asr, ast or sqa)"))
+                let names: Vec<&str> = TaskFamily::ALL.iter().map(|f| f.name()).collect();
+                SpeechError::Config(format!(
+                    "unknown task {s:?} (expected one of {})",
+                    names.join(", ")
+                ))
             })
     }
 }
 
+/// Most digits in one utterance of any kind: ten clips of up to 1.3 s plus nine gaps stay
+/// within the audio limit and, at 50 unit frames per second, within the model's positions.
+pub const MAX_UTTERANCE_DIGITS: usize = 10;
+
+/// A bound on the answer ids of every reference (the stop token included) under the default
+/// tokenizer; evaluation and traffic should allow at least this many new tokens. A test checks
+/// every kind's longest reference against it.
+pub const MAX_ANSWER_TOKENS: usize = 32;
+
+/// The arithmetic of [`TaskKind::Arithmetic`]: from the first digit, add the next digit while
+/// the total is below ten, otherwise subtract it. Returns `(added, digit, total after)` per step
+/// after the first digit; totals stay within 0..=18.
+pub fn arithmetic_steps(digits: &[u8]) -> Vec<(bool, u8, u32)> {
+    let Some((&first, rest)) = digits.split_first() else {
+        return Vec::new();
+    };
+    let mut total = u32::from(first);
+    rest.iter()
+        .map(|&d| {
+            let add = total < 10;
+            total = if add {
+                total + u32::from(d)
+            } else {
+                total - u32::from(d).min(total)
+            };
+            (add, d, total)
+        })
+        .collect()
+}
+
+/// Checks an arithmetic answer: returns the digits it works through when it has exactly the
+/// reference format ("seven plus five is twelve, minus three is nine") with the right operator
+/// and total at every step, else `None`.
+pub fn check_arithmetic(answer: &str) -> Option<Vec<u8>> {
+    let digit = |w: &str| {
+        numbers::parse_english(w)
+            .filter(|&n| n <= 9)
+            .map(|n| n as u8)
+    };
+    let mut steps = answer.split(", ");
+    let first_step = steps.next()?;
+    let (first, first_rest) = match first_step.split_once(' ') {
+        Some((w, rest)) => (w, Some(rest)),
+        // A lone digit is the whole working of a one-digit utterance.
+        None if answer == first_step => (first_step, None),
+        None => return None,
+    };
+    let mut digits = vec![digit(first)?];
+    for step in first_rest.into_iter().chain(steps) {
+        let words: Vec<&str> = step.split(' ').collect();
+        let &[op, d, is, total] = &words[..] else {
+            return None;
+        };
+        if is != "is" || !matches!(op, "plus" | "minus") {
+            return None;
+        }
+        digits.push(digit(d)?);
+        let &(added, _, expect) = arithmetic_steps(&digits).last()?;
+        if (op == "plus") != added || numbers::parse_english(total)? != expect {
+            return None;
+        }
+    }
+    Some(digits)
+}
+
 impl TaskKind {
     /// All kinds.
-    pub const ALL: [TaskKind; 5] = [
+    pub const ALL: [TaskKind; 8] = [
         TaskKind::Recognition,
         TaskKind::Translation,
         TaskKind::Sum,
         TaskKind::Largest,
         TaskKind::Count,
+        TaskKind::CodeRecognition,
+        TaskKind::CodeTranslation,
+        TaskKind::Arithmetic,
     ];
+
+    /// Fewest and most digits of this kind's utterances by default (see [`TaskConfig::digits`]).
+    pub fn digit_range(self) -> (usize, usize) {
+        match self {
+            TaskKind::Recognition
+            | TaskKind::Translation
+            | TaskKind::Sum
+            | TaskKind::Largest
+            | TaskKind::Count => (1, 4),
+            TaskKind::CodeRecognition | TaskKind::CodeTranslation => (5, MAX_UTTERANCE_DIGITS),
+            TaskKind::Arithmetic => (3, 5),
+        }
+    }
+
+    /// Most digits this kind has a reference for: 4 for the sum (its number words end at 36),
+    /// [`MAX_UTTERANCE_DIGITS`] otherwise.
+    pub fn max_digits(self) -> usize {
+        match self {
+            TaskKind::Sum => 4,
+            _ => MAX_UTTERANCE_DIGITS,
+        }
+    }
 
     /// The instruction given with the audio.
     pub fn instruction(self) -> &'static str {
@@ -377,6 +521,12 @@ impl TaskKind {
             TaskKind::Sum => "What is the sum of the digits in the audio?",
             TaskKind::Largest => "What is the largest digit in the audio?",
             TaskKind::Count => "How many digits are in the audio?",
+            TaskKind::CodeRecognition => "Transcribe the spoken code digit by digit.",
+            TaskKind::CodeTranslation => "Translate the spoken code into German digit by digit.",
+            TaskKind::Arithmetic => {
+                "Work through the digits: add the next digit while the total is below ten, \
+                 otherwise subtract it, and say each total."
+            }
         }
     }
 
@@ -386,14 +536,17 @@ impl TaskKind {
             TaskKind::Recognition => TaskFamily::Asr,
             TaskKind::Translation => TaskFamily::Ast,
             TaskKind::Sum | TaskKind::Largest | TaskKind::Count => TaskFamily::Sqa,
+            TaskKind::CodeRecognition => TaskFamily::AsrLong,
+            TaskKind::CodeTranslation => TaskFamily::AstLong,
+            TaskKind::Arithmetic => TaskFamily::Arith,
         }
     }
 
     /// The reference answer for an utterance of `digits`. Fails on an empty list, a value above
-    /// 9, or more digits than there are number words for.
+    /// 9, or more digits than [`TaskKind::max_digits`].
     pub fn reference(self, digits: &[u8]) -> Result<String, SpeechError> {
-        let bad = || SpeechError::Config(format!("no reference for digits {digits:?}"));
-        if digits.is_empty() || digits.iter().any(|&d| d > 9) {
+        let bad = || SpeechError::Config(format!("no {self:?} reference for digits {digits:?}"));
+        if digits.is_empty() || digits.len() > self.max_digits() || digits.iter().any(|&d| d > 9) {
             return Err(bad());
         }
         let words = |f: fn(u32) -> Option<&'static str>| -> Result<String, SpeechError> {
@@ -401,8 +554,24 @@ impl TaskKind {
             Ok(w.ok_or_else(bad)?.join(" "))
         };
         match self {
-            TaskKind::Recognition => words(numbers::english),
-            TaskKind::Translation => words(numbers::german),
+            TaskKind::Recognition | TaskKind::CodeRecognition => words(numbers::english),
+            TaskKind::Translation | TaskKind::CodeTranslation => words(numbers::german),
+            TaskKind::Arithmetic => {
+                let english = |n: u32| numbers::english(n).ok_or_else(bad);
+                let mut out = english(u32::from(digits[0]))?.to_string();
+                for (k, (added, d, total)) in arithmetic_steps(digits).into_iter().enumerate() {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    let op = if added { "plus" } else { "minus" };
+                    out.push_str(&format!(
+                        " {op} {} is {}",
+                        english(u32::from(d))?,
+                        english(total)?
+                    ));
+                }
+                Ok(out)
+            }
             TaskKind::Sum => {
                 let sum: u32 = digits.iter().map(|&d| u32::from(d)).sum();
                 numbers::english(sum).map(str::to_string).ok_or_else(bad)
@@ -442,10 +611,11 @@ pub struct Example {
 /// Shape of generated utterances.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskConfig {
-    /// Fewest digits per utterance (at least 1).
-    pub min_digits: usize,
-    /// Most digits per utterance (at most 4, so sums stay within the number words).
-    pub max_digits: usize,
+    /// Fewest and most digits per utterance for every kind; `None` (the default) gives each kind
+    /// its own range ([`TaskKind::digit_range`]: 1-4 for the short kinds, 5-10 for codes, 3-5
+    /// for arithmetic). An explicit range must start at 1 or more and fit every kind generated
+    /// ([`TaskKind::max_digits`]).
+    pub digits: Option<(usize, usize)>,
     /// Shortest and longest silence between clips, in milliseconds.
     pub gap_ms: (u32, u32),
 }
@@ -453,10 +623,16 @@ pub struct TaskConfig {
 impl Default for TaskConfig {
     fn default() -> Self {
         Self {
-            min_digits: 1,
-            max_digits: 4,
+            digits: None,
             gap_ms: (50, 250),
         }
+    }
+}
+
+impl TaskConfig {
+    /// Fewest and most digits of `kind`'s utterances under this configuration.
+    pub fn digits_of(&self, kind: TaskKind) -> (usize, usize) {
+        self.digits.unwrap_or_else(|| kind.digit_range())
     }
 }
 
@@ -497,9 +673,10 @@ pub fn link_recordings(
 /// Generates `n` examples from the clips of `split`, deterministic given `seed`.
 ///
 /// Per example: a kind drawn uniformly from `kinds`, a speaker uniformly from those with clips in
-/// the split, a length uniformly in `min_digits..=max_digits`, each digit uniformly among the
-/// digits that speaker recorded, and for each a take uniformly among that speaker's takes of that
-/// digit in the split.
+/// the split, a length uniformly in the kind's digit range ([`TaskConfig::digits_of`]), each
+/// digit uniformly among the digits that speaker recorded, and for each a take uniformly among
+/// that speaker's takes of that digit in the split. The short kinds draw exactly as they did
+/// before the long kinds existed, so their examples for a seed are unchanged.
 pub fn generate(
     corpus: &Corpus,
     split: Split,
@@ -511,14 +688,19 @@ pub fn generate(
     if kinds.is_empty() {
         return Err(SpeechError::Config("no task kinds to generate".into()));
     }
-    if config.min_digits == 0
-        || config.min_digits > config.max_digits
-        || config.max_digits > 4
-        || config.gap_ms.0 > config.gap_ms.1
-    {
+    if config.gap_ms.0 > config.gap_ms.1 {
         return Err(SpeechError::Config(format!(
-            "need 1 <= min_digits <= max_digits <= 4 and gap_ms.0 <= gap_ms.1, got {config:?}"
+            "need gap_ms.0 <= gap_ms.1, got {config:?}"
         )));
+    }
+    for &kind in kinds {
+        let (lo, hi) = config.digits_of(kind);
+        if lo == 0 || lo > hi || hi > kind.max_digits() {
+            return Err(SpeechError::Config(format!(
+                "{kind:?} needs 1 <= fewest <= most <= {} digits, got {lo}..={hi}",
+                kind.max_digits()
+            )));
+        }
     }
     // speaker -> digit -> takes (ordered maps, so iteration order is fixed).
     let mut avail: BTreeMap<&str, BTreeMap<u8, Vec<u32>>> = BTreeMap::new();
@@ -551,7 +733,8 @@ pub fn generate(
     for _ in 0..n {
         let kind = kinds[rng.random_range(0..kinds.len())];
         let (speaker, digits_avail) = &speakers[rng.random_range(0..speakers.len())];
-        let len = rng.random_range(config.min_digits..=config.max_digits);
+        let (lo, hi) = config.digits_of(kind);
+        let len = rng.random_range(lo..=hi);
         let mut digits = Vec::with_capacity(len);
         let mut takes = Vec::with_capacity(len);
         for _ in 0..len {
@@ -576,13 +759,20 @@ pub fn generate(
 }
 
 /// Every text a task prompt or answer can contain (chat role headers, instructions and all answer
-/// words), for learning the text tokenizer's merges. Fixed order.
+/// words, the arithmetic's operators included), for learning the text tokenizer's merges. Fixed
+/// order.
 pub fn task_texts() -> Vec<String> {
     let mut texts: Vec<String> = ["system\n", "user\n", "assistant\n"]
         .iter()
         .map(|s| s.to_string())
         .chain(TaskKind::ALL.iter().map(|k| k.instruction().to_string()))
         .collect();
+    // The arithmetic's working: operators, "is" and the comma between steps, each as it follows
+    // a space (the comma follows a word directly).
+    for word in ["plus", "minus", "is"] {
+        texts.push(format!("x {word}"));
+    }
+    texts.push("x,".to_string());
     for n in 0..=numbers::MAX_NUMBER {
         for word in [numbers::english(n), numbers::german(n)]
             .into_iter()
@@ -664,6 +854,93 @@ mod tests {
         );
         assert!(TaskKind::Sum.reference(&[]).is_err());
         assert!(TaskKind::Recognition.reference(&[10]).is_err());
+        // Sums end at thirty-six; codes at ten digits.
+        assert!(TaskKind::Sum.reference(&[9; 5]).is_err());
+        assert!(TaskKind::CodeRecognition.reference(&[1; 11]).is_err());
+    }
+
+    #[test]
+    fn long_references_hand_checked() {
+        let code = [4, 1, 5, 5, 5, 2, 6, 7, 0, 9];
+        assert_eq!(
+            TaskKind::CodeRecognition.reference(&code).unwrap(),
+            "four one five five five two six seven zero nine"
+        );
+        assert_eq!(
+            TaskKind::CodeTranslation.reference(&code).unwrap(),
+            "vier eins fünf fünf fünf zwei sechs sieben null neun"
+        );
+        for (digits, working) in [
+            (
+                &[7, 5, 3][..],
+                "seven plus five is twelve, minus three is nine",
+            ),
+            (
+                &[5, 5, 7][..],
+                "five plus five is ten, minus seven is three",
+            ),
+            (&[0, 0, 0][..], "zero plus zero is zero, plus zero is zero"),
+            (
+                &[2, 3, 4, 1][..],
+                "two plus three is five, plus four is nine, plus one is ten",
+            ),
+            (
+                &[9, 9, 9, 9, 9][..],
+                "nine plus nine is eighteen, minus nine is nine, plus nine is eighteen, \
+                 minus nine is nine",
+            ),
+            (&[6][..], "six"),
+        ] {
+            assert_eq!(TaskKind::Arithmetic.reference(digits).unwrap(), working);
+            assert_eq!(check_arithmetic(working).as_deref(), Some(digits));
+        }
+    }
+
+    #[test]
+    fn arithmetic_checker_refuses_wrong_working() {
+        for bad in [
+            "",
+            "seven plus five is eleven, minus three is nine",
+            "seven minus five is two",
+            "seven plus five is twelve, plus three is fifteen",
+            "seven plus five is twelve minus three is nine",
+            "seven plus five twelve",
+            "ten plus five is fifteen",
+            "seven plus five is twelve,",
+            "seven, plus five is twelve",
+            "seven plus  five is twelve",
+        ] {
+            assert_eq!(check_arithmetic(bad), None, "{bad}");
+        }
+        // Every total stays within 0..=18 for any digits.
+        for a in 0..10u8 {
+            for b in 0..10u8 {
+                for c in 0..10u8 {
+                    for (_, _, t) in arithmetic_steps(&[a, b, c, 9, 0]) {
+                        assert!(t <= 18);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn families_short_and_long() {
+        assert_eq!(TaskFamily::ALL.len(), 6);
+        for f in TaskFamily::ALL {
+            assert_eq!(f.is_long(), !TaskFamily::SHORT.contains(&f));
+            assert_eq!(f.name().parse::<TaskFamily>().unwrap(), f);
+            assert!(f.kinds().iter().all(|k| k.family() == f));
+        }
+        for k in TaskKind::ALL {
+            assert!(TaskFamily::ALL.iter().any(|f| f.kinds().contains(&k)));
+            let (lo, hi) = k.digit_range();
+            assert!(1 <= lo && lo <= hi && hi <= k.max_digits(), "{k:?}");
+            // Long families are the kinds whose utterances have 3 digits or more.
+            assert_eq!(k.family().is_long(), lo >= 3, "{k:?}");
+        }
+        let err = "asr2".parse::<TaskFamily>().unwrap_err().to_string();
+        assert!(err.contains("asr_long") && err.contains("arith"), "{err}");
     }
 
     #[test]
