@@ -11,7 +11,7 @@ use leaf_plugin::job::run::{Estimator, EvalDecoding, RunConfig};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Seeds per estimator (0..N).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub seeds: u64,
     /// Rollouts per run (the main job's budget by default).
     #[arg(long, default_value_t = RunConfig::default().rollouts)]

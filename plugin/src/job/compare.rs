@@ -19,6 +19,8 @@ use super::report::{write_json, ForkSummary, RunReport};
 use super::run::{run, Estimator, EvalDecoding, RunConfig};
 use super::JobError;
 use crate::advantage::ForkStats;
+use crate::speech::eval::EvalReport;
+use crate::speech::tasks::TaskFamily;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model};
 
 /// Settings of a comparison.
@@ -142,6 +144,73 @@ pub struct EstimatorSummary {
     pub wall_seconds: Spread,
     /// The aligned curve.
     pub curve: Vec<SummaryPoint>,
+    /// Greedy exact match of the short and the long families, held-out takes of the heard
+    /// speakers and the unheard speaker, base and final.
+    #[serde(default)]
+    pub greedy: Vec<GreedyRow>,
+}
+
+/// Greedy exact match (mean over the families of one length class) of the base model and of
+/// the final adapters over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GreedyRow {
+    /// `"short"` or `"long"`.
+    pub families: String,
+    /// `"held-out takes"` (heard speakers) or `"unheard speaker"`.
+    pub speakers: String,
+    /// The base model.
+    pub base: f64,
+    /// The final adapters over seeds.
+    pub last: Spread,
+}
+
+/// The greedy evaluations (base, final) of a run, whichever decoding it gated on.
+fn greedy_evals(r: &RunReport) -> (&EvalReport, &EvalReport) {
+    match r.eval_decoding {
+        EvalDecoding::Greedy => (&r.base_eval, &r.final_eval),
+        EvalDecoding::Serving => (&r.other_decoding.base_eval, &r.other_decoding.final_eval),
+    }
+}
+
+/// Mean exact match over the long (or short) families of a speaker group of `eval`.
+fn class_exact(eval: &EvalReport, long: bool, unheard: bool) -> Option<f64> {
+    let group = if unheard {
+        eval.holdout.as_ref()?
+    } else {
+        &eval.in_speaker
+    };
+    let v: Vec<f64> = TaskFamily::ALL
+        .iter()
+        .filter(|f| f.is_long() == long)
+        .filter_map(|f| group.tasks.get(f.name()).map(|s| s.exact_match))
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn greedy_rows(reports: &[&RunReport]) -> Vec<GreedyRow> {
+    let mut rows = Vec::new();
+    for (long, families) in [(false, "short"), (true, "long")] {
+        for (unheard, speakers) in [(false, "held-out takes"), (true, "unheard speaker")] {
+            let base: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| class_exact(greedy_evals(r).0, long, unheard))
+                .collect();
+            let last: Vec<f64> = reports
+                .iter()
+                .filter_map(|r| class_exact(greedy_evals(r).1, long, unheard))
+                .collect();
+            if last.is_empty() {
+                continue;
+            }
+            rows.push(GreedyRow {
+                families: families.into(),
+                speakers: speakers.into(),
+                base: Spread::of(&base).mean,
+                last: Spread::of(&last),
+            });
+        }
+    }
+    rows
 }
 
 /// Base and final figures under the other decoding (see [`RunReport::other_decoding`]).
@@ -274,11 +343,12 @@ pub fn summarise(estimator: &str, seeds: &[u64], reports: &[&RunReport]) -> Esti
         rollbacks: spread(&|r| r.rollbacks as f64),
         wall_seconds: spread(&|r| r.wall_seconds),
         curve,
+        greedy: greedy_rows(reports),
     }
 }
 
 fn pm(s: &Spread) -> String {
-    format!("{:.3} ± {:.3}", s.mean, s.std)
+    format!("{:.3} ± {:.3}", s.mean, s.ci95)
 }
 
 /// The task families of a comparison's summaries, sorted.
@@ -303,8 +373,8 @@ pub fn markdown(report: &CompareReport) -> String {
         "Same base model, traffic, rollout budget ({} rollouts), K = {}, B = {} groups per \
          update, LoRA rank {} (alpha {}), learning rate {}, KL beta {}, held-out check every {} \
          updates ({} examples per family); final evaluation: {} examples per family on the test \
-         takes, decoded {}. Reward: cased sentence BLEU / 100. Mean ± sample standard \
-         deviation over seeds.\n",
+         takes, decoded {}. Reward: cased sentence BLEU / 100. Mean ± half-width of the 95 % \
+         interval (Student's t) over seeds.\n",
         s.rollouts,
         s.group_size,
         s.groups_per_update,
@@ -381,6 +451,25 @@ pub fn markdown(report: &CompareReport) -> String {
                 pm(&o.final_reward),
                 o.base_exact_match,
                 pm(&o.final_exact_match)
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\nGreedy exact match by answer length (short: 1-4 words; long: 5-10 digit codes and \
+         arithmetic with the working), base -> final:\n\n| estimator | families | speakers | \
+         base | final |\n|---|---|---|---|---|"
+    );
+    for e in &report.summary {
+        for g in &e.greedy {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.3} | {} |",
+                e.estimator,
+                g.families,
+                g.speakers,
+                g.base,
+                pm(&g.last)
             );
         }
     }

@@ -50,7 +50,7 @@ use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::speech::prepare::ExampleEncoder;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
-use crate::speech::tasks::{Corpus, Split, TaskFamily};
+use crate::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
 use crate::trainer::{TrainConfig, Trainer};
 
 /// File of the saved run state inside the output directory.
@@ -223,7 +223,7 @@ impl Default for RunConfig {
             kl_beta: 0.02,
             epochs: 1,
             clients: 4,
-            max_tokens: 16,
+            max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
             top_p: 1.0,
             traffic_prompts: 1024,
