@@ -83,8 +83,22 @@ async fn http_api_end_to_end_with_auth() -> anyhow::Result<()> {
             admin_token: Some("sesame".into()),
             adapter_root: Some(root.clone()),
             max_body_bytes: 64 << 10,
+            ..Default::default()
         },
     )?;
+    // An empty token is a configuration error, not "no auth".
+    for empty in ["", "  "] {
+        let e = router(
+            server.clone(),
+            HttpConfig {
+                admin_token: Some(empty.into()),
+                ..Default::default()
+            },
+        )
+        .err()
+        .expect("an empty admin token is refused");
+        assert!(e.to_string().contains("admin token is empty"), "{e}");
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });

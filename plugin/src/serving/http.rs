@@ -12,7 +12,9 @@
 //! | `GET /metrics` | Prometheus text (`leaf_*`) |
 //!
 //! Mutating routes need `Authorization: Bearer TOKEN` when a token is configured and answer
-//! 401 otherwise; without a token [`serve`] only listens on a loopback address. Every error is
+//! 401 otherwise; without a token [`serve`] only listens on a loopback address. An empty token
+//! is a configuration error, never "no auth"; tokens are checked in constant time
+//! ([`super::auth::Secret`]). Every error is
 //! a 4xx/5xx with a JSON body `{"error": {"message", "type"}}`; malformed JSON and oversized
 //! bodies included.
 
@@ -31,15 +33,16 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Secret;
 use super::server::{ChatRequest, LeafServer, Message, Part};
 use super::ServeError;
 use crate::harvest::HarvestError;
 
 /// HTTP settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct HttpConfig {
     /// Bearer token for the mutating routes; `None` allows them without auth, and [`serve`]
-    /// then only listens on loopback.
+    /// then only listens on loopback. An empty token is refused by [`router`].
     pub admin_token: Option<String>,
     /// The only directory `load_lora_adapter` may read from; `None` disables that route.
     pub adapter_root: Option<PathBuf>,
@@ -47,10 +50,21 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
 }
 
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the tokens themselves.
+        f.debug_struct("HttpConfig")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| ".."))
+            .field("adapter_root", &self.adapter_root)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     server: Arc<LeafServer>,
-    config: Arc<HttpConfig>,
+    admin: Option<Secret>,
     adapter_root: Option<PathBuf>,
     metrics: Option<PrometheusHandle>,
 }
@@ -124,8 +138,14 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// The router. `adapter_root` is resolved here; a root that does not exist is an error.
+/// The router. `adapter_root` is resolved here; a root that does not exist is an error, and so
+/// is an empty token.
 pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, ServeError> {
+    let admin = config
+        .admin_token
+        .as_deref()
+        .map(|t| Secret::new("admin token", t))
+        .transpose()?;
     let adapter_root = match &config.adapter_root {
         Some(r) => Some(r.canonicalize().map_err(|source| ServeError::Io {
             path: r.clone(),
@@ -140,7 +160,7 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
     };
     let state = AppState {
         server,
-        config: Arc::new(config),
+        admin,
         adapter_root,
         metrics: install_metrics(),
     };
@@ -185,7 +205,7 @@ pub async fn serve(
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else {
+    let Some(secret) = &state.admin else {
         return Ok(());
     };
     let given = headers
@@ -193,14 +213,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Compare without an early exit on the first differing byte.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+    if secret.matches(given) {
         Ok(())
     } else {
         Err(ApiError::new(
