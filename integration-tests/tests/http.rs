@@ -2,13 +2,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{random_adapter, start, tiny_model};
 use leaf_plugin::harvest::reward::FeedbackOnly;
+use leaf_plugin::harvest::{RewardContext, RewardSource};
 use leaf_plugin::serving::http::{router, HttpConfig};
-use leaf_plugin::serving::ServerConfig;
+use leaf_plugin::serving::{LeafServer, ServerConfig};
 use serde_json::{json, Value};
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the body.
@@ -19,16 +20,32 @@ fn call(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    call_with(addr, method, path, &auth, body)
+}
+
+/// One HTTP/1.1 request with `Connection: close` and extra header lines (each ending in CRLF).
+fn call_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("write");
+    read_response(s)
+}
+
+/// Reads a whole response off a connection the server closes: the status and the body.
+fn read_response(mut s: TcpStream) -> (u16, String) {
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     let status = out[9..12].parse().expect("status");
@@ -46,10 +63,29 @@ async fn http(
     token: Option<&'static str>,
     body: String,
 ) -> (u16, Value) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    http_with(addr, method, path, auth, body).await
+}
+
+/// [`http`] with extra header lines (each ending in CRLF).
+async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &'static str,
+    path: &'static str,
+    headers: String,
+    body: String,
+) -> (u16, Value) {
     let (status, text) =
-        tokio::task::spawn_blocking(move || call(addr, method, path, token, &body))
+        tokio::task::spawn_blocking(move || call_with(addr, method, path, &headers, &body))
             .await
             .expect("client task");
+    parse_body(status, text)
+}
+
+/// The JSON of a response body (a JSON string of the raw text when it is not JSON).
+fn parse_body(status: u16, text: String) -> (u16, Value) {
     // Chunked bodies: keep the JSON between the first '{' or '[' and the last '}' or ']'.
     let json = match (text.find(['{', '[']), text.rfind(['}', ']'])) {
         (Some(a), Some(b)) if b >= a => &text[a..=b],
@@ -258,5 +294,188 @@ async fn http_api_end_to_end_with_auth() -> anyhow::Result<()> {
     assert_eq!(s, 200);
     assert!(text.contains("leaf_requests_total"), "{text}");
     assert!(text.contains("leaf_swaps_total"), "{text}");
+    Ok(())
+}
+
+/// Serves `config` in front of `server` on a fresh loopback port.
+async fn serve_on_loopback(
+    server: Arc<LeafServer>,
+    config: HttpConfig,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let app = router(server, config)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+/// Records the reference of every sample it is asked to score; rewards 1 when there is one.
+#[derive(Default)]
+struct SeenReferences(Mutex<Vec<Option<String>>>);
+
+#[async_trait::async_trait]
+impl RewardSource for SeenReferences {
+    fn name(&self) -> &str {
+        "seen-references"
+    }
+
+    async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        seen.push(ctx.reference.map(str::to_string));
+        ctx.reference.map(|_| 1.0)
+    }
+}
+
+fn chat_with_reference(text: &str, reference: &str) -> String {
+    json!({
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 3, "seed": 7,
+        "leaf": {"reference": reference, "task": "t"}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_references_count_only_when_trusted() -> anyhow::Result<()> {
+    let m = tiny_model(14)?;
+    let seen = Arc::new(SeenReferences::default());
+    let (server, _rx) = start(ServerConfig::new(&m.dir), seen.clone()).await?;
+    let addr = serve_on_loopback(
+        server.clone(),
+        HttpConfig {
+            admin_token: Some("sesame".into()),
+            reward_token: Some("payday".into()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let with_token = "x-leaf-reward-token: payday\r\n".to_string();
+
+    // Without the reward token the reference is dropped before it reaches the server.
+    let (s, v) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        chat_with_reference("One.", "one"),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["leaf"]["reference_used"], false, "{v}");
+    let untrusted_id = v["leaf"]["request_id"].as_str().unwrap().to_string();
+    // With it, the reference is the reward's.
+    let (s, v) = http_with(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        with_token.clone(),
+        chat_with_reference("Two.", "two"),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["leaf"]["reference_used"], true, "{v}");
+    // A wrong reward token is refused outright.
+    let (s, v) = http_with(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        "x-leaf-reward-token: guess\r\n".into(),
+        chat_with_reference("Three.", "three"),
+    )
+    .await;
+    assert_eq!(s, 401, "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut seen = seen.0.lock().unwrap().clone();
+        if seen.len() >= 2 || std::time::Instant::now() > deadline {
+            seen.sort();
+            assert_eq!(seen, vec![None, Some("two".to_string())]);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Feedback: the reward token may post it; the reward must be in [0, 1].
+    for bad in [1.5, -0.5, 1e308] {
+        let (s, v) = http_with(
+            addr,
+            "POST",
+            "/v1/feedback",
+            with_token.clone(),
+            json!({"request_id": untrusted_id, "reward": bad}).to_string(),
+        )
+        .await;
+        assert_eq!(s, 400, "{bad}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("[0, 1]") && msg.contains("feedback_reward_range"),
+            "{msg}"
+        );
+    }
+    let (s, v) = http_with(
+        addr,
+        "POST",
+        "/v1/feedback",
+        "x-leaf-reward-token: guess\r\n".into(),
+        json!({"request_id": untrusted_id, "reward": 0.5}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 401, "{v}");
+    // (The sample joins its group right after it is scored: retry while it is not there yet.)
+    let mut tries = 0;
+    let (s, v) = loop {
+        let (s, v) = http_with(
+            addr,
+            "POST",
+            "/v1/feedback",
+            with_token.clone(),
+            json!({"request_id": untrusted_id, "reward": 0.5}).to_string(),
+        )
+        .await;
+        tries += 1;
+        if s != 404 || tries > 100 {
+            break (s, v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(s, 200, "{v}");
+    let (_, text) =
+        tokio::task::spawn_blocking(move || call(addr, "GET", "/metrics", None, "")).await?;
+    assert!(text.contains("leaf_references_ignored_total"), "{text}");
+
+    // A server that trusts its clients takes every reference; an empty reward token is refused.
+    let trusting = serve_on_loopback(
+        server.clone(),
+        HttpConfig {
+            trust_client_references: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (s, v) = http(
+        trusting,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        chat_with_reference("Four.", "four"),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["leaf"]["reference_used"], true, "{v}");
+    let e = router(
+        server.clone(),
+        HttpConfig {
+            reward_token: Some(String::new()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("an empty reward token is refused");
+    assert!(e.to_string().contains("reward token is empty"), "{e}");
+    // An out-of-range reward range is a configuration error at start.
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.feedback_reward_range.min = 2.0;
+    let e = start(cfg, seen.clone()).await.err().expect("refused");
+    assert!(format!("{e:#}").contains("feedback_reward_range"), "{e:#}");
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! with one of the [`crate::reward`] metrics; requests without a reference wait for feedback.
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::reward::{Metric, Reward, RewardOptions};
 
@@ -79,6 +80,51 @@ impl RewardSource for ReferenceReward {
     }
 }
 
+/// The rewards a client may send as feedback: finite and within `[min, max]`.
+///
+/// The default, [0, 1], is the range every [`crate::reward`] metric produces, so feedback and
+/// reference rewards of one group are on the same scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardRange {
+    /// Lowest accepted reward. Default 0.
+    pub min: f64,
+    /// Highest accepted reward. Default 1.
+    pub max: f64,
+}
+
+impl Default for RewardRange {
+    fn default() -> Self {
+        RewardRange { min: 0.0, max: 1.0 }
+    }
+}
+
+impl RewardRange {
+    /// Checks the range itself: finite bounds with `min < max`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min.is_finite() && self.max.is_finite() && self.min < self.max {
+            Ok(())
+        } else {
+            Err(format!(
+                "feedback_reward_range [{}, {}] needs finite bounds with min < max",
+                self.min, self.max
+            ))
+        }
+    }
+
+    /// Checks one reward: finite and within the range; the error names the range.
+    pub fn accept(&self, reward: f64) -> Result<f64, String> {
+        if reward.is_finite() && (self.min..=self.max).contains(&reward) {
+            Ok(reward)
+        } else {
+            Err(format!(
+                "reward {reward} is outside the accepted range [{}, {}] (feedback_reward_range)",
+                self.min, self.max
+            ))
+        }
+    }
+}
+
 /// Never scores by itself: every sample waits for feedback.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FeedbackOnly;
@@ -105,6 +151,31 @@ mod tests {
             reference,
             task: None,
             completion_ids: &[],
+        }
+    }
+
+    #[test]
+    fn reward_ranges_refuse_non_finite_and_out_of_range_values() {
+        let r = RewardRange::default();
+        assert_eq!(r.accept(0.0), Ok(0.0));
+        assert_eq!(r.accept(1.0), Ok(1.0));
+        for bad in [f64::NAN, f64::INFINITY, -0.01, 1.5, 1e300] {
+            let e = r.accept(bad).unwrap_err();
+            assert!(e.contains("[0, 1]"), "{e}");
+        }
+        assert!(RewardRange {
+            min: -1.0,
+            max: 1.0
+        }
+        .check()
+        .is_ok());
+        for (min, max) in [
+            (1.0, 1.0),
+            (2.0, 1.0),
+            (f64::NAN, 1.0),
+            (0.0, f64::INFINITY),
+        ] {
+            assert!(RewardRange { min, max }.check().is_err(), "{min} {max}");
         }
     }
 

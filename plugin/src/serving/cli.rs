@@ -36,6 +36,24 @@ pub struct ServeArgs {
     /// File holding the admin token (one line; a trailing newline is ignored).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Token that makes a request's `leaf.reference` count as its reward (header
+    /// `x-leaf-reward-token`); it may also post feedback. Prefer --reward-token-file or
+    /// LEAF_REWARD_TOKEN.
+    #[arg(long, conflicts_with = "reward_token_file")]
+    pub reward_token: Option<String>,
+    /// File holding the reward token.
+    #[arg(long)]
+    pub reward_token_file: Option<PathBuf>,
+    /// Use every client's `leaf.reference` as its reward: any client can then steer training.
+    /// Without it (and without the reward token) references are ignored.
+    #[arg(long)]
+    pub trust_client_references: bool,
+    /// Lowest reward `/v1/feedback` accepts (overrides the config's feedback_reward_range).
+    #[arg(long)]
+    pub feedback_reward_min: Option<f64>,
+    /// Highest reward `/v1/feedback` accepts (overrides the config's feedback_reward_range).
+    #[arg(long)]
+    pub feedback_reward_max: Option<f64>,
     /// A JSON `ServerConfig` (every field but `model_dir` optional) for the finer settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -52,6 +70,8 @@ pub struct ServeArgs {
 
 /// Environment variable read for the admin token when neither flag gives it.
 pub const ADMIN_TOKEN_ENV: &str = "LEAF_ADMIN_TOKEN";
+/// Environment variable read for the reward token when neither flag gives it.
+pub const REWARD_TOKEN_ENV: &str = "LEAF_REWARD_TOKEN";
 
 /// Longest token file read (a token is a line, not a document).
 const MAX_TOKEN_FILE_BYTES: u64 = 4096;
@@ -130,11 +150,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.unit_codebook = args.units.clone();
     }
     let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
-    if args.admin_token.is_some() {
-        tracing::warn!(
-            "--admin-token is visible to every local user in the process list; \
-             prefer --admin-token-file or ${ADMIN_TOKEN_ENV}"
-        );
+    if let Some(min) = args.feedback_reward_min {
+        config.feedback_reward_range.min = min;
+    }
+    if let Some(max) = args.feedback_reward_max {
+        config.feedback_reward_range.max = max;
+    }
+    for (given, flag, env) in [
+        (args.admin_token.is_some(), "--admin-token", ADMIN_TOKEN_ENV),
+        (
+            args.reward_token.is_some(),
+            "--reward-token",
+            REWARD_TOKEN_ENV,
+        ),
+    ] {
+        if given {
+            tracing::warn!(
+                "{flag} is visible to every local user in the process list; \
+                 prefer {flag}-file or ${env}"
+            );
+        }
     }
     let admin_token = secret_from(
         "admin token",
@@ -142,6 +177,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.admin_token_file.as_deref(),
         ADMIN_TOKEN_ENV,
     )?;
+    let reward_token = secret_from(
+        "reward token",
+        args.reward_token.as_deref(),
+        args.reward_token_file.as_deref(),
+        REWARD_TOKEN_ENV,
+    )?;
+    if args.trust_client_references {
+        tracing::warn!(
+            "--trust-client-references: every client's leaf.reference becomes its reward, so \
+             any client can steer training"
+        );
+    } else if reward_token.is_none() {
+        tracing::info!(
+            "client references are ignored (no reward token, no --trust-client-references); \
+             rewards come from /v1/feedback"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -165,6 +217,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         let http = HttpConfig {
             admin_token,
+            reward_token,
+            trust_client_references: args.trust_client_references,
             adapter_root: args.adapter_root.clone(),
             max_body_bytes: 0,
         };

@@ -2,8 +2,8 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/chat/completions` | OpenAI-compatible chat; audio as an `input_audio` part (base64 WAV) or a `units` part; optional `"leaf": {"reference", "task"}`; the response adds `"leaf": {"request_id", "adapter_version"}` |
-//! | `POST /v1/feedback` | `{"request_id", "reward"}` (mutating) |
+//! | `POST /v1/chat/completions` | OpenAI-compatible chat; audio as an `input_audio` part (base64 WAV) or a `units` part; optional `"leaf": {"reference", "task"}`; the response adds `"leaf": {"request_id", "adapter_version", "reference_used"}` |
+//! | `POST /v1/feedback` | `{"request_id", "reward"}` (admin token or reward token; the reward must lie in the configured range) |
 //! | `GET /v1/adapters` | the store's versions and the served one |
 //! | `POST /v1/adapters/promote` | `{"version"}` (mutating) |
 //! | `POST /v1/adapters/rollback` | (mutating) |
@@ -14,7 +14,14 @@
 //! Mutating routes need `Authorization: Bearer TOKEN` when a token is configured and answer
 //! 401 otherwise; without a token [`serve`] only listens on a loopback address. An empty token
 //! is a configuration error, never "no auth"; tokens are checked in constant time
-//! ([`super::auth::Secret`]). Every error is
+//! ([`super::auth::Secret`]).
+//!
+//! A `leaf.reference` decides the reward of its sample, and so steers training. It is only used
+//! when the server trusts client references ([`HttpConfig::trust_client_references`]) or the
+//! request carries the reward token in the `x-leaf-reward-token` header; otherwise it is dropped
+//! (the sample waits for feedback) and counted in `leaf_references_ignored_total`. A wrong
+//! reward token is a 401. In-process callers of [`LeafServer::chat`] are trusted: the rule is
+//! this HTTP layer's. Every error is
 //! a 4xx/5xx with a JSON body `{"error": {"message", "type"}}`; malformed JSON and oversized
 //! bodies included.
 
@@ -44,6 +51,13 @@ pub struct HttpConfig {
     /// Bearer token for the mutating routes; `None` allows them without auth, and [`serve`]
     /// then only listens on loopback. An empty token is refused by [`router`].
     pub admin_token: Option<String>,
+    /// Token that makes a request's `leaf.reference` count (header `x-leaf-reward-token`), and
+    /// that may also post feedback. `None`: only [`Self::trust_client_references`] makes them
+    /// count. An empty token is refused by [`router`].
+    pub reward_token: Option<String>,
+    /// Use every client's `leaf.reference` as its reward, token or not. Only for a closed
+    /// deployment where every client may steer training.
+    pub trust_client_references: bool,
     /// The only directory `load_lora_adapter` may read from; `None` disables that route.
     pub adapter_root: Option<PathBuf>,
     /// Largest request body in bytes (default 32 MiB when 0).
@@ -55,6 +69,8 @@ impl std::fmt::Debug for HttpConfig {
         // Never print the tokens themselves.
         f.debug_struct("HttpConfig")
             .field("admin_token", &self.admin_token.as_ref().map(|_| ".."))
+            .field("reward_token", &self.reward_token.as_ref().map(|_| ".."))
+            .field("trust_client_references", &self.trust_client_references)
             .field("adapter_root", &self.adapter_root)
             .field("max_body_bytes", &self.max_body_bytes)
             .finish()
@@ -65,6 +81,8 @@ impl std::fmt::Debug for HttpConfig {
 struct AppState {
     server: Arc<LeafServer>,
     admin: Option<Secret>,
+    reward: Option<Secret>,
+    trust_client_references: bool,
     adapter_root: Option<PathBuf>,
     metrics: Option<PrometheusHandle>,
 }
@@ -146,6 +164,11 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
         .as_deref()
         .map(|t| Secret::new("admin token", t))
         .transpose()?;
+    let reward = config
+        .reward_token
+        .as_deref()
+        .map(|t| Secret::new("reward token", t))
+        .transpose()?;
     let adapter_root = match &config.adapter_root {
         Some(r) => Some(r.canonicalize().map_err(|source| ServeError::Io {
             path: r.clone(),
@@ -161,6 +184,8 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
     let state = AppState {
         server,
         admin,
+        reward,
+        trust_client_references: config.trust_client_references,
         adapter_root,
         metrics: install_metrics(),
     };
@@ -204,23 +229,42 @@ pub async fn serve(
         })
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(secret) = &state.admin else {
-        return Ok(());
-    };
-    let given = headers
+/// Header carrying the reward token.
+pub const REWARD_TOKEN_HEADER: &str = "x-leaf-reward-token";
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if secret.matches(given) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        ))
+        .unwrap_or("")
+}
+
+/// The admin token check of the mutating routes.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &state.admin {
+        None => Ok(()),
+        Some(secret) if secret.matches(bearer(headers)) => Ok(()),
+        Some(_) => Err(unauthorized("missing or wrong bearer token")),
+    }
+}
+
+/// Whether the request presents the reward token: `Ok(false)` without the header, 401 with a
+/// wrong one (or when the server has none).
+fn reward_token_presented(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
+    let Some(given) = headers.get(REWARD_TOKEN_HEADER) else {
+        return Ok(false);
+    };
+    match (&state.reward, given.to_str()) {
+        (Some(secret), Ok(given)) if secret.matches(given) => Ok(true),
+        (Some(_), _) => Err(unauthorized("wrong x-leaf-reward-token")),
+        (None, _) => Err(unauthorized(
+            "x-leaf-reward-token was sent but this server has no reward token",
+        )),
     }
 }
 
@@ -339,10 +383,17 @@ fn to_request(body: ChatBody) -> Result<ChatRequest, ApiError> {
 
 async fn chat(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<ChatBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let token = reward_token_presented(&state, &headers)?;
     let Json(body) = body?;
-    let req = to_request(body)?;
+    let mut req = to_request(body)?;
+    let reference_used = req.reference.is_some() && (token || state.trust_client_references);
+    if req.reference.is_some() && !reference_used {
+        req.reference = None;
+        metrics::counter!("leaf_references_ignored_total").increment(1);
+    }
     let reply = state.server.chat(req).await?;
     let mut v = serde_json::to_value(&reply.response).map_err(|e| {
         ApiError::new(
@@ -355,7 +406,7 @@ async fn chat(
         map.insert(
             "leaf".into(),
             json!({"request_id": reply.request_id, "adapter_version": reply.adapter_version,
-                   "logprob_base": "e"}),
+                   "logprob_base": "e", "reference_used": reference_used}),
         );
     }
     Ok(Json(v))
@@ -372,7 +423,10 @@ async fn feedback(
     headers: HeaderMap,
     body: Result<Json<FeedbackBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    // The reward token may post rewards too; otherwise the admin token is needed.
+    if !reward_token_presented(&state, &headers)? {
+        authorize(&state, &headers)?;
+    }
     let Json(body) = body?;
     state.server.feedback(&body.request_id, body.reward)?;
     Ok(Json(json!({"ok": true})))

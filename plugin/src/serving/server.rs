@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use super::model::{load_pipeline_async, ModelDir, SharedPipeline};
 use super::ServeError;
 use crate::harvest::groups::Membership;
+use crate::harvest::reward::RewardRange;
 use crate::harvest::tap::now_unix_ms;
 use crate::harvest::{
     prompt_key, AssemblerConfig, GroupAssembler, HarvestedSample, RewardContext, RewardSource,
@@ -115,6 +116,9 @@ pub struct ServerConfig {
     /// Adapter size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The rewards [`LeafServer::feedback`] accepts. Default [0, 1].
+    #[serde(default)]
+    pub feedback_reward_range: RewardRange,
 }
 
 fn default_batch() -> usize {
@@ -141,6 +145,7 @@ impl ServerConfig {
             drain_timeout_s: default_drain(),
             max_swaps: default_max_swaps(),
             limits: Limits::default(),
+            feedback_reward_range: RewardRange::default(),
         }
     }
 
@@ -170,6 +175,9 @@ impl ServerConfig {
             ));
         }
         self.assembler.check()?;
+        self.feedback_reward_range
+            .check()
+            .map_err(ServeError::Config)?;
         Ok(())
     }
 }
@@ -573,8 +581,14 @@ impl LeafServer {
     }
 
     /// Feedback for a served request: its reward. Unknown, sealed or expired ids are a typed
-    /// error ([`crate::harvest::HarvestError::UnknownRequest`]).
+    /// error ([`crate::harvest::HarvestError::UnknownRequest`]); a reward outside
+    /// [`ServerConfig::feedback_reward_range`] (or not finite) is a [`ServeError::Request`].
     pub fn feedback(&self, request_id: &str, reward: f64) -> Result<(), ServeError> {
+        let reward = self
+            .config
+            .feedback_reward_range
+            .accept(reward)
+            .map_err(ServeError::Request)?;
         Ok(self.assembler.set_reward(request_id, reward)?)
     }
 
