@@ -6,9 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{random_adapter, start, tiny_model};
+use leaf_plugin::audio::{write_wav_pcm16, Audio};
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{RewardContext, RewardSource};
 use leaf_plugin::serving::http::{router, HttpConfig};
+use leaf_plugin::serving::limits::RequestLimits;
 use leaf_plugin::serving::{LeafServer, ServerConfig};
 use serde_json::{json, Value};
 
@@ -477,5 +479,197 @@ async fn client_references_count_only_when_trusted() -> anyhow::Result<()> {
     cfg.feedback_reward_range.min = 2.0;
     let e = start(cfg, seen.clone()).await.err().expect("refused");
     assert!(format!("{e:#}").contains("feedback_reward_range"), "{e:#}");
+    Ok(())
+}
+
+/// Standard base64 (with padding), enough for a test WAV.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn wav_part(seconds: f64) -> Value {
+    let n = (seconds * 8000.0) as usize;
+    let audio = Audio::new(vec![0.1; n], 8000).expect("audio");
+    let bytes = write_wav_pcm16(&audio).expect("wav");
+    json!({"type": "input_audio", "input_audio": {"data": base64(&bytes), "format": "wav"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cap_is_a_clear_4xx() -> anyhow::Result<()> {
+    let m = tiny_model(15)?;
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.sampling.max_tokens = 4;
+    cfg.request_limits = RequestLimits {
+        max_tokens: 8,
+        max_messages: 3,
+        max_text_bytes: 64,
+        max_audio_parts: 1,
+        max_audio_seconds: 1.0,
+        max_units: 10,
+        max_reference_bytes: 16,
+        max_task_bytes: 8,
+        max_concurrent_requests: 1,
+        request_timeout_s: 3.0,
+    };
+    // A default max_tokens above the cap is a configuration error.
+    let mut bad = cfg.clone();
+    bad.sampling.max_tokens = 9;
+    let e = start(bad, Arc::new(FeedbackOnly))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{e:#}").contains("request_limits.max_tokens"),
+        "{e:#}"
+    );
+
+    let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
+    let addr = serve_on_loopback(
+        server.clone(),
+        HttpConfig {
+            trust_client_references: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let user = |content: Value| json!([{"role": "user", "content": content}]);
+    let cases = [
+        (
+            json!({"messages": user(json!("Hi.")), "max_tokens": 9}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"messages": vec![json!({"role": "user", "content": "a"}); 4]}),
+            413,
+            "max_messages",
+        ),
+        (
+            json!({"messages": user(json!("x".repeat(65)))}),
+            413,
+            "max_text_bytes",
+        ),
+        (
+            json!({"messages": user(json!("Hi.")), "leaf": {"reference": "r".repeat(17)}}),
+            413,
+            "max_reference_bytes",
+        ),
+        (
+            json!({"messages": user(json!("Hi.")), "leaf": {"task": "t".repeat(9)}}),
+            413,
+            "max_task_bytes",
+        ),
+        (
+            json!({"messages": user(json!([{"type": "audio", "units": [1]}, {"type": "audio", "units": [2]}]))}),
+            413,
+            "max_audio_parts",
+        ),
+        (
+            json!({"messages": user(json!([{"type": "audio", "units": vec![1; 11]}]))}),
+            413,
+            "max_units",
+        ),
+        (
+            json!({"messages": user(json!([wav_part(1.5)]))}),
+            413,
+            "max_audio_seconds",
+        ),
+    ];
+    for (body, status, limit) in cases {
+        let (s, v) = http(addr, "POST", "/v1/chat/completions", None, body.to_string()).await;
+        assert_eq!(s, status, "{limit}: {v}");
+        assert_eq!(v["error"]["type"], "limit_exceeded", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(&format!("request_limits.{limit}")), "{msg}");
+    }
+    // Within the caps: a short WAV passes them (and then needs a codebook this server lacks).
+    let (s, v) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        json!({"messages": user(json!([wav_part(0.5)]))}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unit codebook"),
+        "{v}"
+    );
+    let small = json!({"messages": user(json!("Hi.")), "max_tokens": 2}).to_string();
+    let (s, v) = http(addr, "POST", "/v1/chat/completions", None, small.clone()).await;
+    assert_eq!(s, 200, "{v}");
+
+    // A client that sends its headers and then stalls holds the only slot: the next request is
+    // shed with a 429 at once, /metrics still answers, and the stalled one ends with a 504 at
+    // the request timeout.
+    let mut stalled = TcpStream::connect(addr)?;
+    write!(
+        stalled,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"messages\":"
+    )?;
+    let stalled_reply = tokio::task::spawn_blocking(move || read_response(stalled));
+    // (Let the server take the stalled request in before the next one races it for the slot.)
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    let (s, v) = loop {
+        let small = small.clone();
+        let (s, text) = tokio::task::spawn_blocking(move || {
+            call_with(addr, "POST", "/v1/chat/completions", "", &small)
+        })
+        .await?;
+        if s == 429 || t0.elapsed() > std::time::Duration::from_secs(2) {
+            break parse_body(s, text);
+        }
+    };
+    assert_eq!(s, 429, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request_limits.max_concurrent_requests"),
+        "{v}"
+    );
+    let (s, _) =
+        tokio::task::spawn_blocking(move || call(addr, "GET", "/metrics", None, "")).await?;
+    assert_eq!(s, 200);
+    let (s, body) = stalled_reply.await?;
+    let v = parse_body(s, body).1;
+    assert_eq!(s, 504, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request_limits.request_timeout_s"),
+        "{v}"
+    );
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(2));
+    // The slot is free again.
+    let (s, v) = http(addr, "POST", "/v1/chat/completions", None, small).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, text) =
+        tokio::task::spawn_blocking(move || call(addr, "GET", "/metrics", None, "")).await?;
+    assert!(text.contains("leaf_requests_shed_total"), "{text}");
+    assert!(text.contains("leaf_requests_timed_out_total"), "{text}");
     Ok(())
 }

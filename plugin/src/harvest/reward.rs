@@ -6,7 +6,10 @@
 //! until the group's timeout.
 //!
 //! [`ReferenceReward`] scores the completion text against the reference attached to the request
-//! with one of the [`crate::reward`] metrics; requests without a reference wait for feedback.
+//! with one of the [`crate::reward`] metrics, on the blocking pool (the metrics are plain CPU
+//! work); requests without a reference wait for feedback.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -43,7 +46,7 @@ pub trait RewardSource: Send + Sync {
 /// [`crate::reward`]; `None` (wait for feedback) when the request has no reference.
 pub struct ReferenceReward {
     metric: Metric,
-    reward: Box<dyn Reward>,
+    reward: Arc<dyn Reward>,
 }
 
 impl std::fmt::Debug for ReferenceReward {
@@ -59,7 +62,7 @@ impl ReferenceReward {
     pub fn new(metric: Metric, options: RewardOptions) -> Self {
         ReferenceReward {
             metric,
-            reward: metric.reward(options),
+            reward: Arc::from(metric.reward(options)),
         }
     }
 
@@ -76,7 +79,27 @@ impl RewardSource for ReferenceReward {
     }
 
     async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
-        ctx.reference.map(|r| self.reward.score(ctx.text, r))
+        let reference = ctx.reference?;
+        // Off the async workers when there is a runtime: BLEU of a long text is CPU work.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Some(self.reward.score(ctx.text, reference));
+        };
+        let (reward, text, reference) = (
+            self.reward.clone(),
+            ctx.text.to_string(),
+            reference.to_string(),
+        );
+        match runtime
+            .spawn_blocking(move || reward.score(&text, &reference))
+            .await
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(request_id = ctx.request_id, error = %e,
+                    "reward scoring failed; the sample waits for feedback");
+                None
+            }
+        }
     }
 }
 

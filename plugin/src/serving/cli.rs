@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::http::{serve, HttpConfig};
+use super::limits::RequestLimits;
 use super::server::{LeafServer, ServerConfig};
 use crate::harvest::ReferenceReward;
 use crate::online::{OnlineConfig, OnlineTrainer};
@@ -66,6 +67,68 @@ pub struct ServeArgs {
     /// Run the online trainer with this JSON `OnlineConfig` (needs --store).
     #[arg(long)]
     pub online: Option<PathBuf>,
+    /// Caps on chat requests (override the config's `request_limits`).
+    #[command(flatten)]
+    pub limits: LimitFlags,
+}
+
+/// `leaf serve` flags for [`RequestLimits`]; each overrides the config's value when given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitFlags {
+    /// Most new tokens a request may ask for [default: 2048].
+    #[arg(long)]
+    pub max_request_tokens: Option<usize>,
+    /// Most messages per request [default: 64].
+    #[arg(long)]
+    pub max_messages: Option<usize>,
+    /// Most bytes of text per request [default: 65536].
+    #[arg(long)]
+    pub max_text_bytes: Option<usize>,
+    /// Most audio parts per request [default: 4].
+    #[arg(long)]
+    pub max_audio_parts: Option<usize>,
+    /// Most seconds of WAV audio per request [default: 60].
+    #[arg(long)]
+    pub max_audio_seconds: Option<f64>,
+    /// Most unit ids per request [default: 16384].
+    #[arg(long)]
+    pub max_units: Option<usize>,
+    /// Most bytes of `leaf.reference` [default: 4096].
+    #[arg(long)]
+    pub max_reference_bytes: Option<usize>,
+    /// Most bytes of `leaf.task` [default: 256].
+    #[arg(long)]
+    pub max_task_bytes: Option<usize>,
+    /// Most chat requests at once; more are answered 429 [default: 64].
+    #[arg(long)]
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest a chat request may take, in seconds; longer ones get a 504 [default: 300].
+    #[arg(long)]
+    pub request_timeout_s: Option<f64>,
+}
+
+impl LimitFlags {
+    /// Writes the given flags into `limits`.
+    pub fn apply(&self, limits: &mut RequestLimits) {
+        fn set<T: Copy>(flag: Option<T>, field: &mut T) {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        set(self.max_request_tokens, &mut limits.max_tokens);
+        set(self.max_messages, &mut limits.max_messages);
+        set(self.max_text_bytes, &mut limits.max_text_bytes);
+        set(self.max_audio_parts, &mut limits.max_audio_parts);
+        set(self.max_audio_seconds, &mut limits.max_audio_seconds);
+        set(self.max_units, &mut limits.max_units);
+        set(self.max_reference_bytes, &mut limits.max_reference_bytes);
+        set(self.max_task_bytes, &mut limits.max_task_bytes);
+        set(
+            self.max_concurrent_requests,
+            &mut limits.max_concurrent_requests,
+        );
+        set(self.request_timeout_s, &mut limits.request_timeout_s);
+    }
 }
 
 /// Environment variable read for the admin token when neither flag gives it.
@@ -150,6 +213,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.unit_codebook = args.units.clone();
     }
     let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    args.limits.apply(&mut config.request_limits);
     if let Some(min) = args.feedback_reward_min {
         config.feedback_reward_range.min = min;
     }

@@ -14,24 +14,33 @@
 //! Mutating routes need `Authorization: Bearer TOKEN` when a token is configured and answer
 //! 401 otherwise; without a token [`serve`] only listens on a loopback address. An empty token
 //! is a configuration error, never "no auth"; tokens are checked in constant time
-//! ([`super::auth::Secret`]).
+//! ([`super::auth::Secret`]). Every error is a 4xx/5xx with a JSON body
+//! `{"error": {"message", "type"}}`; malformed JSON and oversized bodies included.
 //!
 //! A `leaf.reference` decides the reward of its sample, and so steers training. It is only used
 //! when the server trusts client references ([`HttpConfig::trust_client_references`]) or the
 //! request carries the reward token in the `x-leaf-reward-token` header; otherwise it is dropped
 //! (the sample waits for feedback) and counted in `leaf_references_ignored_total`. A wrong
 //! reward token is a 401. In-process callers of [`LeafServer::chat`] are trusted: the rule is
-//! this HTTP layer's. Every error is
-//! a 4xx/5xx with a JSON body `{"error": {"message", "type"}}`; malformed JSON and oversized
-//! bodies included.
+//! this HTTP layer's.
+//!
+//! Chat requests are held to [`ServerConfig::request_limits`](super::ServerConfig) before any
+//! work is done on them: a request over a size cap is a 413 (400 for `max_tokens`) whose message
+//! names the limit; more than `max_concurrent_requests` chat requests at once (uploads
+//! included) are shed with a 429 and `Retry-After` (`leaf_requests_shed_total`); a request
+//! running past `request_timeout_s` is cancelled and answered 504
+//! (`leaf_requests_timed_out_total`). The other routes are not capped, so `/metrics`, the status
+//! and the admin routes keep answering under load.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,6 +50,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Secret;
+use super::limits::{LimitError, RequestLimits};
 use super::server::{ChatRequest, LeafServer, Message, Part};
 use super::ServeError;
 use crate::harvest::HarvestError;
@@ -118,6 +128,26 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match &e {
+            LimitError::Exceeded(x) if x.limit == "max_tokens" => {
+                ApiError::new(StatusCode::BAD_REQUEST, "limit_exceeded", e.to_string())
+            }
+            LimitError::Exceeded(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "limit_exceeded",
+                e.to_string(),
+            ),
+            LimitError::Audio { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
         use leaf_adapters::Error as A;
@@ -181,6 +211,7 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
     } else {
         config.max_body_bytes
     };
+    let limits = server.config().request_limits.clone();
     let state = AppState {
         server,
         admin,
@@ -190,7 +221,13 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
         metrics: install_metrics(),
     };
     Ok(Router::new()
-        .route("/v1/chat/completions", post(chat))
+        .route(
+            "/v1/chat/completions",
+            post(chat).layer(axum::middleware::from_fn_with_state(
+                Arc::new(Admission::new(&limits)),
+                admit,
+            )),
+        )
         .route("/v1/feedback", post(feedback))
         .route("/v1/adapters", get(adapters))
         .route("/v1/adapters/promote", post(promote))
@@ -231,6 +268,64 @@ pub async fn serve(
 
 /// Header carrying the reward token.
 pub const REWARD_TOKEN_HEADER: &str = "x-leaf-reward-token";
+
+/// The chat route's admission control: a fixed number of slots and a deadline per request.
+struct Admission {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    timeout: Duration,
+    timeout_s: f64,
+}
+
+impl Admission {
+    fn new(limits: &RequestLimits) -> Self {
+        Admission {
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
+            max: limits.max_concurrent_requests,
+            timeout: limits.request_timeout(),
+            timeout_s: limits.request_timeout_s,
+        }
+    }
+}
+
+/// Sheds a request when every slot is taken (429), and ends it at the deadline (504; dropping
+/// the handler cancels the engine request). Runs before the body is read, so slow uploads
+/// count too.
+async fn admit(State(gate): State<Arc<Admission>>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = gate.slots.clone().try_acquire_owned() else {
+        metrics::counter!("leaf_requests_shed_total").increment(1);
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "the server is serving its limit of {} chat requests \
+                 (request_limits.max_concurrent_requests); retry later",
+                gate.max
+            ),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
+    };
+    match tokio::time::timeout(gate.timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics::counter!("leaf_requests_timed_out_total").increment(1);
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request took longer than request_limits.request_timeout_s = {} s",
+                    gate.timeout_s
+                ),
+            )
+            .into_response()
+        }
+    }
+}
 
 fn unauthorized(message: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
@@ -389,6 +484,7 @@ async fn chat(
     let token = reward_token_presented(&state, &headers)?;
     let Json(body) = body?;
     let mut req = to_request(body)?;
+    state.server.config().request_limits.check_request(&req)?;
     let reference_used = req.reference.is_some() && (token || state.trust_client_references);
     if req.reference.is_some() && !reference_used {
         req.reference = None;

@@ -61,6 +61,7 @@
 pub mod auth;
 pub mod cli;
 pub mod http;
+pub mod limits;
 pub mod model;
 pub mod server;
 

@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::limits::RequestLimits;
 use super::model::{load_pipeline_async, ModelDir, SharedPipeline};
 use super::ServeError;
 use crate::harvest::groups::Membership;
@@ -119,6 +120,9 @@ pub struct ServerConfig {
     /// The rewards [`LeafServer::feedback`] accepts. Default [0, 1].
     #[serde(default)]
     pub feedback_reward_range: RewardRange,
+    /// Caps the HTTP layer applies to chat requests (see [`super::limits`]).
+    #[serde(default)]
+    pub request_limits: RequestLimits,
 }
 
 fn default_batch() -> usize {
@@ -146,6 +150,7 @@ impl ServerConfig {
             max_swaps: default_max_swaps(),
             limits: Limits::default(),
             feedback_reward_range: RewardRange::default(),
+            request_limits: RequestLimits::default(),
         }
     }
 
@@ -178,6 +183,13 @@ impl ServerConfig {
         self.feedback_reward_range
             .check()
             .map_err(ServeError::Config)?;
+        self.request_limits.check().map_err(ServeError::Config)?;
+        if self.sampling.max_tokens > self.request_limits.max_tokens {
+            return bad(format!(
+                "sampling.max_tokens {} is above request_limits.max_tokens {}",
+                self.sampling.max_tokens, self.request_limits.max_tokens
+            ));
+        }
         Ok(())
     }
 }
@@ -410,7 +422,7 @@ pub struct LeafServer {
     model: ModelDir,
     config: ServerConfig,
     store: Option<AdapterStore>,
-    units: Option<UnitEncoder>,
+    units: Option<Arc<UnitEncoder>>,
     current: RwLock<Arc<Slot>>,
     previous_version: Mutex<Option<String>>,
     swap_lock: tokio::sync::Mutex<()>,
@@ -464,7 +476,7 @@ impl LeafServer {
             None => None,
         };
         let units = match &config.unit_codebook {
-            Some(p) => Some(UnitEncoder::load(p)?),
+            Some(p) => Some(Arc::new(UnitEncoder::load(p)?)),
             None => None,
         };
         let (version, adapter_dir) = match store.as_ref().map(|s| s.current()).transpose() {
@@ -650,7 +662,7 @@ impl LeafServer {
     ///
     /// Dropping the returned future (a client that went away) cancels the request through its
     /// tap; the response channel is drained by a task of its own either way.
-    pub async fn chat(self: &Arc<Self>, req: ChatRequest) -> Result<ChatReply, ServeError> {
+    pub async fn chat(self: &Arc<Self>, mut req: ChatRequest) -> Result<ChatReply, ServeError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ServeError::ShuttingDown);
         }
@@ -667,7 +679,8 @@ impl LeafServer {
                 req.top_logprobs
             )));
         }
-        let messages = self.to_engine_messages(&req.messages)?;
+        let messages = self.wav_to_units(std::mem::take(&mut req.messages)).await?;
+        let messages = self.to_engine_messages(&messages)?;
         let seed = req.seed.unwrap_or_else(|| self.next_seed());
         let top_n = if req.logprobs { req.top_logprobs } else { 0 };
         let meta = Meta {
@@ -730,6 +743,31 @@ impl LeafServer {
             logprobs: record.logprobs,
             prompt_ids: record.prompt,
         })
+    }
+
+    /// Turns every WAV part into units on the blocking pool: decoding, resampling and log-mel
+    /// take milliseconds to seconds of CPU and must not stall the async workers.
+    async fn wav_to_units(&self, mut messages: Vec<Message>) -> Result<Vec<Message>, ServeError> {
+        let has_wav = |m: &Vec<Message>| {
+            m.iter()
+                .any(|m| m.content.iter().any(|p| matches!(p, Part::Wav(_))))
+        };
+        if !has_wav(&messages) {
+            return Ok(messages);
+        }
+        let enc = self.units.clone().ok_or_else(|| {
+            ServeError::Request("audio input needs a unit codebook (unit_codebook)".into())
+        })?;
+        tokio::task::spawn_blocking(move || -> Result<Vec<Message>, ServeError> {
+            for part in messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
+                if let Part::Wav(wav) = part {
+                    *part = Part::Units(enc.units_from_wav(wav)?);
+                }
+            }
+            Ok(messages)
+        })
+        .await
+        .map_err(|e| ServeError::Engine(format!("audio front-end task failed: {e}")))?
     }
 
     fn stop_token(&self) -> u32 {
