@@ -253,9 +253,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
              any client can steer training"
         );
     } else if reward_token.is_none() {
-        tracing::info!(
-            "client references are ignored (no reward token, no --trust-client-references); \
-             rewards come from /v1/feedback"
+        eprintln!(
+            "leaf: client references are ignored (no reward token, no \
+             --trust-client-references); rewards come from /v1/feedback"
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
