@@ -28,6 +28,11 @@ use crate::error::{Error, Result};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// File name of the adapter's weights inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Largest `adapter_config.json` read (a config is a few hundred bytes).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+/// Largest `adapter_model.safetensors` read: 2^30 `f32` parameters (the default
+/// [`crate::validate::Limits`]) plus room for the header.
+pub const MAX_WEIGHTS_FILE_BYTES: u64 = (1 << 32) + (1 << 27);
 /// Prefix PEFT puts in front of the base model's parameter names.
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -377,13 +382,22 @@ impl LoraAdapter {
     /// Reads `adapter_config.json` and `adapter_model.safetensors` from `dir`.
     ///
     /// `f32`, `f16` and `bf16` tensors are read and stored as `f32`; any other dtype, a
-    /// truncated or malformed file, or a config that is not a LoRA config is an error.
+    /// truncated or malformed file, or a config that is not a LoRA config is an error. Both
+    /// files must be regular files (not symbolic links, FIFOs or devices) no larger than
+    /// [`MAX_CONFIG_FILE_BYTES`] and [`MAX_WEIGHTS_FILE_BYTES`]; this is checked before any
+    /// byte is read ([`read_regular_file`]).
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let text = read_regular_file(&config_path, MAX_CONFIG_FILE_BYTES)?;
+        let text = String::from_utf8(text).map_err(|e| {
+            Error::io(
+                &config_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        })?;
         let config = PeftConfig::from_json(&text, &config_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+        let bytes = read_regular_file(&weights_path, MAX_WEIGHTS_FILE_BYTES)?;
         let tensors = read_safetensors(&bytes, &weights_path)?;
         Ok(LoraAdapter { config, tensors })
     }
@@ -527,6 +541,56 @@ fn read_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor
         tensors.insert(name.to_string(), t);
     }
     Ok(tensors)
+}
+
+/// Reads a whole file that must be a regular file of at most `max_bytes`.
+///
+/// The file is opened without following a symbolic link in its last component and without
+/// blocking (a FIFO would otherwise block the caller until a writer appears), then its type and
+/// size are checked on the open descriptor, so `/dev/zero`, a FIFO or a huge file are refused
+/// before anything is read.
+pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let refuse = |why: String| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+        )
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| match e.raw_os_error() {
+        #[cfg(unix)]
+        Some(libc::ELOOP) => refuse("is a symbolic link; only regular files are read".to_string()),
+        _ => Error::io(path, e),
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(refuse(format!(
+            "is not a regular file ({:?}); only regular files are read",
+            meta.file_type()
+        )));
+    }
+    if meta.len() > max_bytes {
+        return Err(refuse(format!(
+            "is {} bytes, more than the limit of {max_bytes}",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while it is read: never read past the limit.
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(refuse(format!("grew past the limit of {max_bytes} bytes")));
+    }
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` and fsyncs the file.

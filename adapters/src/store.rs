@@ -7,7 +7,8 @@
 //! versions/<version id>/adapter_model.safetensors named by its content hash
 //! versions/<version id>/leaf_version.json         created time, parent, step, notes
 //! current.json                                    {"current": id, "previous": [older, ..., newest]}
-//! .tmp-*                                          work in progress (removed on open)
+//! store.lock                                      the writers' lock (an advisory flock)
+//! .tmp-*                                          work in progress
 //! ```
 //!
 //! A version is written into a temporary directory inside the root, its files and the directory
@@ -17,20 +18,30 @@
 //! new version current, and every listed version complete. [`AdapterStore::set_fault_hook`]
 //! injects failures at each of these steps ([`FailPoint`]) to test exactly that.
 //!
-//! Writers are serialised inside one process; the store expects a single writing process
-//! (the trainer) and any number of readers (servers).
+//! Every mutating operation (publish, promote, rollback, retain) holds an exclusive advisory
+//! lock on `store.lock` (`flock`), so writers in different processes (a trainer, a server, an
+//! operator's `leaf adapter promote`) are serialised; readers take no lock. [`AdapterStore::open`]
+//! removes a leftover `.tmp-*` entry only when it can take that lock without waiting (no writer
+//! is active) and the entry is older than [`STALE_TEMP_AGE`], so it never deletes another
+//! process's work in progress.
+//!
+//! Nothing read from disk is trusted: version ids in `current.json` and `leaf_version.json` must
+//! be 64 lowercase hex digits, and every file is read with [`read_regular_file`] (no symbolic
+//! links, FIFOs or devices; bounded size).
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::peft::{sync_dir, write_synced, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use crate::peft::{
+    read_regular_file, sync_dir, write_synced, LoraAdapter, CONFIG_FILE, WEIGHTS_FILE,
+};
 
 /// File with a version's metadata inside its directory.
 pub const META_FILE: &str = "leaf_version.json";
@@ -38,14 +49,28 @@ pub const META_FILE: &str = "leaf_version.json";
 pub const CURRENT_FILE: &str = "current.json";
 /// Directory holding the versions.
 pub const VERSIONS_DIR: &str = "versions";
+/// File whose advisory lock serialises the writers of all processes.
+pub const LOCK_FILE: &str = "store.lock";
 const TMP_PREFIX: &str = ".tmp-";
+/// A temporary entry younger than this is never removed by [`AdapterStore::open`].
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+/// Largest `current.json` or `leaf_version.json` read.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
 /// Most rollback steps remembered in `current.json`.
 pub const MAX_HISTORY: usize = 64;
 
-/// An adapter version id: the lowercase hex SHA-256 content hash of the adapter.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// An adapter version id: the lowercase hex SHA-256 content hash of the adapter. Deserialising
+/// one checks it like [`VersionId::parse`], so an id read from disk can never name a path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct VersionId(String);
+
+impl<'de> Deserialize<'de> for VersionId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        VersionId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
 
 impl VersionId {
     /// Checks that `s` is a full version id (64 lowercase hex digits).
@@ -207,8 +232,16 @@ enum Injected {
 }
 
 impl AdapterStore {
-    /// Opens (creating if needed) the store at `root` and removes leftover temporary entries.
+    /// Opens (creating if needed) the store at `root` and removes stale temporary entries (see
+    /// the module docs). A corrupt `current.json` is an error here.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_with_stale_age(root, STALE_TEMP_AGE)
+    }
+
+    /// [`AdapterStore::open`], removing temporary entries older than `stale_temp_age` (still
+    /// only while no writer holds the store). `Duration::ZERO` suits a recovery after every
+    /// writer is known to be gone.
+    pub fn open_with_stale_age(root: &Path, stale_temp_age: Duration) -> Result<Self> {
         let versions = root.join(VERSIONS_DIR);
         std::fs::create_dir_all(&versions).map_err(|e| Error::io(&versions, e))?;
         let store = AdapterStore {
@@ -216,7 +249,7 @@ impl AdapterStore {
             write_lock: Mutex::new(()),
             hook: None,
         };
-        store.clean_temporaries()?;
+        store.clean_temporaries(stale_temp_age)?;
         // A corrupt current.json is reported now rather than at the first promote.
         store.read_record()?;
         Ok(store)
@@ -246,7 +279,7 @@ impl AdapterStore {
     /// Publishes `adapter` as a new immutable version and returns its id. Publishing an adapter
     /// already in the store changes nothing and returns the same id. Does not make it current.
     pub fn publish(&self, adapter: &LoraAdapter, meta: VersionMeta) -> Result<VersionId> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let id = VersionId::parse(&adapter.version_id()?)?;
         let dest = self.version_dir(&id);
         if dest.join(META_FILE).is_file() {
@@ -374,7 +407,7 @@ impl AdapterStore {
     /// Promoting the current version changes nothing. The version is read and its content hash
     /// checked first, so a damaged version never becomes current.
     pub fn promote(&self, id: &VersionId) -> Result<()> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         self.get(id)?;
         let mut record = self.read_record()?;
         if record.current.as_ref() == Some(id) {
@@ -397,7 +430,7 @@ impl AdapterStore {
     /// none, or if it is damaged (its content no longer matches its id). Versions in the history
     /// that no longer exist are skipped.
     pub fn rollback(&self) -> Result<VersionId> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let mut record = self.read_record()?;
         while let Some(candidate) = record.previous.pop() {
             if self.version_dir(&candidate).join(META_FILE).is_file() {
@@ -414,7 +447,7 @@ impl AdapterStore {
     /// Deletes all but the newest `keep` versions, never the current version nor the rollback
     /// target (the newest existing entry of the history). Returns the deleted ids.
     pub fn retain(&self, keep: usize) -> Result<Vec<VersionId>> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let versions = self.list()?;
         let mut record = self.read_record()?;
         let mut kept: BTreeSet<VersionId> = versions
@@ -472,10 +505,43 @@ impl AdapterStore {
         std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write_lock
+    /// The writers' lock: this process's mutex, then the cross-process `flock` (waiting for it).
+    fn lock(&self) -> Result<WriteGuard<'_>> {
+        let inner = self
+            .write_lock
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let file = self.lock_file()?;
+        flock(&file, &self.root.join(LOCK_FILE), true)?;
+        Ok(WriteGuard {
+            _file: file,
+            _inner: inner,
+        })
+    }
+
+    /// The writers' lock if no writer holds it now; `None` when one does (or the lock file
+    /// cannot be opened, e.g. on a read-only store).
+    fn try_lock(&self) -> Option<WriteGuard<'_>> {
+        let inner = self.write_lock.try_lock().ok()?;
+        let file = self.lock_file().ok()?;
+        match flock(&file, &self.root.join(LOCK_FILE), false) {
+            Ok(true) => Some(WriteGuard {
+                _file: file,
+                _inner: inner,
+            }),
+            _ => None,
+        }
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File> {
+        let path = self.root.join(LOCK_FILE);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))
     }
 
     fn version_dir(&self, id: &VersionId) -> PathBuf {
@@ -504,7 +570,13 @@ impl AdapterStore {
         }
     }
 
-    fn clean_temporaries(&self) -> Result<()> {
+    /// Removes `.tmp-*` entries older than `stale_age`, only while holding the writers' lock
+    /// taken without waiting: with a writer active nothing is removed.
+    fn clean_temporaries(&self, stale_age: Duration) -> Result<()> {
+        let Some(_guard) = self.try_lock() else {
+            tracing::debug!(root = %self.root.display(), "a writer holds the store; temporaries left alone");
+            return Ok(());
+        };
         let entries = std::fs::read_dir(&self.root).map_err(|e| Error::io(&self.root, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&self.root, e))?;
@@ -513,24 +585,38 @@ impl AdapterStore {
                 continue;
             }
             let path = entry.path();
-            let ft = entry.file_type().map_err(|e| Error::io(&path, e))?;
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .unwrap_or(Duration::ZERO);
+            if age < stale_age {
+                tracing::debug!(path = %path.display(), "temporary entry is recent; kept");
+                continue;
+            }
+            let ft = meta.file_type();
             let r = if ft.is_dir() {
                 std::fs::remove_dir_all(&path)
             } else {
                 std::fs::remove_file(&path)
             };
             r.map_err(|e| Error::io(&path, e))?;
-            tracing::debug!(path = %path.display(), "removed leftover temporary entry");
+            tracing::info!(path = %path.display(), "removed a stale temporary entry");
         }
         Ok(())
     }
 
     fn read_record(&self) -> Result<CurrentRecord> {
         let path = self.root.join(CURRENT_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Json { path, source: e }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CurrentRecord::default()),
-            Err(e) => Err(Error::io(&path, e)),
+        match read_regular_file(&path, MAX_RECORD_BYTES) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| Error::Json { path, source: e })
+            }
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(CurrentRecord::default())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -561,14 +647,14 @@ impl AdapterStore {
     fn read_info(&self, id: &VersionId, current: Option<&VersionId>) -> Result<VersionInfo> {
         let dir = self.version_dir(id);
         let path = dir.join(META_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_regular_file(&path, MAX_RECORD_BYTES) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::UnknownVersion(id.to_string()))
             }
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(e) => return Err(e),
         };
-        let stored: StoredMeta = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let stored: StoredMeta = serde_json::from_slice(&text).map_err(|e| Error::Json {
             path: path.clone(),
             source: e,
         })?;
@@ -588,6 +674,42 @@ impl AdapterStore {
             meta: stored.meta,
         })
     }
+}
+
+/// Both halves of the writers' lock; the `flock` is released when the file closes (first).
+struct WriteGuard<'a> {
+    _file: std::fs::File,
+    _inner: MutexGuard<'a, ()>,
+}
+
+/// Takes an exclusive `flock` on `file`, waiting for it when `wait`; `Ok(false)` when `wait`
+/// is false and another descriptor holds it.
+#[cfg(unix)]
+fn flock(file: &std::fs::File, path: &Path, wait: bool) -> Result<bool> {
+    use std::os::unix::io::AsRawFd as _;
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock only acts on the descriptor, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
+            _ => return Err(Error::io(path, e)),
+        }
+    }
+}
+
+/// No cross-process lock off Unix: writers are serialised inside one process only.
+#[cfg(not(unix))]
+fn flock(_file: &std::fs::File, _path: &Path, _wait: bool) -> Result<bool> {
+    Ok(true)
 }
 
 fn now_ms() -> u64 {

@@ -3,14 +3,16 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use candle_core::{DType, Device, Tensor};
 use leaf_adapters::config::{LlamaConfig, ALL_TARGETS};
 use leaf_adapters::merge::{delta, merge_into, merge_model_dir};
 use leaf_adapters::peft::{
-    tensor_name, LoraAdapter, LoraPart, PeftConfig, CONFIG_FILE, WEIGHTS_FILE,
+    tensor_name, LoraAdapter, LoraPart, PeftConfig, CONFIG_FILE, MAX_CONFIG_FILE_BYTES,
+    WEIGHTS_FILE,
 };
-use leaf_adapters::store::{AdapterStore, FailPoint, Fault, VersionId, VersionMeta};
+use leaf_adapters::store::{AdapterStore, FailPoint, Fault, VersionId, VersionMeta, LOCK_FILE};
 use leaf_adapters::validate::{inspect, validate, Limits};
 use leaf_adapters::Error;
 use proptest::prelude::*;
@@ -1040,25 +1042,176 @@ fn corrupt_version_and_record_are_detected() {
     ));
 }
 
+/// Makes `path` (a file or a directory) look `age` old.
+fn age_entry(path: &Path, age: Duration) {
+    let t = SystemTime::now() - age;
+    std::fs::File::open(path).unwrap().set_modified(t).unwrap();
+}
+
+/// Holds the store's writers' lock through a descriptor of its own, as another process would.
+fn hold_store_lock(root: &Path) -> std::fs::File {
+    use std::os::unix::io::AsRawFd as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(root.join(LOCK_FILE))
+        .unwrap();
+    // SAFETY: flock on a descriptor `f` keeps open.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
 #[test]
-fn leftover_temporaries_are_removed_on_open() {
+fn only_stale_temporaries_are_removed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     AdapterStore::open(dir.path()).unwrap();
-    let junk = dir.path().join(".tmp-publish-1-2-3");
-    std::fs::create_dir(&junk).unwrap();
-    std::fs::write(junk.join(CONFIG_FILE), "{").unwrap();
+    // Another process's work in progress: fresh, so `open` (e.g. `leaf adapter list`) keeps it.
+    let fresh = dir.path().join(".tmp-publish-1-2-3");
+    std::fs::create_dir(&fresh).unwrap();
+    std::fs::write(fresh.join(CONFIG_FILE), "{").unwrap();
     std::fs::write(dir.path().join(".tmp-current-1-2-3"), "{").unwrap();
     std::fs::write(dir.path().join("keep.txt"), "x").unwrap();
     let store = AdapterStore::open(dir.path()).unwrap();
+    assert_eq!(tmp_entries(dir.path()).len(), 2);
+    assert!(store.list().unwrap().is_empty());
+    drop(store);
+    // Stale entries go, but not while a writer holds the store.
+    let hour = Duration::from_secs(3600);
+    age_entry(&fresh, hour);
+    age_entry(&dir.path().join(".tmp-current-1-2-3"), hour);
+    let lock = hold_store_lock(dir.path());
+    AdapterStore::open(dir.path()).unwrap();
+    assert_eq!(tmp_entries(dir.path()).len(), 2);
+    drop(lock);
+    AdapterStore::open(dir.path()).unwrap();
     assert!(tmp_entries(dir.path()).is_empty());
     assert!(dir.path().join("keep.txt").is_file());
-    assert!(store.list().unwrap().is_empty());
+    // A recovery open with age zero removes fresh entries too.
+    std::fs::write(dir.path().join(".tmp-current-4-5-6"), "{").unwrap();
+    AdapterStore::open_with_stale_age(dir.path(), Duration::ZERO).unwrap();
+    assert!(tmp_entries(dir.path()).is_empty());
 }
 
-/// Checks a store after a (simulated) crash: reopening cleans temporaries, the current version
-/// is one of `allowed` and loads with the expected content, and every listed version loads.
+#[test]
+fn writers_wait_for_another_processs_lock() {
+    let base = tiny_base();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(AdapterStore::open(dir.path()).unwrap());
+    let adapter = random_adapter(&base, 1, 2.0, &["v_proj"], 90);
+    let lock = hold_store_lock(dir.path());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let r = store.publish(&adapter, meta(1, None));
+            tx.send(()).unwrap();
+            r
+        })
+    };
+    // Readers are not blocked; the writer is, until the lock goes.
+    assert!(store.list().unwrap().is_empty());
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(store.list().unwrap().is_empty());
+    drop(lock);
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("publish finished");
+    let id = writer.join().unwrap().unwrap();
+    assert_eq!(store.list().unwrap()[0].id, id);
+}
+
+#[test]
+fn version_ids_from_disk_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    for record in [
+        r#"{"current": "../../etc"}"#,
+        r#"{"current": null, "previous": ["ABC"]}"#,
+    ] {
+        std::fs::write(dir.path().join("current.json"), record).unwrap();
+        let e = AdapterStore::open(dir.path()).unwrap_err();
+        assert!(matches!(e, Error::Json { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("current.json") && msg.contains("not a version id"),
+            "{msg}"
+        );
+    }
+    // A current.json that is not a regular file is refused, not read.
+    std::fs::remove_file(dir.path().join("current.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("current.json")).unwrap();
+    let e = AdapterStore::open(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+}
+
+/// Loads `dir` on a thread; fails the test if that takes more than 20 s (a blocked read).
+fn load_with_deadline(dir: &Path) -> Result<LoraAdapter, Error> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(LoraAdapter::load(&dir));
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("loading must not block")
+}
+
+#[test]
+fn adapter_files_must_be_bounded_regular_files() {
+    let base = tiny_base();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    random_adapter(&base, 1, 2.0, &["v_proj"], 91)
+        .save(&good)
+        .unwrap();
+    let copy = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in [CONFIG_FILE, WEIGHTS_FILE] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    // Weights through a symbolic link to /dev/zero: refused before reading.
+    let zero = copy("zero");
+    std::fs::remove_file(zero.join(WEIGHTS_FILE)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero.join(WEIGHTS_FILE)).unwrap();
+    let e = load_with_deadline(&zero).unwrap_err().to_string();
+    assert!(
+        e.contains(WEIGHTS_FILE) && e.contains("symbolic link"),
+        "{e}"
+    );
+    // Even a link to a good file is refused: files are opened without following links.
+    let linked = copy("linked");
+    std::fs::remove_file(linked.join(CONFIG_FILE)).unwrap();
+    std::os::unix::fs::symlink(good.join(CONFIG_FILE), linked.join(CONFIG_FILE)).unwrap();
+    let e = load_with_deadline(&linked).unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+    // A FIFO with no writer: refused at once instead of blocking.
+    let fifo = copy("fifo");
+    std::fs::remove_file(fifo.join(CONFIG_FILE)).unwrap();
+    let c = std::ffi::CString::new(fifo.join(CONFIG_FILE).as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = load_with_deadline(&fifo).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    // An oversized config: refused by its size.
+    let big = copy("big");
+    std::fs::write(
+        big.join(CONFIG_FILE),
+        vec![b' '; (MAX_CONFIG_FILE_BYTES + 1) as usize],
+    )
+    .unwrap();
+    let e = load_with_deadline(&big).unwrap_err().to_string();
+    assert!(e.contains("more than the limit"), "{e}");
+    // The original still loads.
+    load_with_deadline(&good).unwrap();
+}
+
+/// Checks a store after a (simulated) crash: reopening (as a recovery, once the crashed writer
+/// is gone) cleans temporaries, the current version is one of `allowed` and loads with the
+/// expected content, and every listed version loads.
 fn check_consistent(root: &Path, allowed: &[(&VersionId, &LoraAdapter)]) -> VersionId {
-    let store = AdapterStore::open(root).unwrap();
+    let store = AdapterStore::open_with_stale_age(root, Duration::ZERO).unwrap();
     assert!(tmp_entries(root).is_empty(), "temporaries left after open");
     let cur = store.current().unwrap().expect("a current version");
     let (_, expected) = allowed

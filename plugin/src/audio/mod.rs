@@ -22,7 +22,7 @@ mod wav;
 pub use features::{normalise, Features, Normalisation};
 pub use mel::{hz_to_mel, mel_to_hz, FrontEnd, FrontEndConfig, MelFilterbank};
 pub use resample::resample;
-pub use wav::{decode_wav, read_wav, write_wav_pcm16, Audio, DEFAULT_MAX_SECONDS};
+pub use wav::{decode_wav, read_wav, wav_seconds, write_wav_pcm16, Audio, DEFAULT_MAX_SECONDS};
 
 /// The sample rate every feature is computed at.
 pub const SAMPLE_RATE: u32 = 16_000;

@@ -98,6 +98,15 @@ fn hound_error(e: hound::Error) -> AudioError {
     }
 }
 
+/// Duration in seconds of a WAV file held in memory, read from its header only (no sample is
+/// decoded): what a server checks before it spends any work on the audio.
+pub fn wav_seconds(bytes: &[u8]) -> Result<f64, AudioError> {
+    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(hound_error)?;
+    let spec = reader.spec();
+    check_rate(spec.sample_rate)?;
+    Ok(f64::from(reader.duration()) / f64::from(spec.sample_rate))
+}
+
 /// Decodes a WAV file held in memory to mono `f32` audio.
 ///
 /// Integer PCM of 8, 16, 24 or 32 bits is scaled by `2^(bits-1)`; 32-bit float is taken as is.
@@ -216,6 +225,14 @@ mod tests {
         for (a, b) in samples.iter().zip(back.samples()) {
             assert!((a - b).abs() <= 0.5 / 32768.0 + 1e-7, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn wav_seconds_reads_the_header_only() {
+        let audio = Audio::new(vec![0.25; 12_000], 8000).unwrap();
+        let bytes = write_wav_pcm16(&audio).unwrap();
+        assert_eq!(wav_seconds(&bytes).unwrap(), 1.5);
+        assert!(matches!(wav_seconds(b"RIFF"), Err(AudioError::NotWav(_))));
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! until the group's timeout.
 //!
 //! [`ReferenceReward`] scores the completion text against the reference attached to the request
-//! with one of the [`crate::reward`] metrics; requests without a reference wait for feedback.
+//! with one of the [`crate::reward`] metrics, on the blocking pool (the metrics are plain CPU
+//! work); requests without a reference wait for feedback.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 
 use crate::reward::{Metric, Reward, RewardOptions};
 
@@ -42,7 +46,7 @@ pub trait RewardSource: Send + Sync {
 /// [`crate::reward`]; `None` (wait for feedback) when the request has no reference.
 pub struct ReferenceReward {
     metric: Metric,
-    reward: Box<dyn Reward>,
+    reward: Arc<dyn Reward>,
 }
 
 impl std::fmt::Debug for ReferenceReward {
@@ -58,7 +62,7 @@ impl ReferenceReward {
     pub fn new(metric: Metric, options: RewardOptions) -> Self {
         ReferenceReward {
             metric,
-            reward: metric.reward(options),
+            reward: Arc::from(metric.reward(options)),
         }
     }
 
@@ -75,7 +79,72 @@ impl RewardSource for ReferenceReward {
     }
 
     async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
-        ctx.reference.map(|r| self.reward.score(ctx.text, r))
+        let reference = ctx.reference?;
+        // Off the async workers when there is a runtime: BLEU of a long text is CPU work.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Some(self.reward.score(ctx.text, reference));
+        };
+        let (reward, text, reference) = (
+            self.reward.clone(),
+            ctx.text.to_string(),
+            reference.to_string(),
+        );
+        match runtime
+            .spawn_blocking(move || reward.score(&text, &reference))
+            .await
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(request_id = ctx.request_id, error = %e,
+                    "reward scoring failed; the sample waits for feedback");
+                None
+            }
+        }
+    }
+}
+
+/// The rewards a client may send as feedback: finite and within `[min, max]`.
+///
+/// The default, [0, 1], is the range every [`crate::reward`] metric produces, so feedback and
+/// reference rewards of one group are on the same scale.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardRange {
+    /// Lowest accepted reward. Default 0.
+    pub min: f64,
+    /// Highest accepted reward. Default 1.
+    pub max: f64,
+}
+
+impl Default for RewardRange {
+    fn default() -> Self {
+        RewardRange { min: 0.0, max: 1.0 }
+    }
+}
+
+impl RewardRange {
+    /// Checks the range itself: finite bounds with `min < max`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min.is_finite() && self.max.is_finite() && self.min < self.max {
+            Ok(())
+        } else {
+            Err(format!(
+                "feedback_reward_range [{}, {}] needs finite bounds with min < max",
+                self.min, self.max
+            ))
+        }
+    }
+
+    /// Checks one reward: finite and within the range; the error names the range.
+    pub fn accept(&self, reward: f64) -> Result<f64, String> {
+        if reward.is_finite() && (self.min..=self.max).contains(&reward) {
+            Ok(reward)
+        } else {
+            Err(format!(
+                "reward {reward} is outside the accepted range [{}, {}] (feedback_reward_range)",
+                self.min, self.max
+            ))
+        }
     }
 }
 
@@ -105,6 +174,31 @@ mod tests {
             reference,
             task: None,
             completion_ids: &[],
+        }
+    }
+
+    #[test]
+    fn reward_ranges_refuse_non_finite_and_out_of_range_values() {
+        let r = RewardRange::default();
+        assert_eq!(r.accept(0.0), Ok(0.0));
+        assert_eq!(r.accept(1.0), Ok(1.0));
+        for bad in [f64::NAN, f64::INFINITY, -0.01, 1.5, 1e300] {
+            let e = r.accept(bad).unwrap_err();
+            assert!(e.contains("[0, 1]"), "{e}");
+        }
+        assert!(RewardRange {
+            min: -1.0,
+            max: 1.0
+        }
+        .check()
+        .is_ok());
+        for (min, max) in [
+            (1.0, 1.0),
+            (2.0, 1.0),
+            (f64::NAN, 1.0),
+            (0.0, f64::INFINITY),
+        ] {
+            assert!(RewardRange { min, max }.check().is_err(), "{min} {max}");
         }
     }
 

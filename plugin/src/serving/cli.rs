@@ -1,7 +1,7 @@
 //! `leaf serve`: the plugin, its HTTP API and (optionally) the online trainer in one process.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::http::{serve, HttpConfig};
+use super::limits::RequestLimits;
 use super::server::{LeafServer, ServerConfig};
 use crate::harvest::ReferenceReward;
 use crate::online::{OnlineConfig, OnlineTrainer};
@@ -26,12 +27,34 @@ pub struct ServeArgs {
     /// The only directory `POST /v1/load_lora_adapter` may read from (disabled without it).
     #[arg(long)]
     pub adapter_root: Option<PathBuf>,
-    /// Address to listen on. Without --admin-token only loopback addresses are accepted.
+    /// Address to listen on. Without an admin token only loopback addresses are accepted.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Bearer token required by the mutating endpoints.
-    #[arg(long)]
+    /// Bearer token required by the mutating endpoints. Visible to every local user in `ps`:
+    /// prefer --admin-token-file or the LEAF_ADMIN_TOKEN environment variable.
+    #[arg(long, conflicts_with = "admin_token_file")]
     pub admin_token: Option<String>,
+    /// File holding the admin token (one line; a trailing newline is ignored).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Token that makes a request's `leaf.reference` count as its reward (header
+    /// `x-leaf-reward-token`); it may also post feedback. Prefer --reward-token-file or
+    /// LEAF_REWARD_TOKEN.
+    #[arg(long, conflicts_with = "reward_token_file")]
+    pub reward_token: Option<String>,
+    /// File holding the reward token.
+    #[arg(long)]
+    pub reward_token_file: Option<PathBuf>,
+    /// Use every client's `leaf.reference` as its reward: any client can then steer training.
+    /// Without it (and without the reward token) references are ignored.
+    #[arg(long)]
+    pub trust_client_references: bool,
+    /// Lowest reward `/v1/feedback` accepts (overrides the config's feedback_reward_range).
+    #[arg(long)]
+    pub feedback_reward_min: Option<f64>,
+    /// Highest reward `/v1/feedback` accepts (overrides the config's feedback_reward_range).
+    #[arg(long)]
+    pub feedback_reward_max: Option<f64>,
     /// A JSON `ServerConfig` (every field but `model_dir` optional) for the finer settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -44,6 +67,122 @@ pub struct ServeArgs {
     /// Run the online trainer with this JSON `OnlineConfig` (needs --store).
     #[arg(long)]
     pub online: Option<PathBuf>,
+    /// Caps on chat requests (override the config's `request_limits`).
+    #[command(flatten)]
+    pub limits: LimitFlags,
+}
+
+/// `leaf serve` flags for [`RequestLimits`]; each overrides the config's value when given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitFlags {
+    /// Most new tokens a request may ask for [default: 2048].
+    #[arg(long)]
+    pub max_request_tokens: Option<usize>,
+    /// Most messages per request [default: 64].
+    #[arg(long)]
+    pub max_messages: Option<usize>,
+    /// Most bytes of text per request [default: 65536].
+    #[arg(long)]
+    pub max_text_bytes: Option<usize>,
+    /// Most audio parts per request [default: 4].
+    #[arg(long)]
+    pub max_audio_parts: Option<usize>,
+    /// Most seconds of WAV audio per request [default: 60].
+    #[arg(long)]
+    pub max_audio_seconds: Option<f64>,
+    /// Most unit ids per request [default: 16384].
+    #[arg(long)]
+    pub max_units: Option<usize>,
+    /// Most bytes of `leaf.reference` [default: 4096].
+    #[arg(long)]
+    pub max_reference_bytes: Option<usize>,
+    /// Most bytes of `leaf.task` [default: 256].
+    #[arg(long)]
+    pub max_task_bytes: Option<usize>,
+    /// Most chat requests at once; more are answered 429 [default: 64].
+    #[arg(long)]
+    pub max_concurrent_requests: Option<usize>,
+    /// Longest a chat request may take, in seconds; longer ones get a 504 [default: 300].
+    #[arg(long)]
+    pub request_timeout_s: Option<f64>,
+}
+
+impl LimitFlags {
+    /// Writes the given flags into `limits`.
+    pub fn apply(&self, limits: &mut RequestLimits) {
+        fn set<T: Copy>(flag: Option<T>, field: &mut T) {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        set(self.max_request_tokens, &mut limits.max_tokens);
+        set(self.max_messages, &mut limits.max_messages);
+        set(self.max_text_bytes, &mut limits.max_text_bytes);
+        set(self.max_audio_parts, &mut limits.max_audio_parts);
+        set(self.max_audio_seconds, &mut limits.max_audio_seconds);
+        set(self.max_units, &mut limits.max_units);
+        set(self.max_reference_bytes, &mut limits.max_reference_bytes);
+        set(self.max_task_bytes, &mut limits.max_task_bytes);
+        set(
+            self.max_concurrent_requests,
+            &mut limits.max_concurrent_requests,
+        );
+        set(self.request_timeout_s, &mut limits.request_timeout_s);
+    }
+}
+
+/// Environment variable read for the admin token when neither flag gives it.
+pub const ADMIN_TOKEN_ENV: &str = "LEAF_ADMIN_TOKEN";
+/// Environment variable read for the reward token when neither flag gives it.
+pub const REWARD_TOKEN_ENV: &str = "LEAF_REWARD_TOKEN";
+
+/// Longest token file read (a token is a line, not a document).
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// A secret from its flag, its file or its environment variable, in that order; `None` when
+/// none is set. A set but empty secret is an error, never "no auth".
+fn secret_from(
+    what: &str,
+    flag: Option<&str>,
+    file: Option<&Path>,
+    env_var: &str,
+) -> anyhow::Result<Option<String>> {
+    let (token, source) = if let Some(t) = flag {
+        (t.to_string(), "its command-line flag".to_string())
+    } else if let Some(path) = file {
+        (read_token_file(path)?, path.display().to_string())
+    } else {
+        match std::env::var(env_var) {
+            Ok(t) => (t, format!("${env_var}")),
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("${env_var} is not valid UTF-8")
+            }
+        }
+    };
+    if token.trim().is_empty() {
+        anyhow::bail!(
+            "the {what} from {source} is empty; an empty token would turn authentication off"
+        );
+    }
+    Ok(Some(token))
+}
+
+/// The first line of a small token file, without its line ending.
+fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        anyhow::bail!(
+            "{} is longer than {MAX_TOKEN_FILE_BYTES} bytes; a token file holds one line",
+            path.display()
+        );
+    }
+    Ok(text.lines().next().unwrap_or("").to_string())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
@@ -74,6 +213,51 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config.unit_codebook = args.units.clone();
     }
     let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    args.limits.apply(&mut config.request_limits);
+    if let Some(min) = args.feedback_reward_min {
+        config.feedback_reward_range.min = min;
+    }
+    if let Some(max) = args.feedback_reward_max {
+        config.feedback_reward_range.max = max;
+    }
+    for (given, flag, env) in [
+        (args.admin_token.is_some(), "--admin-token", ADMIN_TOKEN_ENV),
+        (
+            args.reward_token.is_some(),
+            "--reward-token",
+            REWARD_TOKEN_ENV,
+        ),
+    ] {
+        if given {
+            tracing::warn!(
+                "{flag} is visible to every local user in the process list; \
+                 prefer {flag}-file or ${env}"
+            );
+        }
+    }
+    let admin_token = secret_from(
+        "admin token",
+        args.admin_token.as_deref(),
+        args.admin_token_file.as_deref(),
+        ADMIN_TOKEN_ENV,
+    )?;
+    let reward_token = secret_from(
+        "reward token",
+        args.reward_token.as_deref(),
+        args.reward_token_file.as_deref(),
+        REWARD_TOKEN_ENV,
+    )?;
+    if args.trust_client_references {
+        tracing::warn!(
+            "--trust-client-references: every client's leaf.reference becomes its reward, so \
+             any client can steer training"
+        );
+    } else if reward_token.is_none() {
+        eprintln!(
+            "leaf: client references are ignored (no reward token, no \
+             --trust-client-references); rewards come from /v1/feedback"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -96,7 +280,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let http = HttpConfig {
-            admin_token: args.admin_token.clone(),
+            admin_token,
+            reward_token,
+            trust_client_references: args.trust_client_references,
             adapter_root: args.adapter_root.clone(),
             max_body_bytes: 0,
         };
@@ -121,4 +307,47 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         anyhow::Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_flag_file_or_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let env = "LEAF_TEST_SECRET_FROM";
+        assert_eq!(
+            secret_from("t", Some("flag"), None, env)
+                .unwrap()
+                .as_deref(),
+            Some("flag")
+        );
+        assert_eq!(
+            secret_from("t", None, Some(&file), env).unwrap().as_deref(),
+            Some("from-file")
+        );
+        assert_eq!(secret_from("t", None, None, env).unwrap(), None);
+    }
+
+    #[test]
+    fn empty_or_oversized_secrets_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(5000)).unwrap();
+        let env = "LEAF_TEST_SECRET_EMPTY";
+        let e = secret_from("admin token", Some(""), None, env).unwrap_err();
+        assert!(e.to_string().contains("admin token"), "{e}");
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = secret_from("admin token", None, Some(&empty), env).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        let e = secret_from("admin token", None, Some(&big), env).unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        let e = secret_from("t", None, Some(&dir.path().join("missing")), env).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
 }

@@ -2,8 +2,8 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/chat/completions` | OpenAI-compatible chat; audio as an `input_audio` part (base64 WAV) or a `units` part; optional `"leaf": {"reference", "task"}`; the response adds `"leaf": {"request_id", "adapter_version"}` |
-//! | `POST /v1/feedback` | `{"request_id", "reward"}` (mutating) |
+//! | `POST /v1/chat/completions` | OpenAI-compatible chat; audio as an `input_audio` part (base64 WAV) or a `units` part; optional `"leaf": {"reference", "task"}`; the response adds `"leaf": {"request_id", "adapter_version", "reference_used"}` |
+//! | `POST /v1/feedback` | `{"request_id", "reward"}` (admin token or reward token; the reward must lie in the configured range) |
 //! | `GET /v1/adapters` | the store's versions and the served one |
 //! | `POST /v1/adapters/promote` | `{"version"}` (mutating) |
 //! | `POST /v1/adapters/rollback` | (mutating) |
@@ -12,17 +12,35 @@
 //! | `GET /metrics` | Prometheus text (`leaf_*`) |
 //!
 //! Mutating routes need `Authorization: Bearer TOKEN` when a token is configured and answer
-//! 401 otherwise; without a token [`serve`] only listens on a loopback address. Every error is
-//! a 4xx/5xx with a JSON body `{"error": {"message", "type"}}`; malformed JSON and oversized
-//! bodies included.
+//! 401 otherwise; without a token [`serve`] only listens on a loopback address. An empty token
+//! is a configuration error, never "no auth"; tokens are checked in constant time
+//! ([`super::auth::Secret`]). Every error is a 4xx/5xx with a JSON body
+//! `{"error": {"message", "type"}}`; malformed JSON and oversized bodies included.
+//!
+//! A `leaf.reference` decides the reward of its sample, and so steers training. It is only used
+//! when the server trusts client references ([`HttpConfig::trust_client_references`]) or the
+//! request carries the reward token in the `x-leaf-reward-token` header; otherwise it is dropped
+//! (the sample waits for feedback) and counted in `leaf_references_ignored_total`. A wrong
+//! reward token is a 401. In-process callers of [`LeafServer::chat`] are trusted: the rule is
+//! this HTTP layer's.
+//!
+//! Chat requests are held to [`ServerConfig::request_limits`](super::ServerConfig) before any
+//! work is done on them: a request over a size cap is a 413 (400 for `max_tokens`) whose message
+//! names the limit; more than `max_concurrent_requests` chat requests at once (uploads
+//! included) are shed with a 429 and `Retry-After` (`leaf_requests_shed_total`); a request
+//! running past `request_timeout_s` is cancelled and answered 504
+//! (`leaf_requests_timed_out_total`). The other routes are not capped, so `/metrics`, the status
+//! and the admin routes keep answering under load.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -31,26 +49,50 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Secret;
+use super::limits::{LimitError, RequestLimits};
 use super::server::{ChatRequest, LeafServer, Message, Part};
 use super::ServeError;
 use crate::harvest::HarvestError;
 
 /// HTTP settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct HttpConfig {
     /// Bearer token for the mutating routes; `None` allows them without auth, and [`serve`]
-    /// then only listens on loopback.
+    /// then only listens on loopback. An empty token is refused by [`router`].
     pub admin_token: Option<String>,
+    /// Token that makes a request's `leaf.reference` count (header `x-leaf-reward-token`), and
+    /// that may also post feedback. `None`: only [`Self::trust_client_references`] makes them
+    /// count. An empty token is refused by [`router`].
+    pub reward_token: Option<String>,
+    /// Use every client's `leaf.reference` as its reward, token or not. Only for a closed
+    /// deployment where every client may steer training.
+    pub trust_client_references: bool,
     /// The only directory `load_lora_adapter` may read from; `None` disables that route.
     pub adapter_root: Option<PathBuf>,
     /// Largest request body in bytes (default 32 MiB when 0).
     pub max_body_bytes: usize,
 }
 
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the tokens themselves.
+        f.debug_struct("HttpConfig")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| ".."))
+            .field("reward_token", &self.reward_token.as_ref().map(|_| ".."))
+            .field("trust_client_references", &self.trust_client_references)
+            .field("adapter_root", &self.adapter_root)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     server: Arc<LeafServer>,
-    config: Arc<HttpConfig>,
+    admin: Option<Secret>,
+    reward: Option<Secret>,
+    trust_client_references: bool,
     adapter_root: Option<PathBuf>,
     metrics: Option<PrometheusHandle>,
 }
@@ -83,6 +125,26 @@ impl IntoResponse for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         ApiError::new(r.status(), "invalid_request_error", r.body_text())
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match &e {
+            LimitError::Exceeded(x) if x.limit == "max_tokens" => {
+                ApiError::new(StatusCode::BAD_REQUEST, "limit_exceeded", e.to_string())
+            }
+            LimitError::Exceeded(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "limit_exceeded",
+                e.to_string(),
+            ),
+            LimitError::Audio { .. } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                e.to_string(),
+            ),
+        }
     }
 }
 
@@ -124,8 +186,19 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// The router. `adapter_root` is resolved here; a root that does not exist is an error.
+/// The router. `adapter_root` is resolved here; a root that does not exist is an error, and so
+/// is an empty token.
 pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, ServeError> {
+    let admin = config
+        .admin_token
+        .as_deref()
+        .map(|t| Secret::new("admin token", t))
+        .transpose()?;
+    let reward = config
+        .reward_token
+        .as_deref()
+        .map(|t| Secret::new("reward token", t))
+        .transpose()?;
     let adapter_root = match &config.adapter_root {
         Some(r) => Some(r.canonicalize().map_err(|source| ServeError::Io {
             path: r.clone(),
@@ -138,14 +211,23 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
     } else {
         config.max_body_bytes
     };
+    let limits = server.config().request_limits.clone();
     let state = AppState {
         server,
-        config: Arc::new(config),
+        admin,
+        reward,
+        trust_client_references: config.trust_client_references,
         adapter_root,
         metrics: install_metrics(),
     };
     Ok(Router::new()
-        .route("/v1/chat/completions", post(chat))
+        .route(
+            "/v1/chat/completions",
+            post(chat).layer(axum::middleware::from_fn_with_state(
+                Arc::new(Admission::new(&limits)),
+                admit,
+            )),
+        )
         .route("/v1/feedback", post(feedback))
         .route("/v1/adapters", get(adapters))
         .route("/v1/adapters/promote", post(promote))
@@ -184,30 +266,100 @@ pub async fn serve(
         })
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else {
-        return Ok(());
+/// Header carrying the reward token.
+pub const REWARD_TOKEN_HEADER: &str = "x-leaf-reward-token";
+
+/// The chat route's admission control: a fixed number of slots and a deadline per request.
+struct Admission {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    timeout: Duration,
+    timeout_s: f64,
+}
+
+impl Admission {
+    fn new(limits: &RequestLimits) -> Self {
+        Admission {
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests)),
+            max: limits.max_concurrent_requests,
+            timeout: limits.request_timeout(),
+            timeout_s: limits.request_timeout_s,
+        }
+    }
+}
+
+/// Sheds a request when every slot is taken (429), and ends it at the deadline (504; dropping
+/// the handler cancels the engine request). Runs before the body is read, so slow uploads
+/// count too.
+async fn admit(State(gate): State<Arc<Admission>>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = gate.slots.clone().try_acquire_owned() else {
+        metrics::counter!("leaf_requests_shed_total").increment(1);
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "the server is serving its limit of {} chat requests \
+                 (request_limits.max_concurrent_requests); retry later",
+                gate.max
+            ),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return r;
     };
-    let given = headers
+    match tokio::time::timeout(gate.timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics::counter!("leaf_requests_timed_out_total").increment(1);
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request took longer than request_limits.request_timeout_s = {} s",
+                    gate.timeout_s
+                ),
+            )
+            .into_response()
+        }
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare without an early exit on the first differing byte.
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        ))
+        .unwrap_or("")
+}
+
+/// The admin token check of the mutating routes.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &state.admin {
+        None => Ok(()),
+        Some(secret) if secret.matches(bearer(headers)) => Ok(()),
+        Some(_) => Err(unauthorized("missing or wrong bearer token")),
+    }
+}
+
+/// Whether the request presents the reward token: `Ok(false)` without the header, 401 with a
+/// wrong one (or when the server has none).
+fn reward_token_presented(state: &AppState, headers: &HeaderMap) -> Result<bool, ApiError> {
+    let Some(given) = headers.get(REWARD_TOKEN_HEADER) else {
+        return Ok(false);
+    };
+    match (&state.reward, given.to_str()) {
+        (Some(secret), Ok(given)) if secret.matches(given) => Ok(true),
+        (Some(_), _) => Err(unauthorized("wrong x-leaf-reward-token")),
+        (None, _) => Err(unauthorized(
+            "x-leaf-reward-token was sent but this server has no reward token",
+        )),
     }
 }
 
@@ -326,10 +478,18 @@ fn to_request(body: ChatBody) -> Result<ChatRequest, ApiError> {
 
 async fn chat(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<ChatBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let token = reward_token_presented(&state, &headers)?;
     let Json(body) = body?;
-    let req = to_request(body)?;
+    let mut req = to_request(body)?;
+    state.server.config().request_limits.check_request(&req)?;
+    let reference_used = req.reference.is_some() && (token || state.trust_client_references);
+    if req.reference.is_some() && !reference_used {
+        req.reference = None;
+        metrics::counter!("leaf_references_ignored_total").increment(1);
+    }
     let reply = state.server.chat(req).await?;
     let mut v = serde_json::to_value(&reply.response).map_err(|e| {
         ApiError::new(
@@ -342,7 +502,7 @@ async fn chat(
         map.insert(
             "leaf".into(),
             json!({"request_id": reply.request_id, "adapter_version": reply.adapter_version,
-                   "logprob_base": "e"}),
+                   "logprob_base": "e", "reference_used": reference_used}),
         );
     }
     Ok(Json(v))
@@ -359,7 +519,10 @@ async fn feedback(
     headers: HeaderMap,
     body: Result<Json<FeedbackBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    // The reward token may post rewards too; otherwise the admin token is needed.
+    if !reward_token_presented(&state, &headers)? {
+        authorize(&state, &headers)?;
+    }
     let Json(body) = body?;
     state.server.feedback(&body.request_id, body.reward)?;
     Ok(Json(json!({"ok": true})))

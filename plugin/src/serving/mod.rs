@@ -58,8 +58,10 @@
 //! [`ServeError::SwapLimit`] (restart the process to reset; at the default 4096 that is at most
 //! about 32 MiB resident).
 
+pub mod auth;
 pub mod cli;
 pub mod http;
+pub mod limits;
 pub mod model;
 pub mod server;
 

@@ -19,9 +19,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::limits::RequestLimits;
 use super::model::{load_pipeline_async, ModelDir, SharedPipeline};
 use super::ServeError;
 use crate::harvest::groups::Membership;
+use crate::harvest::reward::RewardRange;
 use crate::harvest::tap::now_unix_ms;
 use crate::harvest::{
     prompt_key, AssemblerConfig, GroupAssembler, HarvestedSample, RewardContext, RewardSource,
@@ -117,6 +119,12 @@ pub struct ServerConfig {
     /// Adapter size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The rewards [`LeafServer::feedback`] accepts. Default [0, 1].
+    #[serde(default)]
+    pub feedback_reward_range: RewardRange,
+    /// Caps the HTTP layer applies to chat requests (see [`super::limits`]).
+    #[serde(default)]
+    pub request_limits: RequestLimits,
 }
 
 fn default_batch() -> usize {
@@ -143,6 +151,8 @@ impl ServerConfig {
             drain_timeout_s: default_drain(),
             max_swaps: default_max_swaps(),
             limits: Limits::default(),
+            feedback_reward_range: RewardRange::default(),
+            request_limits: RequestLimits::default(),
         }
     }
 
@@ -172,6 +182,16 @@ impl ServerConfig {
             ));
         }
         self.assembler.check()?;
+        self.feedback_reward_range
+            .check()
+            .map_err(ServeError::Config)?;
+        self.request_limits.check().map_err(ServeError::Config)?;
+        if self.sampling.max_tokens > self.request_limits.max_tokens {
+            return bad(format!(
+                "sampling.max_tokens {} is above request_limits.max_tokens {}",
+                self.sampling.max_tokens, self.request_limits.max_tokens
+            ));
+        }
         Ok(())
     }
 }
@@ -409,7 +429,7 @@ pub struct LeafServer {
     model: ModelDir,
     config: ServerConfig,
     store: Option<AdapterStore>,
-    units: Option<UnitEncoder>,
+    units: Option<Arc<UnitEncoder>>,
     current: RwLock<Arc<Slot>>,
     previous_version: Mutex<Option<String>>,
     swap_lock: tokio::sync::Mutex<()>,
@@ -465,7 +485,7 @@ impl LeafServer {
             None => None,
         };
         let units = match &config.unit_codebook {
-            Some(p) => Some(UnitEncoder::load(p)?),
+            Some(p) => Some(Arc::new(UnitEncoder::load(p)?)),
             None => None,
         };
         let (version, adapter_dir) = match store.as_ref().map(|s| s.current()).transpose() {
@@ -583,8 +603,14 @@ impl LeafServer {
     }
 
     /// Feedback for a served request: its reward. Unknown, sealed or expired ids are a typed
-    /// error ([`crate::harvest::HarvestError::UnknownRequest`]).
+    /// error ([`crate::harvest::HarvestError::UnknownRequest`]); a reward outside
+    /// [`ServerConfig::feedback_reward_range`] (or not finite) is a [`ServeError::Request`].
     pub fn feedback(&self, request_id: &str, reward: f64) -> Result<(), ServeError> {
+        let reward = self
+            .config
+            .feedback_reward_range
+            .accept(reward)
+            .map_err(ServeError::Request)?;
         Ok(self.assembler.set_reward(request_id, reward)?)
     }
 
@@ -646,7 +672,7 @@ impl LeafServer {
     ///
     /// Dropping the returned future (a client that went away) cancels the request through its
     /// tap; the response channel is drained by a task of its own either way.
-    pub async fn chat(self: &Arc<Self>, req: ChatRequest) -> Result<ChatReply, ServeError> {
+    pub async fn chat(self: &Arc<Self>, mut req: ChatRequest) -> Result<ChatReply, ServeError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ServeError::ShuttingDown);
         }
@@ -663,7 +689,8 @@ impl LeafServer {
                 req.top_logprobs
             )));
         }
-        let messages = self.to_engine_messages(&req.messages)?;
+        let messages = self.wav_to_units(std::mem::take(&mut req.messages)).await?;
+        let messages = self.to_engine_messages(&messages)?;
         let seed = req.seed.unwrap_or_else(|| self.next_seed());
         let top_n = if req.logprobs { req.top_logprobs } else { 0 };
         let meta = Meta {
@@ -726,6 +753,31 @@ impl LeafServer {
             logprobs: record.logprobs,
             prompt_ids: record.prompt,
         })
+    }
+
+    /// Turns every WAV part into units on the blocking pool: decoding, resampling and log-mel
+    /// take milliseconds to seconds of CPU and must not stall the async workers.
+    async fn wav_to_units(&self, mut messages: Vec<Message>) -> Result<Vec<Message>, ServeError> {
+        let has_wav = |m: &Vec<Message>| {
+            m.iter()
+                .any(|m| m.content.iter().any(|p| matches!(p, Part::Wav(_))))
+        };
+        if !has_wav(&messages) {
+            return Ok(messages);
+        }
+        let enc = self.units.clone().ok_or_else(|| {
+            ServeError::Request("audio input needs a unit codebook (unit_codebook)".into())
+        })?;
+        tokio::task::spawn_blocking(move || -> Result<Vec<Message>, ServeError> {
+            for part in messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
+                if let Part::Wav(wav) = part {
+                    *part = Part::Units(enc.units_from_wav(wav)?);
+                }
+            }
+            Ok(messages)
+        })
+        .await
+        .map_err(|e| ServeError::Engine(format!("audio front-end task failed: {e}")))?
     }
 
     fn stop_token(&self) -> u32 {
