@@ -12,7 +12,7 @@ use super::http::{serve, HttpConfig};
 use super::limits::RequestLimits;
 use super::server::{LeafServer, ServerConfig};
 use crate::harvest::ReferenceReward;
-use crate::online::{OnlineConfig, OnlineTrainer};
+use crate::online::{training_group_policy, OnlineConfig, OnlineTrainer};
 use crate::reward::{Metric, RewardOptions};
 
 /// Arguments of `leaf serve`.
@@ -185,6 +185,9 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
+/// The unit codebook a model directory may carry (the name the speech front-end writes).
+const UNITS_FILE: &str = "units.json";
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -193,9 +196,11 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T
 
 /// Runs the server until Ctrl-C, then shuts the trainer and the server down cleanly.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut policy_given = false;
     let mut config = match &args.config {
         Some(p) => {
             let mut v: serde_json::Value = read_json(p)?;
+            policy_given = v.get("group_policy").is_some();
             if let Some(map) = v.as_object_mut() {
                 map.insert(
                     "model_dir".into(),
@@ -212,7 +217,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.units.is_some() {
         config.unit_codebook = args.units.clone();
     }
+    // A model directory that carries its unit codebook serves audio without --units.
+    let bundled = args.model.join(UNITS_FILE);
+    if config.unit_codebook.is_none() && bundled.is_file() {
+        config.unit_codebook = Some(bundled);
+    }
     let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    if online.is_some() && !policy_given {
+        // Live prompts rarely repeat: with online training on, groups come from the server's
+        // own extra samples unless the server config chose a group policy.
+        config.group_policy = training_group_policy();
+        eprintln!(
+            "leaf: online training: each client request gets {} extra samples in the \
+             background (at most {} at once; set group_policy in --config to change it)",
+            config.assembler.group_size.saturating_sub(1),
+            config.group_policy.background_concurrency
+        );
+    }
     args.limits.apply(&mut config.request_limits);
     if let Some(min) = args.feedback_reward_min {
         config.feedback_reward_range.min = min;
