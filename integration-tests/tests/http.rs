@@ -133,8 +133,7 @@ async fn http_api_end_to_end_with_auth() -> anyhow::Result<()> {
                 ..Default::default()
             },
         )
-        .err()
-        .expect("an empty admin token is refused");
+        .expect_err("an empty admin token is refused");
         assert!(e.to_string().contains("admin token is empty"), "{e}");
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -471,13 +470,12 @@ async fn client_references_count_only_when_trusted() -> anyhow::Result<()> {
             ..Default::default()
         },
     )
-    .err()
-    .expect("an empty reward token is refused");
+    .expect_err("an empty reward token is refused");
     assert!(e.to_string().contains("reward token is empty"), "{e}");
     // An out-of-range reward range is a configuration error at start.
     let mut cfg = ServerConfig::new(&m.dir);
     cfg.feedback_reward_range.min = 2.0;
-    let e = start(cfg, seen.clone()).await.err().expect("refused");
+    let e = start(cfg, seen.clone()).await.expect_err("refused");
     assert!(format!("{e:#}").contains("feedback_reward_range"), "{e:#}");
     Ok(())
 }
@@ -533,8 +531,7 @@ async fn every_cap_is_a_clear_4xx() -> anyhow::Result<()> {
     bad.sampling.max_tokens = 9;
     let e = start(bad, Arc::new(FeedbackOnly))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(
         format!("{e:#}").contains("request_limits.max_tokens"),
         "{e:#}"

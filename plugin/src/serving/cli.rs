@@ -67,9 +67,10 @@ pub struct ServeArgs {
     /// Run the online trainer with this JSON `OnlineConfig` (needs --store).
     #[arg(long)]
     pub online: Option<PathBuf>,
-    /// Caps on chat requests (override the config's `request_limits`).
+    /// Caps on chat requests (override the config's `request_limits`). Boxed: ten options
+    /// would make `ServeArgs` the one large variant of the CLI's command enum.
     #[command(flatten)]
-    pub limits: LimitFlags,
+    pub limits: Box<LimitFlags>,
 }
 
 /// `leaf serve` flags for [`RequestLimits`]; each overrides the config's value when given.
@@ -333,6 +334,48 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser as _;
+        let argv = ["leaf"].iter().chain(args).copied();
+        Cli::try_parse_from(argv).map(|c| c.serve)
+    }
+
+    #[test]
+    fn limit_flags_override_the_config() {
+        let a = parse(&[
+            "--model",
+            "m",
+            "--max-audio-parts",
+            "2",
+            "--request-timeout-s",
+            "1.5",
+            "--trust-client-references",
+        ])
+        .unwrap();
+        let mut limits = RequestLimits::default();
+        a.limits.apply(&mut limits);
+        assert_eq!(limits.max_audio_parts, 2);
+        assert_eq!(limits.request_timeout_s, 1.5);
+        assert_eq!(limits.max_tokens, RequestLimits::default().max_tokens);
+        assert!(a.trust_client_references);
+        // A token and a token file at once is ambiguous.
+        let e = parse(&[
+            "--model",
+            "m",
+            "--admin-token",
+            "t",
+            "--admin-token-file",
+            "f",
+        ]);
+        assert!(e.is_err());
+    }
 
     #[test]
     fn secrets_come_from_flag_file_or_environment() {
