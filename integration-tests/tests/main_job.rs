@@ -147,7 +147,11 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     // Budget, updates, swaps.
     assert!(report.rollouts >= 48, "{}", report.rollouts);
     // Six batches of rollouts; a batch whose groups all had equal rewards makes no update.
-    assert!(report.updates >= 3 && report.updates <= 6, "{}", report.updates);
+    assert!(
+        report.updates >= 3 && report.updates <= 6,
+        "{}",
+        report.updates
+    );
     assert_eq!(report.curve[0].rollouts, 0);
     assert_eq!(report.curve[0].adapter_version, "base");
     assert!(report.swaps >= 1, "no hot-swap happened: {report:?}");

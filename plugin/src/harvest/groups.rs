@@ -384,16 +384,15 @@ impl GroupAssembler {
             .collect();
         let mut closed = 0;
         for (no, early) in expired {
-            let Some((_, g)) = self
-                .groups
-                .remove_if(&no, |_, g| !early || unfillable(g))
-            else {
+            let Some((_, g)) = self.groups.remove_if(&no, |_, g| !early || unfillable(g)) else {
                 continue;
             };
             closed += 1;
             if early {
                 self.unindex(no, &g);
-                self.stats.dropped_unfillable.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .dropped_unfillable
+                    .fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("leaf_groups_dropped_total", "reason" => "unfillable")
                     .increment(1);
             } else {

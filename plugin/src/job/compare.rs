@@ -20,8 +20,8 @@ use super::run::{run, Estimator, EvalDecoding, RunConfig};
 use super::JobError;
 use crate::advantage::ForkStats;
 use crate::speech::eval::EvalReport;
-use crate::speech::tasks::TaskFamily;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model};
+use crate::speech::tasks::TaskFamily;
 
 /// Settings of a comparison.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,9 +59,9 @@ pub struct Spread {
 /// The two-sided 97.5 % quantile of Student's t with `df` degrees of freedom.
 pub fn t975(df: usize) -> f64 {
     const TABLE: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
     ];
     match df {
         0 => f64::INFINITY,

@@ -127,21 +127,31 @@ mod tests {
             calls.set(calls.get() + 1);
             Ok(v)
         };
-        let a: u32 = cache.get_or_compute(&model, "x", &1, || compute(7)).unwrap();
-        let b: u32 = cache.get_or_compute(&model, "x", &1, || compute(8)).unwrap();
+        let a: u32 = cache
+            .get_or_compute(&model, "x", &1, || compute(7))
+            .unwrap();
+        let b: u32 = cache
+            .get_or_compute(&model, "x", &1, || compute(8))
+            .unwrap();
         assert_eq!((a, b, calls.get()), (7, 7, 1));
         // Other settings, other entry.
-        let c: u32 = cache.get_or_compute(&model, "x", &2, || compute(9)).unwrap();
+        let c: u32 = cache
+            .get_or_compute(&model, "x", &2, || compute(9))
+            .unwrap();
         assert_eq!((c, calls.get()), (9, 2));
         // A changed model file misses.
         std::fs::write(model.join("config.json"), "{\"a\":1}").unwrap();
-        let d: u32 = cache.get_or_compute(&model, "x", &1, || compute(10)).unwrap();
+        let d: u32 = cache
+            .get_or_compute(&model, "x", &1, || compute(10))
+            .unwrap();
         assert_eq!((d, calls.get()), (10, 3));
         // A corrupt entry is recomputed.
         for e in std::fs::read_dir(dir.path().join("cache")).unwrap() {
             std::fs::write(e.unwrap().path(), "not json").unwrap();
         }
-        let e: u32 = cache.get_or_compute(&model, "x", &1, || compute(11)).unwrap();
+        let e: u32 = cache
+            .get_or_compute(&model, "x", &1, || compute(11))
+            .unwrap();
         assert_eq!((e, calls.get()), (11, 4));
     }
 }

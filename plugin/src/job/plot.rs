@@ -300,15 +300,14 @@ pub fn reward_curve(path: &Path, report: &RunReport) -> Result<(), JobError> {
 /// the gradient norm, against rollouts.
 pub fn diagnostics(path: &Path, report: &RunReport) -> Result<(), JobError> {
     let updates = &report.diagnostics.updates;
-    let line = |label: &str, color: usize, f: &dyn Fn(&crate::online::UpdateRecord) -> f64| {
-        Series {
+    let line =
+        |label: &str, color: usize, f: &dyn Fn(&crate::online::UpdateRecord) -> f64| Series {
             label: label.into(),
             points: updates.iter().map(|u| (u.rollouts as f64, f(u))).collect(),
             band: Vec::new(),
             color,
             markers_only: false,
-        }
-    };
+        };
     let panel = |title: &str, y_label: &str, series: Vec<Series>| Panel {
         title: title.into(),
         x_label: "rollouts".into(),
@@ -331,8 +330,12 @@ pub fn diagnostics(path: &Path, report: &RunReport) -> Result<(), JobError> {
             "where the signal is",
             "share",
             vec![
-                line("informative groups", 2, &|u| u.batch.informative_group_share),
-                line("zero-advantage tokens", 3, &|u| u.batch.zero_advantage_share),
+                line("informative groups", 2, &|u| {
+                    u.batch.informative_group_share
+                }),
+                line("zero-advantage tokens", 3, &|u| {
+                    u.batch.zero_advantage_share
+                }),
             ],
         ),
         panel(

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ceiling::Ceiling;
 use super::run::EvalDecoding;
-use crate::online::{Phase, PhaseTimes, UpdateRecord, UpdateSummary};
 use crate::advantage::ForkStats;
+use crate::online::{Phase, PhaseTimes, UpdateRecord, UpdateSummary};
 use crate::speech::eval::EvalReport;
 
 /// Held-out reward of an evaluation: mean over families of BLEU / 100 (0 when empty).

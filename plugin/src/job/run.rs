@@ -32,12 +32,12 @@ use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
 use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
 use serde::{Deserialize, Serialize};
 
+use super::ceiling::{pass_at_k, Ceiling};
+use super::eval_cache::EvalCache;
 use super::report::{
     heldout_exact, heldout_reward, mean, write_json, CurvePoint, Diagnostics, ForkSummary,
     GroupPolicyStats, OtherDecoding, RunEvent, RunReport,
 };
-use super::ceiling::{pass_at_k, Ceiling};
-use super::eval_cache::EvalCache;
 use super::traffic::{self, TrafficConfig};
 use super::JobError;
 use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
@@ -645,7 +645,10 @@ impl Learner<'_> {
         self.server.note_update();
         let staleness = self.state.history.staleness(
             self.trainer.policy_version().unwrap_or(BASE_VERSION),
-            prepared.samples.iter().map(|s| s.behaviour_version.as_str()),
+            prepared
+                .samples
+                .iter()
+                .map(|s| s.behaviour_version.as_str()),
         );
         let record = UpdateRecord::new(number, self.state.rollouts, &stats, &prepared, staleness);
         record.export();

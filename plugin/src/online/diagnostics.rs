@@ -132,7 +132,10 @@ impl UpdateRecord {
         g("leaf_learning_rate", self.learning_rate);
         g("leaf_advantage_mean", self.batch.advantage_mean);
         g("leaf_advantage_std", self.batch.advantage_std);
-        g("leaf_zero_advantage_token_share", self.batch.zero_advantage_share);
+        g(
+            "leaf_zero_advantage_token_share",
+            self.batch.zero_advantage_share,
+        );
         g(
             "leaf_informative_group_share",
             self.batch.informative_group_share,

@@ -295,7 +295,10 @@ impl Loop {
         self.report.last_loss = Some(stats.loss);
         let staleness = self.history.staleness(
             self.trainer.policy_version().unwrap_or(BASE_VERSION),
-            prepared.samples.iter().map(|s| s.behaviour_version.as_str()),
+            prepared
+                .samples
+                .iter()
+                .map(|s| s.behaviour_version.as_str()),
         );
         let record = UpdateRecord::new(
             self.report.updates,
