@@ -60,7 +60,10 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     let report = pretrain(&tiny_config(7), &data, &a, &mut |e| events.push(e.clone())).unwrap();
 
     // Progress: stages, a start, one event per step in order.
-    assert!(events.contains(&ProgressEvent::Start { steps: 4 }));
+    assert!(events.contains(&ProgressEvent::Start {
+        steps: 4,
+        max_seconds: 0.0
+    }));
     let steps: Vec<usize> = events
         .iter()
         .filter_map(|e| match e {
