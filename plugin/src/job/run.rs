@@ -117,10 +117,11 @@ impl EvalDecoding {
 
 /// Every setting of a run. [`RunConfig::default`] holds the defaults of `leaf run`: K = 8,
 /// B = 4 (32 rollouts per update), LoRA rank 8 / alpha 16, learning rate 2e-3, check +
-/// hot-swap every 4 updates, 8192 rollouts over 512 distinct training prompts (each replayed
-/// twice), held-out evaluation decoded as the server samples. The evaluation sizes (16
-/// examples per family per check, 100 per family for the base and final evaluations, 50 for
-/// the base model's pass@K) keep the six-family run within its 20-minute budget on 2 cores;
+/// hot-swap every 8 updates, 8192 rollouts over 512 distinct training prompts (each replayed
+/// twice), held-out evaluation decoded as the server samples. The evaluation sizes (8
+/// examples per family per check: with 16 every 4 updates the checks took 90 % of the
+/// learning phase; 100 per family for the base and final evaluations, 50 for the base
+/// model's pass@K) keep the six-family run within its 20-minute budget on 2 cores;
 /// at 100 examples a family's exact match has a standard error of about 0.05, so small
 /// differences need `--final-eval-samples` raised. The README holds the tuning figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +217,7 @@ impl Default for RunConfig {
             seed: 0,
             group_size: 8,
             groups_per_update: 4,
-            publish_every: 4,
+            publish_every: 8,
             learning_rate: 2e-3,
             rank: 8,
             alpha: 16.0,
@@ -228,7 +229,7 @@ impl Default for RunConfig {
             top_p: 1.0,
             traffic_prompts: 512,
             eval_decoding: EvalDecoding::Serving,
-            eval_samples: 16,
+            eval_samples: 8,
             final_eval_samples: 100,
             eval_seed: 0,
             ceiling_samples: 50,

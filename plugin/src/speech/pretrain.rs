@@ -958,7 +958,7 @@ pub fn progress_line_due(step: usize, steps: usize, percent: usize) -> bool {
         return false;
     }
     let every = (steps * percent.clamp(1, 100)).div_ceil(100).max(1);
-    step % every == 0 || step == steps
+    step.is_multiple_of(every) || step == steps
 }
 
 /// Seconds as "1m 05s" (or "42s").
