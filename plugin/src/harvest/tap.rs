@@ -302,9 +302,9 @@ mod tests {
 
     #[test]
     fn sampling_frequencies_follow_the_renormalised_nucleus() {
-        // p = softmax(ln [0.5, 0.3, 0.15, 0.05]); top_p 0.8 keeps ids 0, 1 -> 0.625, 0.375.
+        // p = softmax(ln [0.5, 0.3, 0.15, 0.05]); top_p 0.79 keeps ids 0, 1 -> 0.625, 0.375.
         let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
-        let tap = SamplingTap::new(cfg(1.0, 0.8)).unwrap();
+        let tap = SamplingTap::new(cfg(1.0, 0.79)).unwrap();
         let n = 20_000;
         let mut count = [0usize; 4];
         for _ in 0..n {
@@ -348,7 +348,7 @@ mod tests {
         let tap = SamplingTap::new(TapConfig {
             forced: vec![1, 3],
             stop_token: 2,
-            ..cfg(1.0, 0.8)
+            ..cfg(1.0, 0.79)
         })
         .unwrap();
         assert_eq!(tap.step(&logits, &[0]).unwrap(), 1);

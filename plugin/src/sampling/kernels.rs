@@ -75,11 +75,9 @@ pub(super) fn weight(l: f32, max: f64, inv_t: f64) -> f64 {
             .wrapping_add(1023)
             .wrapping_shl(52),
     );
-    if x < X_MIN {
-        0.0
-    } else {
-        p * scale
-    }
+    // Zeroed by a mask, not a branch, so that the loops stay vectorised.
+    let keep = 0u64.wrapping_sub(u64::from(x >= X_MIN));
+    f64::from_bits((p * scale).to_bits() & keep)
 }
 
 /// The maximum of `logits`, its lowest id, and whether any logit is NaN or `+inf`.
@@ -158,45 +156,39 @@ unsafe fn weigh_avx2(
 #[inline(always)]
 fn scan_max_portable(logits: &[f32]) -> MaxScan {
     let mut m = [f32::NEG_INFINITY; LANES];
-    let mut at = [0u32; LANES];
     let mut bad = [false; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for (c, chunk) in chunks.enumerate() {
-        let base = (c * LANES) as u32;
+    let (chunks, rest) = logits.as_chunks::<LANES>();
+    for chunk in chunks {
         for j in 0..LANES {
             let x = chunk[j];
             bad[j] |= !(x < f32::INFINITY);
-            let up = x > m[j];
-            m[j] = if up { x } else { m[j] };
-            at[j] = if up {
-                base.wrapping_add(j as u32)
-            } else {
-                at[j]
-            };
+            m[j] = if x > m[j] { x } else { m[j] };
         }
     }
-    let base = logits.len() - rest.len();
     for (j, &x) in rest.iter().enumerate() {
         bad[j] |= !(x < f32::INFINITY);
-        if x > m[j] {
-            m[j] = x;
-            at[j] = (base + j) as u32;
-        }
+        m[j] = if x > m[j] { x } else { m[j] };
     }
-    let mut best = MaxScan {
-        max: f32::NEG_INFINITY,
-        arg: 0,
+    let max = m
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    // The lowest id holding it: a chunk-wise test, then the chunk.
+    let mut arg = 0;
+    for (c, chunk) in chunks.iter().enumerate() {
+        if chunk.iter().fold(false, |a, &x| a | (x == max)) {
+            arg = c * LANES + chunk.iter().position(|&x| x == max).unwrap_or(0);
+            break;
+        }
+        arg = (c + 1) * LANES;
+    }
+    if arg >= chunks.len() * LANES {
+        arg += rest.iter().position(|&x| x == max).unwrap_or(0);
+    }
+    MaxScan {
+        max,
+        arg,
         bad: bad.iter().any(|&b| b),
-    };
-    for j in 0..LANES {
-        let (x, i) = (m[j], at[j] as usize);
-        if x > best.max || (x == best.max && x > f32::NEG_INFINITY && i < best.arg) {
-            best.max = x;
-            best.arg = i;
-        }
     }
-    best
 }
 
 #[inline(always)]
@@ -205,45 +197,72 @@ fn weigh_portable(
     max: f64,
     inv_t: f64,
     blocks: &mut [BlockMass],
-    mut store: Option<&mut [f32]>,
+    store: Option<&mut [f32]>,
 ) {
-    for (b, (block, mass)) in logits.chunks(BLOCK).zip(blocks.iter_mut()).enumerate() {
-        let mut ones = [0.0f64; LANES];
-        let mut small = [0.0f64; LANES];
-        let mut out = store
-            .as_deref_mut()
-            .map(|s| &mut s[b * BLOCK..b * BLOCK + block.len()]);
-        let chunks = block.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for (c, chunk) in chunks.enumerate() {
-            let mut w = [0.0f64; LANES];
-            for j in 0..LANES {
-                w[j] = weight(chunk[j], max, inv_t);
-                let one = w[j] == 1.0;
-                ones[j] += if one { 1.0 } else { 0.0 };
-                small[j] += if one { 0.0 } else { w[j] };
+    match store {
+        Some(out) => {
+            for ((block, mass), out) in logits
+                .chunks(BLOCK)
+                .zip(blocks.iter_mut())
+                .zip(out.chunks_mut(BLOCK))
+            {
+                *mass = weigh_block::<true>(block, max, inv_t, out);
             }
-            if let Some(out) = out.as_deref_mut() {
-                let o = &mut out[c * LANES..c * LANES + LANES];
+        }
+        None => {
+            for (block, mass) in logits.chunks(BLOCK).zip(blocks.iter_mut()) {
+                *mass = weigh_block::<false>(block, max, inv_t, &mut []);
+            }
+        }
+    }
+}
+
+/// One block's [`BlockMass`]; with `STORE`, each weight as `f32` into `out` (same length).
+/// Weights of exactly 1 are split from the others by bit masks, not selects: a select on an
+/// accumulator makes LLVM emit masked stores or branches instead of vector adds.
+#[inline(always)]
+fn weigh_block<const STORE: bool>(
+    block: &[f32],
+    max: f64,
+    inv_t: f64,
+    out: &mut [f32],
+) -> BlockMass {
+    let mut ones = [0.0f64; LANES];
+    let mut small = [0.0f64; LANES];
+    let one_bits = 1.0f64.to_bits();
+    let (chunks, rest) = block.as_chunks::<LANES>();
+    let (outs, out_rest) = out.as_chunks_mut::<LANES>();
+    for (c, chunk) in chunks.iter().enumerate() {
+        let mut w = [0.0f64; LANES];
+        for j in 0..LANES {
+            w[j] = weight(chunk[j], max, inv_t);
+            // All bits set when w < 1, none when w == 1 (weights never exceed 1).
+            let below = 0u64.wrapping_sub(u64::from(w[j] != 1.0));
+            ones[j] += f64::from_bits(one_bits & !below);
+            small[j] += f64::from_bits(w[j].to_bits() & below);
+        }
+        if STORE {
+            if let Some(o) = outs.get_mut(c) {
                 for j in 0..LANES {
                     o[j] = w[j] as f32;
                 }
             }
         }
-        let base = block.len() - rest.len();
-        for (j, &l) in rest.iter().enumerate() {
-            let w = weight(l, max, inv_t);
-            let one = w == 1.0;
-            ones[j] += if one { 1.0 } else { 0.0 };
-            small[j] += if one { 0.0 } else { w };
-            if let Some(out) = out.as_deref_mut() {
-                out[base + j] = w as f32;
+    }
+    for (j, &l) in rest.iter().enumerate() {
+        let w = weight(l, max, inv_t);
+        let below = 0u64.wrapping_sub(u64::from(w != 1.0));
+        ones[j] += f64::from_bits(one_bits & !below);
+        small[j] += f64::from_bits(w.to_bits() & below);
+        if STORE {
+            if let Some(o) = out_rest.get_mut(j) {
+                *o = w as f32;
             }
         }
-        *mass = BlockMass {
-            ones: ones.iter().sum(),
-            small: lane_sum(small),
-        };
+    }
+    BlockMass {
+        ones: lane_sum(ones),
+        small: lane_sum(small),
     }
 }
 

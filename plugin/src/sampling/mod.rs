@@ -219,6 +219,7 @@ impl Sampler {
             arg: scan.arg as u32,
             full: None,
             nucleus: None,
+            cut: 0.0,
         })
     }
 }
@@ -239,6 +240,8 @@ pub struct Distribution<'a> {
     full: Option<BlockMass>,
     /// The nucleus (weights stored and histogram in the sampler) once computed.
     nucleus: Option<Nucleus>,
+    /// The nucleus's prefilter cut (no lighter token is in it).
+    cut: f32,
 }
 
 /// `ln(ones + small)` with full relative precision when `ones` is 1.
@@ -297,10 +300,12 @@ impl Distribution<'_> {
         if let Some(n) = self.nucleus {
             return n;
         }
-        self.full();
+        let total = self.full().total();
         let s = &mut *self.sampler;
-        nucleus::histogram(&s.weights, &mut s.hist, &mut s.spare);
-        let n = nucleus::find(&s.weights, &s.hist, self.top_p, &mut s.members);
+        let cut = nucleus::prefilter_cut(total, self.top_p, s.weights.len());
+        nucleus::histogram(&s.weights, cut, &mut s.hist, &mut s.spare);
+        let n = nucleus::find(&s.weights, cut, &s.hist, total, self.top_p, &mut s.members);
+        self.cut = cut;
         self.nucleus = Some(n);
         n
     }
@@ -420,7 +425,7 @@ impl Distribution<'_> {
         };
         let mut acc = 0.0;
         let mut pick = None;
-        nucleus::for_each_in_bin(&s.weights, b, |id, w| {
+        nucleus::for_each_in_bin(&s.weights, b, self.cut, |id, w| {
             if !n.contains(w, id) {
                 return true;
             }

@@ -55,8 +55,7 @@ impl Member {
 /// The nucleus, as a cut in the (weight, id) order.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Nucleus {
-    /// The boundary bin; bins above it are wholly in, bins below it out. 0 when every
-    /// positive weight is in (rounding left the target unreached).
+    /// The boundary bin (at least 1); bins above it are wholly in, bins below it out.
     pub bin: usize,
     /// The last kept key of the boundary bin (every member up to it is in).
     pub last: Member,
@@ -79,7 +78,7 @@ impl Nucleus {
     pub fn kept_in(&self, b: usize, hist: &[f64]) -> f64 {
         if b > self.bin {
             hist[b]
-        } else if b == self.bin && b > 0 {
+        } else if b == self.bin {
             self.bin_mass
         } else {
             0.0
@@ -87,60 +86,84 @@ impl Nucleus {
     }
 }
 
-/// Adds the weights into `hist` (cleared first; [`BINS`] bins). Two interleaved histograms
-/// halve the dependency chains when many weights share a bin.
-pub(super) fn histogram(weights: &[f32], hist: &mut Vec<f64>, spare: &mut Vec<f64>) {
+/// The prefilter: tokens lighter than this can never be in the nucleus of `top_p` over
+/// `vocab` tokens of total weight `total`. All of them together weigh less than half the
+/// mass `(1 - top_p) * total` that the nucleus leaves out, and every token after one of them
+/// (in key order) is one of them, so the mass before any of them exceeds the target.
+pub(super) fn prefilter_cut(total: f64, top_p: f64, vocab: usize) -> f32 {
+    ((1.0 - top_p) * total / (2.0 * vocab as f64)) as f32
+}
+
+/// Adds the weights of at least `cut` into `hist` (cleared first; [`BINS`] bins). Chunks
+/// without one are skipped after one vectorised test; two interleaved histograms halve the
+/// dependency chains when many weights share a bin.
+pub(super) fn histogram(weights: &[f32], cut: f32, hist: &mut Vec<f64>, spare: &mut Vec<f64>) {
     hist.clear();
     hist.resize(BINS, 0.0);
     spare.clear();
     spare.resize(BINS, 0.0);
-    let pairs = weights.chunks_exact(2);
-    let rest = pairs.remainder();
-    for p in pairs {
-        hist[bin_of(p[0]) & (BINS - 1)] += f64::from(p[0]);
-        spare[bin_of(p[1]) & (BINS - 1)] += f64::from(p[1]);
+    const CHUNK: usize = 16;
+    let (chunks, rest) = weights.as_chunks::<CHUNK>();
+    for chunk in chunks {
+        if !chunk.iter().fold(false, |a, &w| a | (w >= cut)) {
+            continue;
+        }
+        for pair in chunk.as_chunks::<2>().0 {
+            let [a, b] = *pair;
+            if a >= cut {
+                hist[bin_of(a) & (BINS - 1)] += f64::from(a);
+            }
+            if b >= cut {
+                spare[bin_of(b) & (BINS - 1)] += f64::from(b);
+            }
+        }
     }
     for &w in rest {
-        hist[bin_of(w) & (BINS - 1)] += f64::from(w);
+        if w >= cut {
+            hist[bin_of(w) & (BINS - 1)] += f64::from(w);
+        }
     }
     for (h, s) in hist.iter_mut().zip(spare.iter()) {
         *h += *s;
     }
 }
 
-/// The nucleus of `weights` (histogram `hist` from [`histogram`]) at `top_p`, using
-/// `members` as scratch.
+/// The nucleus at `top_p` of `weights` of total `total`, from their histogram `hist` above
+/// `cut` ([`histogram`]), using `members` as scratch.
 pub(super) fn find(
     weights: &[f32],
+    cut: f32,
     hist: &[f64],
+    total: f64,
     top_p: f64,
     members: &mut Vec<Member>,
 ) -> Nucleus {
-    let total = hist[TOP_BIN] + hist[1..TOP_BIN].iter().rev().sum::<f64>();
     let target = top_p * total;
     let mut before = 0.0;
-    let mut boundary = 0;
+    let mut boundary = None;
+    let mut lowest = None;
     for b in (1..=TOP_BIN).rev() {
-        if before + hist[b] >= target && hist[b] > 0.0 {
-            boundary = b;
+        if hist[b] <= 0.0 {
+            continue;
+        }
+        lowest = Some((b, before));
+        if before + hist[b] >= target {
+            boundary = Some((b, target - before));
             break;
         }
         before += hist[b];
     }
-    if boundary == 0 {
-        // Every positive weight is in.
+    // Rounding left the target unreached: the lowest bin is the boundary, taken whole.
+    let Some((boundary, remaining)) = boundary.or(lowest.map(|(b, _)| (b, f64::INFINITY))) else {
         return Nucleus {
-            bin: 0,
+            bin: TOP_BIN + 1,
             last: Member { w: 0.0, id: 0 },
             bin_mass: 0.0,
-            mass: BlockMass {
-                ones: hist[TOP_BIN],
-                small: hist[1..TOP_BIN].iter().rev().sum(),
-            },
+            mass: BlockMass::default(),
         };
-    }
-    collect_bin(weights, boundary, members);
-    let (kept, bin_mass) = select(members, target - before);
+    };
+    collect_bin(weights, boundary, cut, members);
+    let (kept, bin_mass) = select(members, remaining);
     let last = members[..kept]
         .iter()
         .copied()
@@ -166,20 +189,30 @@ pub(super) fn find(
     }
 }
 
-/// The tokens of bin `b`, in id order, into `members` (cleared first).
-pub(super) fn collect_bin(weights: &[f32], b: usize, members: &mut Vec<Member>) {
+/// The tokens of bin `b` of weight at least `cut`, in id order, into `members` (cleared
+/// first).
+pub(super) fn collect_bin(weights: &[f32], b: usize, cut: f32, members: &mut Vec<Member>) {
     members.clear();
-    for_each_in_bin(weights, b, |id, w| {
+    for_each_in_bin(weights, b, cut, |id, w| {
         members.push(Member { w, id });
         true
     });
 }
 
-/// Calls `f(id, w)` for every token of bin `b`, in id order, until it returns false. Chunks
-/// without a member are skipped after one vectorised range test.
+/// Calls `f(id, w)` for every token of bin `b` of weight at least `cut`, in id order, until
+/// it returns false. Chunks without one are skipped after one vectorised range test.
 #[inline]
-pub(super) fn for_each_in_bin(weights: &[f32], b: usize, mut f: impl FnMut(u32, f32) -> bool) {
-    let lo = bin_floor(b);
+pub(super) fn for_each_in_bin(
+    weights: &[f32],
+    b: usize,
+    cut: f32,
+    mut f: impl FnMut(u32, f32) -> bool,
+) {
+    let lo = if bin_floor(b) > cut {
+        bin_floor(b)
+    } else {
+        cut
+    };
     let hi = bin_floor(b + 1);
     const CHUNK: usize = 16;
     for (c, chunk) in weights.chunks(CHUNK).enumerate() {
@@ -259,8 +292,10 @@ mod tests {
 
     fn nucleus_of(w: &[f32], top_p: f64) -> (Nucleus, Vec<u32>) {
         let (mut h, mut s, mut m) = (Vec::new(), Vec::new(), Vec::new());
-        histogram(w, &mut h, &mut s);
-        let n = find(w, &h, top_p, &mut m);
+        let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        let cut = prefilter_cut(total, top_p, w.len());
+        histogram(w, cut, &mut h, &mut s);
+        let n = find(w, cut, &h, total, top_p, &mut m);
         let ids = (0..w.len() as u32)
             .filter(|&i| n.contains(w[i as usize], i))
             .collect();
