@@ -9,6 +9,7 @@ pub mod audio;
 pub mod error;
 pub mod reward;
 pub mod rollout;
+pub mod sampling;
 pub mod speech;
 pub mod trainer;
 

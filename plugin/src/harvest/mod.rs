@@ -13,7 +13,7 @@ pub mod tap;
 
 pub use groups::{AssemblerConfig, AssemblerStats, GroupAssembler, SealedGroup};
 pub use reward::{ReferenceReward, RewardContext, RewardSource};
-pub use tap::{nucleus, SamplingTap, TapConfig, TapRecord};
+pub use tap::{SamplingTap, TapConfig, TapRecord};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

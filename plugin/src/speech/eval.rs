@@ -20,6 +20,7 @@ use super::tasks::{generate, Corpus, Example, Split, TaskConfig, TaskFamily, MAX
 use super::tokenizer::SpeechTokenizer;
 use super::SpeechError;
 use crate::reward::{Metric, RewardOptions};
+use crate::sampling::{self, Pick, SamplingParams};
 use crate::Result;
 
 /// How tokens are chosen.
@@ -29,9 +30,9 @@ pub enum Decoding {
     /// The most likely token (ties to the lowest id).
     Greedy,
     /// A draw from the softmax of `logits / temperature`, restricted to the smallest set of
-    /// most likely tokens whose probability reaches `top_p`.
+    /// most likely tokens whose probability reaches `top_p` (as the server samples).
     Sample {
-        /// Softmax temperature (> 0).
+        /// Softmax temperature in [0, 100] (below 1e-7: greedy).
         temperature: f64,
         /// Nucleus mass in (0, 1].
         top_p: f64,
@@ -39,88 +40,33 @@ pub enum Decoding {
 }
 
 impl Decoding {
+    /// The checked sampling settings ([`SamplingParams::new`]'s rules, shared with the
+    /// serving tap; a temperature below [`crate::sampling::GREEDY_TEMPERATURE`] is greedy).
+    pub fn params(&self) -> std::result::Result<SamplingParams, SpeechError> {
+        match *self {
+            Decoding::Greedy => Ok(SamplingParams::GREEDY),
+            Decoding::Sample { temperature, top_p } => SamplingParams::new(temperature, top_p)
+                .map_err(|e| SpeechError::Config(e.to_string())),
+        }
+    }
+
     /// Checks the sampling parameters.
     pub fn validate(&self) -> std::result::Result<(), SpeechError> {
-        if let Decoding::Sample { temperature, top_p } = *self {
-            if !(temperature.is_finite() && temperature > 0.0) {
-                return Err(SpeechError::Config(format!(
-                    "temperature must be positive and finite, got {temperature}"
-                )));
-            }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(SpeechError::Config(format!(
-                    "top_p must be in (0, 1], got {top_p}"
-                )));
-            }
-        }
-        Ok(())
+        self.params().map(|_| ())
     }
 }
 
-/// Picks one token id from a row of logits. Greedy takes the arg-max (first on ties; NaN
-/// logits never win). Sampling computes the tempered softmax in f64, sorts by probability
-/// (ties by id), keeps the shortest prefix whose mass reaches `top_p`, and draws from it.
-pub fn pick_token<R: Rng>(logits: &[f32], decoding: &Decoding, rng: &mut R) -> Option<u32> {
-    if logits.is_empty() {
-        return None;
-    }
-    match *decoding {
-        Decoding::Greedy => {
-            let mut best: Option<(usize, f32)> = None;
-            for (i, &l) in logits.iter().enumerate() {
-                if l.is_nan() {
-                    continue;
-                }
-                if best.is_none_or(|(_, b)| l > b) {
-                    best = Some((i, l));
-                }
-            }
-            best.map(|(i, _)| i as u32)
-        }
-        Decoding::Sample { temperature, top_p } => {
-            let max = logits
-                .iter()
-                .copied()
-                .filter(|l| !l.is_nan())
-                .fold(f32::NEG_INFINITY, f32::max);
-            if !max.is_finite() {
-                return None;
-            }
-            let mut probs: Vec<(usize, f64)> = logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| {
-                    let p = if l.is_nan() {
-                        0.0
-                    } else {
-                        ((f64::from(l) - f64::from(max)) / temperature).exp()
-                    };
-                    (i, p)
-                })
-                .collect();
-            let total: f64 = probs.iter().map(|(_, p)| p).sum();
-            probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let mut kept = 0.0;
-            let mut n = 0;
-            for (_, p) in &probs {
-                kept += p / total;
-                n += 1;
-                if kept >= top_p {
-                    break;
-                }
-            }
-            let nucleus = &probs[..n];
-            let mass: f64 = nucleus.iter().map(|(_, p)| p).sum();
-            let mut u = rng.random::<f64>() * mass;
-            for (i, p) in nucleus {
-                if u < *p {
-                    return Some(*i as u32);
-                }
-                u -= p;
-            }
-            nucleus.last().map(|(i, _)| *i as u32)
-        }
-    }
+/// Picks one token id from a row of logits, exactly as the serving tap does
+/// ([`crate::sampling`]): greedy takes the lowest id among the maximal logits; sampling draws
+/// one uniform from `rng` and returns the id with its log-prob under the renormalised nucleus.
+/// NaN or `+inf` logits, an empty row or one of only `-inf` are errors.
+pub fn pick_token<R: Rng>(
+    logits: &[f32],
+    decoding: &Decoding,
+    rng: &mut R,
+) -> std::result::Result<Pick, SpeechError> {
+    sampling::sample(logits, &decoding.params()?, rng)
+        .map_err(|e| SpeechError::Config(e.to_string()))
 }
 
 /// Generates a completion for every prompt (with the policy, LoRA on, when the model carries
@@ -183,12 +129,9 @@ pub fn generate_completions<R: Rng>(
                         .and_then(|l| l.to_dtype(DType::F32))
                         .and_then(|l| l.to_vec1()),
                 )?;
-                let Some(tok) = pick_token(&last, decoding, &mut rngs[i]) else {
-                    return Err(SpeechError::Config(format!(
-                        "the model produced no finite logits for prompt {i}"
-                    ))
-                    .into());
-                };
+                let tok = pick_token(&last, decoding, &mut rngs[i])
+                    .map_err(|e| SpeechError::Config(format!("prompt {i}: {e}")))?
+                    .id;
                 out[i].push(tok);
                 if !stop.contains(&tok) {
                     next_active.push(i);
@@ -497,17 +440,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn greedy_picks_the_first_maximum_and_skips_nan() {
+    fn greedy_picks_the_first_maximum_and_refuses_nan() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(
-            pick_token(&[0.0, 2.0, 2.0, 1.0], &Decoding::Greedy, &mut rng),
-            Some(1)
-        );
-        assert_eq!(
-            pick_token(&[f32::NAN, -1.0], &Decoding::Greedy, &mut rng),
-            Some(1)
-        );
-        assert_eq!(pick_token(&[], &Decoding::Greedy, &mut rng), None);
+        let pick = pick_token(&[0.0, 2.0, 2.0, 1.0], &Decoding::Greedy, &mut rng).unwrap();
+        assert_eq!((pick.id, pick.logprob), (1, 0.0));
+        // As in serving: NaN logits and empty rows are errors, not skipped.
+        assert!(pick_token(&[f32::NAN, -1.0], &Decoding::Greedy, &mut rng).is_err());
+        assert!(pick_token(&[], &Decoding::Greedy, &mut rng).is_err());
     }
 
     #[test]
@@ -519,7 +458,8 @@ mod tests {
             top_p: 0.01,
         };
         for _ in 0..50 {
-            assert_eq!(pick_token(&logits, &near_greedy, &mut rng), Some(1));
+            let pick = pick_token(&logits, &near_greedy, &mut rng).unwrap();
+            assert_eq!((pick.id, pick.logprob), (1, 0.0));
         }
         // Probabilities 1/4 and 3/4; the -inf token is never drawn.
         let full = Decoding::Sample {
@@ -528,7 +468,7 @@ mod tests {
         };
         let n = 20_000;
         let ones = (0..n)
-            .filter(|_| pick_token(&logits, &full, &mut rng) == Some(1))
+            .filter(|_| pick_token(&logits, &full, &mut rng).unwrap().id == 1)
             .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
@@ -538,18 +478,18 @@ mod tests {
             top_p: 1.0,
         };
         let ones = (0..n)
-            .filter(|_| pick_token(&logits, &warm, &mut rng) == Some(1))
+            .filter(|_| pick_token(&logits, &warm, &mut rng).unwrap().id == 1)
             .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.634).abs() < 0.02, "{frac}");
     }
 
     #[test]
-    fn bad_sampling_settings_are_refused() {
+    fn bad_sampling_settings_are_refused_and_zero_temperature_is_greedy() {
         for (t, p) in [
-            (0.0, 0.9),
             (-1.0, 0.9),
             (f64::NAN, 0.9),
+            (1000.0, 0.9),
             (1.0, 0.0),
             (1.0, 1.5),
         ] {
@@ -560,6 +500,14 @@ mod tests {
             .validate()
             .is_err());
         }
+        // Temperature 0 is greedy, as the server treats it.
+        let zero = Decoding::Sample {
+            temperature: 0.0,
+            top_p: 0.9,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let pick = pick_token(&[0.0, 1.0, 1.0], &zero, &mut rng).unwrap();
+        assert_eq!((pick.id, pick.logprob), (1, 0.0));
     }
 
     #[test]

@@ -1,0 +1,329 @@
+use super::*;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The straightforward reference in `f64`: softmax of `logits / t` by `exp`, the nucleus by
+/// a full sort (probability descending, ties by lower id, kept while the mass before is
+/// below `top_p`; top-p 1 keeps every token of positive probability), and each kept id's
+/// log-prob renormalised. Returns the kept ids (sorted) and their log-probs.
+fn reference(logits: &[f32], t: f64, top_p: f64) -> (Vec<u32>, Vec<f64>) {
+    let z: Vec<f64> = logits.iter().map(|&l| f64::from(l) / t).collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let arg = z.iter().position(|&v| v == m).unwrap();
+    let p: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+    let total: f64 = p.iter().sum();
+    let mut ids: Vec<u32> = (0..p.len() as u32).collect();
+    ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+    let mut kept = Vec::new();
+    let mut cum = 0.0;
+    for id in ids {
+        if (top_p < 1.0 && cum >= top_p * total) || p[id as usize] <= 0.0 {
+            break;
+        }
+        cum += p[id as usize];
+        kept.push(id);
+    }
+    kept.sort_unstable();
+    // ln(kept mass) with the arg-max's weight 1 apart, for precision when it dominates.
+    let others: f64 = kept
+        .iter()
+        .filter(|&&i| i as usize != arg)
+        .map(|&i| p[i as usize])
+        .sum();
+    let ln_mass = if kept.contains(&(arg as u32)) {
+        others.ln_1p()
+    } else {
+        others.ln()
+    };
+    let lps = kept
+        .iter()
+        .map(|&i| (z[i as usize] - m) - ln_mass)
+        .collect();
+    (kept, lps)
+}
+
+fn params(t: f64, top_p: f64) -> SamplingParams {
+    SamplingParams::new(t, top_p).unwrap()
+}
+
+fn kept_ids(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
+    let mut s = Sampler::new();
+    let mut d = s.distribution(logits, p).unwrap();
+    (0..logits.len() as u32)
+        .filter(|&i| d.logprob(i) > f64::NEG_INFINITY)
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The recorded log-prob equals ln softmax(l / T)[c] - ln(nucleus mass) within 1e-6
+    /// relative, and the drawn id is in the reference nucleus.
+    #[test]
+    fn logprob_matches_the_f64_reference(
+        logits in proptest::collection::vec(-20.0f32..20.0, 1..1500),
+        // At least 0.06, so that no exp of (l - max) / t underflows in f64 (the reference
+        // would give such a token probability 0 where the sampler keeps its finite log-prob).
+        t in 0.06f64..5.0,
+        top_p in prop_oneof![Just(1.0), 0.01f64..1.0],
+        seed in 0u64..1000,
+    ) {
+        let p = params(t, top_p);
+        let pick = sample(&logits, &p, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (kept, lps) = reference(&logits, t, top_p);
+        let ours = kept_ids(&logits, &p);
+        if ours != kept {
+            // Only when a float sum lands within rounding of the target: then the two
+            // nuclei differ by the one boundary token.
+            prop_assert!(ours.len().abs_diff(kept.len()) <= 1, "{ours:?} vs {kept:?}");
+            return Ok(());
+        }
+        let at = kept.binary_search(&pick.id);
+        prop_assert!(at.is_ok(), "drew {} outside the nucleus {kept:?}", pick.id);
+        let want = lps[at.unwrap()];
+        prop_assert!(
+            (pick.logprob - want).abs() <= 1e-6 * want.abs(),
+            "logprob {} vs reference {want}", pick.logprob
+        );
+        // Every kept id, not only the drawn one.
+        let mut s = Sampler::new();
+        let mut d = s.distribution(&logits, &p).unwrap();
+        for (&id, &want) in kept.iter().zip(&lps) {
+            let got = d.logprob(id);
+            prop_assert!((got - want).abs() <= 1e-6 * want.abs(), "id {id}: {got} vs {want}");
+        }
+    }
+
+    /// Full log-probs (before top-p) and the top alternatives against the reference.
+    #[test]
+    fn full_logprobs_and_top_match_the_reference(
+        logits in proptest::collection::vec(-20.0f32..20.0, 1..600),
+        t in 0.05f64..5.0,
+        k in 1usize..8,
+    ) {
+        // Every token of positive probability (an exp that underflows in f64 is left out).
+        let (all, lps) = reference(&logits, t, 1.0);
+        let p = params(t, 0.5);
+        let mut s = Sampler::new();
+        let mut d = s.distribution(&logits, &p).unwrap();
+        for (&i, want) in all.iter().zip(&lps) {
+            let got = d.full_logprob(i);
+            prop_assert!((got - want).abs() <= 1e-6 * want.abs(), "{got} vs {want}");
+        }
+        let top = d.top(k);
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        prop_assert_eq!(top.iter().map(|x| x.0).collect::<Vec<_>>(), ids[..k.min(logits.len())].to_vec());
+        for (id, lp) in top {
+            if let Ok(at) = all.binary_search(&id) {
+                prop_assert!((lp - lps[at]).abs() <= 1e-6 * lps[at].abs());
+            }
+        }
+    }
+
+    /// Greedy is the lowest id among the maximal logits, log-prob 0, and draws nothing.
+    #[test]
+    fn greedy_is_the_lowest_maximal_id(
+        logits in proptest::collection::vec(-3i8..3, 1..300),
+        t in prop_oneof![Just(0.0), 0.0f64..GREEDY_TEMPERATURE],
+        seed in 0u64..100,
+    ) {
+        let logits: Vec<f32> = logits.iter().map(|&l| f32::from(l)).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let before = rng.clone();
+        let pick = sample(&logits, &params(t, 0.3), &mut rng).unwrap();
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        prop_assert_eq!(pick.id as usize, logits.iter().position(|&l| l == max).unwrap());
+        prop_assert_eq!(pick.logprob, 0.0);
+        prop_assert_eq!(rng, before);
+    }
+
+    /// A draw takes exactly one f64 from the RNG, whatever the vocabulary and top-p.
+    #[test]
+    fn one_uniform_per_draw(
+        logits in proptest::collection::vec(-5.0f32..5.0, 1..400),
+        top_p in prop_oneof![Just(1.0), 0.01f64..1.0],
+        seed in 0u64..100,
+    ) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut twin = rng.clone();
+        sample(&logits, &params(0.8, top_p), &mut rng).unwrap();
+        let _: f64 = twin.random();
+        prop_assert_eq!(rng, twin);
+    }
+}
+
+/// Pearson's chi-square of `counts` against probabilities `p` (zero-probability categories
+/// must have zero counts).
+fn chi_square(counts: &[usize], p: &[f64]) -> f64 {
+    let n: usize = counts.iter().sum();
+    counts
+        .iter()
+        .zip(p)
+        .map(|(&c, &p)| {
+            if p == 0.0 {
+                assert_eq!(c, 0, "drew a token of probability 0");
+                0.0
+            } else {
+                let e = p * n as f64;
+                (c as f64 - e).powi(2) / e
+            }
+        })
+        .sum()
+}
+
+/// Draws follow the renormalised nucleus: chi-square below the 0.1 % critical value, fixed
+/// seed, for the whole softmax and for a nucleus, on a vocabulary small enough to count.
+#[test]
+fn draws_follow_the_distribution() {
+    let logits = [1.2f32, -0.3, 2.0, 0.7, 2.0, -1.5, 0.1, f32::NEG_INFINITY];
+    // Critical values of chi-square at p = 0.001 for 6 and 3 degrees of freedom.
+    for (t, top_p, critical) in [(0.7, 1.0, 22.46), (1.3, 1.0, 22.46), (0.9, 0.8, 16.27)] {
+        let (kept, lps) = reference(&logits, t, top_p);
+        let mut probs = vec![0.0; logits.len()];
+        for (&i, &lp) in kept.iter().zip(&lps) {
+            probs[i as usize] = lp.exp();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let mut counts = vec![0usize; logits.len()];
+        let p = params(t, top_p);
+        for _ in 0..60_000 {
+            counts[sample(&logits, &p, &mut rng).unwrap().id as usize] += 1;
+        }
+        let chi = chi_square(&counts, &probs);
+        assert!(
+            chi < critical,
+            "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
+        );
+    }
+}
+
+/// The same over a vocabulary of several blocks, heavy tokens spread across them (counts of
+/// the light tail pooled into one category).
+#[test]
+fn draws_across_blocks_follow_the_distribution() {
+    let mut logits = vec![-4.0f32; 3 * BLOCK + 17];
+    for (i, &l) in [(5usize, 1.0f32), (300, 1.5), (511, 0.5), (770, 1.5)]
+        .iter()
+        .map(|(i, l)| (i, l))
+    {
+        logits[*i] = l;
+    }
+    let heavy = [5usize, 300, 511, 770];
+    for top_p in [1.0, 0.97] {
+        let (kept, lps) = reference(&logits, 1.0, top_p);
+        let mut probs = vec![0.0; heavy.len() + 1];
+        for (&i, &lp) in kept.iter().zip(&lps) {
+            let slot = heavy
+                .iter()
+                .position(|&h| h == i as usize)
+                .unwrap_or(heavy.len());
+            probs[slot] += lp.exp();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut counts = vec![0usize; heavy.len() + 1];
+        let p = params(1.0, top_p);
+        let mut sampler = Sampler::new();
+        for _ in 0..60_000 {
+            let id = sampler.sample(&logits, &p, &mut rng).unwrap().id as usize;
+            let slot = heavy.iter().position(|&h| h == id).unwrap_or(heavy.len());
+            counts[slot] += 1;
+        }
+        // 4 degrees of freedom (3 when the tail is cut off entirely).
+        let chi = chi_square(&counts, &probs);
+        assert!(
+            chi < 18.47,
+            "top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
+        );
+    }
+}
+
+#[test]
+fn hand_checked_nucleus_and_logprobs() {
+    // p = [0.5, 0.3, 0.15, 0.05]; top_p 0.79 keeps ids 0, 1 -> 0.625, 0.375 (0.8 would sit on
+    // the boundary, where rounding decides).
+    let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+    let mut s = Sampler::new();
+    let mut d = s.distribution(&logits, &params(1.0, 0.79)).unwrap();
+    assert!((d.logprob(0) - 0.625f64.ln()).abs() < 1e-7);
+    assert!((d.logprob(1) - 0.375f64.ln()).abs() < 1e-7);
+    assert_eq!(d.logprob(2), f64::NEG_INFINITY);
+    assert_eq!(d.logprob(9), f64::NEG_INFINITY);
+    assert!((d.full_logprob(3) - 0.05f64.ln()).abs() < 1e-7);
+    // A one-token nucleus: log-prob exactly 0.
+    let mut d = s.distribution(&logits, &params(1.0, 0.2)).unwrap();
+    let pick = d.draw(&mut ChaCha8Rng::seed_from_u64(0));
+    assert_eq!((pick.id, pick.logprob), (0, 0.0));
+}
+
+#[test]
+fn equal_logits_tie_to_lower_ids() {
+    let logits = [0.0f32; 10];
+    assert_eq!(kept_ids(&logits, &params(1.0, 0.25)), vec![0, 1, 2]);
+    assert_eq!(kept_ids(&logits, &params(1.0, 0.3)), vec![0, 1, 2]);
+    assert_eq!(kept_ids(&logits, &params(1.0, 0.31)), vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn bad_settings_and_logits_are_errors() {
+    for (t, p) in [
+        (-1.0, 0.9),
+        (f64::NAN, 0.9),
+        (f64::INFINITY, 0.9),
+        (100.5, 0.9),
+        (1.0, 0.0),
+        (1.0, 1.5),
+        (1.0, f64::NAN),
+    ] {
+        assert!(SamplingParams::new(t, p).is_err(), "{t} {p}");
+    }
+    assert_eq!(
+        SamplingParams::new(-1.0, 0.5).unwrap_err().to_string(),
+        "temperature -1 must be in [0, 100]"
+    );
+    assert_eq!(
+        SamplingParams::new(1.0, 0.0).unwrap_err().to_string(),
+        "top_p 0 must be in (0, 1]"
+    );
+    let p = params(1.0, 1.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    assert_eq!(sample(&[], &p, &mut rng), Err(SamplingError::Empty));
+    assert_eq!(
+        sample(&[0.0, f32::NAN], &p, &mut rng)
+            .unwrap_err()
+            .to_string(),
+        "logit 1 is NaN"
+    );
+    assert!(sample(&[f32::INFINITY, 0.0], &p, &mut rng).is_err());
+    assert_eq!(
+        sample(&[f32::NEG_INFINITY; 3], &p, &mut rng),
+        Err(SamplingError::AllMasked)
+    );
+    // Greedy validates the same way.
+    assert!(sample(&[0.0, f32::NAN], &SamplingParams::GREEDY, &mut rng).is_err());
+}
+
+#[test]
+fn masked_tokens_are_never_drawn() {
+    let mut logits = vec![f32::NEG_INFINITY; 1000];
+    logits[700] = -3.0;
+    logits[3] = -3.0;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for top_p in [1.0, 0.9, 0.4] {
+        for _ in 0..200 {
+            let pick = sample(&logits, &params(2.0, top_p), &mut rng).unwrap();
+            assert!(pick.id == 3 || pick.id == 700);
+        }
+    }
+    // top_p 0.4 keeps only the lower id of the two equal ones.
+    let pick = sample(&logits, &params(2.0, 0.4), &mut rng).unwrap();
+    assert_eq!((pick.id, pick.logprob), (3, 0.0));
+}
+
+#[test]
+fn reentrant_with_sampler_falls_back_to_a_fresh_one() {
+    let p = params(1.0, 0.9);
+    let id = with_sampler(|_| sample(&[0.0, 5.0], &p, &mut ChaCha8Rng::seed_from_u64(1)));
+    assert!(id.is_ok());
+}
