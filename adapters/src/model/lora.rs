@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::frozen::frozen_linear;
 use super::init;
+use super::ops;
 use crate::config::ALL_TARGETS;
 
 /// Where and how LoRA is attached. Defaults are the LEAF spec's: rank 64, alpha 128,
@@ -176,21 +177,13 @@ impl Linear {
         };
         let input = match dropout {
             Some((seed, stream)) if pair.dropout > 0.0 => {
-                let mask = init::dropout_mask(
-                    x.dims(),
-                    pair.dropout,
-                    seed,
-                    stream,
-                    x.dtype(),
-                    x.device(),
-                )?;
-                x.mul(&mask)?
+                ops::lora_dropout(x, pair.dropout, seed, stream)?
             }
             _ => x.clone(),
         };
         let down = plain_linear(&input, pair.a.as_tensor())?;
         let up = plain_linear(&down, pair.b.as_tensor())?;
-        base.add(&up.affine(pair.scale, 0.0)?)
+        ops::add_scaled(&base, &up, pair.scale)
     }
 }
 
