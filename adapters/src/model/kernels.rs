@@ -986,3 +986,172 @@ impl CustomOp2 for AddScaled {
         Ok((Some(grad.clone()), Some(grad.affine(self.scale, 0.0)?)))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A whole LoRA projection as one graph node
+// ---------------------------------------------------------------------------------------------
+
+/// `x W^T + scale * dropout(x) A^T B^T` for a frozen `w: [out, in]` and trainable
+/// `a: [r, in]`, `b: [out, r]`, as one node of the autograd graph.
+///
+/// candle's backward pass allocates a zero gradient and adds into it for every edge of the
+/// graph, and an unfused LoRA projection has six edges the size of the activations (the base
+/// matmul, the dropout, the two LoRA matmuls, the scale, the sum). As one node it has one such
+/// edge (`x`) plus `a` and `b`. The forward pass runs the same matmul calls as the unfused ops
+/// and the same sum, so the values are the same.
+pub(crate) fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(f64, u64, u64)>,
+) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let (r, a_in) = a.dims2()?;
+    if a_in != in_f || b.dims2()? != (out_f, r) {
+        candle_core::bail!(
+            "lora linear: A {:?} and B {:?} do not fit W [{out_f}, {in_f}]",
+            a.shape(),
+            b.shape()
+        );
+    }
+    let dims = x.dims();
+    let Some((&last, lead)) = dims.split_last() else {
+        candle_core::bail!("lora linear: input must have at least one dimension");
+    };
+    if last != in_f {
+        candle_core::bail!(
+            "lora linear: input {:?} does not match W [{out_f}, {in_f}]",
+            x.shape()
+        );
+    }
+    let rows: usize = lead.iter().product();
+    let op = LoraLinear {
+        w: w.contiguous()?,
+        scale,
+        dropout: dropout.map(|(p, seed, stream)| Dropout {
+            key: super::init::stream_seed(seed, stream),
+            p,
+        }),
+    };
+    let y =
+        x.contiguous()?
+            .reshape((rows, in_f))?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out_f);
+    y.reshape(out_dims)
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    dropout: Option<Dropout>,
+}
+
+fn lora_linear_fwd<T: Real>(
+    op: &LoraLinear,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sa: &CpuStorage,
+    la: &Layout,
+    sb: &CpuStorage,
+    lb: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (m, k) = lx.shape().dims2()?;
+    let (r, _) = la.shape().dims2()?;
+    let (n, _) = lb.shape().dims2()?;
+    let (w_storage, wl) = op.w.storage_and_layout();
+    let Storage::Cpu(ws) = &*w_storage else {
+        candle_core::bail!("lora linear: the weight is not on the CPU");
+    };
+    let base = sx.matmul(ws, (1, m, n, k), lx, &wl.transpose(0, 1)?)?;
+    let dropped;
+    let (xd, lxd) = match &op.dropout {
+        Some(d) => {
+            dropped = dropout_fwd::<T>(sx, lx, d)?.0;
+            (&dropped, Layout::contiguous((m, k)))
+        }
+        None => (sx, lx.clone()),
+    };
+    let down = xd.matmul(sa, (1, m, r, k), &lxd, &la.transpose(0, 1)?)?;
+    let up = down.matmul(
+        sb,
+        (1, m, n, r),
+        &Layout::contiguous((m, r)),
+        &lb.transpose(0, 1)?,
+    )?;
+    let base = base.as_slice::<T>()?;
+    let up = up.as_slice::<T>()?;
+    let scale = T::from(op.scale).unwrap_or(T::one());
+    let mut out = vec![T::zero(); m * n];
+    let chunk = MIN_TASK_ELEMS;
+    out.par_chunks_mut(chunk)
+        .zip(base.par_chunks(chunk).zip(up.par_chunks(chunk)))
+        .for_each(|(o, (bc, uc))| {
+            for ((o, &bv), &uv) in o.iter_mut().zip(bc).zip(uc) {
+                *o = bv + (uv * scale + T::zero());
+            }
+        });
+    Ok((T::to_cpu_storage_owned(out), Shape::from((m, n))))
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1,
+            self.name(),
+            lora_linear_fwd,
+            self,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached copies: the gradient computation itself is not differentiated.
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let grad = grad.contiguous()?;
+        let xd = match &self.dropout {
+            Some(d) => x.apply_op1_no_bwd(d)?,
+            None => x,
+        };
+        let gs = grad.affine(self.scale, 0.0)?;
+        let down = xd.matmul(&a.t()?)?;
+        let db = gs.t()?.matmul(&down)?;
+        let d_down = gs.matmul(&b)?;
+        let da = d_down.t()?.matmul(&xd)?;
+        let dxd = d_down.matmul(&a)?;
+        let dx_lora = match &self.dropout {
+            Some(d) => dxd.apply_op1_no_bwd(d)?,
+            None => dxd,
+        };
+        let dx = add_scaled(&grad.matmul(&self.w)?, &dx_lora, 1.0)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
