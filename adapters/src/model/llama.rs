@@ -453,39 +453,19 @@ impl LlamaModel {
             let drop = |j: usize| pass.dropout_seed.map(|s| (s, lora_stream(li, j)));
             let p = &layer.proj;
             let h = ops::rms_norm(&x, layer.input_norm.tensor(), cfg.rms_norm_eps)?;
-            let q = p[Q]
-                .forward(&h, pass.lora, drop(Q))?
-                .reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = p[K]
-                .forward(&h, pass.lora, drop(K))?
-                .reshape((b, t, kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = p[V]
-                .forward(&h, pass.lora, drop(V))?
-                .reshape((b, t, kv_heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
+            let rope = Some((&cos, &sin));
+            let q = ops::split_heads(&p[Q].forward(&h, pass.lora, drop(Q))?, heads, rope)?;
+            let k = ops::split_heads(&p[K].forward(&h, pass.lora, drop(K))?, kv_heads, rope)?;
+            let v = ops::split_heads(&p[V].forward(&h, pass.lora, drop(V))?, kv_heads, None)?;
             let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
             let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
-            let scores = q
-                .matmul(&k.t()?)?
-                .affine(scale, 0.0)?
-                .broadcast_add(&mask)?;
-            let probs = ops::softmax_last_dim(&scores)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, heads * hd))?;
+            let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
+            let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
             x = x.add(&p[O].forward(&ctx, pass.lora, drop(O))?)?;
             let h = ops::rms_norm(&x, layer.post_norm.tensor(), cfg.rms_norm_eps)?;
             let gate = p[GATE].forward(&h, pass.lora, drop(GATE))?;
             let up = p[UP].forward(&h, pass.lora, drop(UP))?;
-            let act = ops::silu(&gate)?.mul(&up)?;
+            let act = ops::swiglu(&gate, &up)?;
             x = x.add(&p[DOWN].forward(&act, pass.lora, drop(DOWN))?)?;
         }
         Ok(x)
@@ -537,12 +517,8 @@ impl LlamaModel {
             .reshape((b * t, self.config.hidden_size))?
             .index_select(&index, 0)?;
         let logits = self.head(&picked)?.to_dtype(self.logprob_dtype())?;
-        let logp = ops::log_softmax_last_dim(&logits)?;
-        let targets = batch
-            .targets()
-            .to_device(&self.device)?
-            .reshape((b * c, 1))?;
-        let token = logp.gather(&targets, 1)?.reshape((b, c))?;
+        let targets = batch.targets().to_device(&self.device)?.reshape(b * c)?;
+        let token = ops::target_logprobs(&logits, &targets)?.reshape((b, c))?;
         let mask = batch.mask(self.logprob_dtype())?.to_device(&self.device)?;
         Ok(token.mul(&mask)?)
     }

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::frozen::frozen_linear;
 use super::init;
+use super::kernels;
+use super::ops;
 use crate::config::ALL_TARGETS;
 
 /// Where and how LoRA is attached. Defaults are the LEAF spec's: rank 64, alpha 128,
@@ -167,30 +169,36 @@ impl Linear {
         lora: bool,
         dropout: Option<(u64, u64)>,
     ) -> Result<Tensor> {
+        let pair = self.lora.as_ref().filter(|_| lora);
+        if let (Param::Frozen(w), Some(pair), true) = (&self.weight, pair, self.frozen_matmul) {
+            let (a, b) = (pair.a.as_tensor(), pair.b.as_tensor());
+            if [x, w, a, b]
+                .iter()
+                .all(|t| kernels::supported(t) && t.dtype() == x.dtype())
+            {
+                // One graph node for the whole projection (see `kernels::lora_linear`).
+                let drop = dropout
+                    .filter(|_| pair.dropout > 0.0)
+                    .map(|(seed, stream)| (pair.dropout, seed, stream));
+                return kernels::lora_linear(x, w, a, b, pair.scale, drop);
+            }
+        }
         let base = match &self.weight {
             Param::Frozen(w) if self.frozen_matmul => frozen_linear(x, w)?,
             p => plain_linear(x, p.tensor())?,
         };
-        let Some(pair) = self.lora.as_ref().filter(|_| lora) else {
+        let Some(pair) = pair else {
             return Ok(base);
         };
         let input = match dropout {
             Some((seed, stream)) if pair.dropout > 0.0 => {
-                let mask = init::dropout_mask(
-                    x.dims(),
-                    pair.dropout,
-                    seed,
-                    stream,
-                    x.dtype(),
-                    x.device(),
-                )?;
-                x.mul(&mask)?
+                ops::lora_dropout(x, pair.dropout, seed, stream)?
             }
             _ => x.clone(),
         };
         let down = plain_linear(&input, pair.a.as_tensor())?;
         let up = plain_linear(&down, pair.b.as_tensor())?;
-        base.add(&up.affine(pair.scale, 0.0)?)
+        ops::add_scaled(&base, &up, pair.scale)
     }
 }
 

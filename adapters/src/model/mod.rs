@@ -16,6 +16,7 @@ mod batch;
 pub mod checkpoint;
 mod frozen;
 mod init;
+mod kernels;
 mod llama;
 mod lora;
 pub mod ops;

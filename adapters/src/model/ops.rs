@@ -2,28 +2,132 @@
 //!
 //! candle's fused kernels (`candle_nn::ops::softmax_last_dim`, `rms_norm`, `log_softmax` on some
 //! back-ends, `rotary_emb::rope`, `sdpa`) are registered with `apply_op*_no_bwd`: they run, but
-//! the gradient stops at them without an error. Everything here is written with basic tensor
-//! ops that candle knows how to differentiate, and follows the arithmetic of the fused kernels
-//! (and of mistral.rs 0.8.1, which serves the same weights) so the values agree.
+//! the gradient stops at them without an error. Everything here is differentiable and
+//! follows the arithmetic of the fused kernels (and of mistral.rs 0.8.1, which serves the same
+//! weights) so the values agree.
+//!
+//! On the CPU in `f32` and `f64` the row-wise ops (RMSNorm, the attention softmax, head
+//! split/merge with RoPE, SwiGLU, the loss head's log-softmax, LoRA dropout and the LoRA sum)
+//! run as fused multi-threaded kernels with hand-written backward passes (`kernels.rs`); in
+//! other dtypes and on other devices they are composed of basic candle ops ([`composite`]),
+//! which is also the reference the kernels are tested against.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::kernels::{self, RopeTables};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 ///
 /// Same formula and order of operations as `candle_nn::ops::rms_norm` (which mistral.rs uses),
-/// but differentiable with respect to `x` and `weight`.
-///
-/// For half-precision inputs the mean of squares and its square root are computed in `f32` and
-/// rounded back, as the fused kernel does.
+/// but differentiable with respect to `x` and `weight`. Fused on the CPU in `f32`/`f64`, else
+/// [`composite::rms_norm`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let wide = match dtype {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    };
-    let mean_sq = wide.sqr()?.mean_keepdim(D::Minus1)?;
-    let denom = (mean_sq + eps)?.sqrt()?.to_dtype(dtype)?;
-    x.broadcast_div(&denom)?.broadcast_mul(weight)
+    if kernels::supported(x) && weight.dtype() == x.dtype() && weight.device().is_cpu() {
+        kernels::rms_norm(x, weight, eps)
+    } else {
+        composite::rms_norm(x, weight, eps)
+    }
+}
+
+/// `softmax(scores * scale + mask)` over the last dimension: the attention probabilities for
+/// `scores: [b, h, t, s]` and an additive `mask: [b, 1, t, s]` (0 or `-inf`, broadcast over
+/// heads; it gets no gradient). Fused on the CPU in `f32`/`f64`.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if kernels::supported(scores) && mask.dtype() == scores.dtype() && mask.device().is_cpu() {
+        kernels::masked_softmax(scores, mask, scale)
+    } else {
+        softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(mask)?)
+    }
+}
+
+/// `log_softmax(logits)[i, targets[i]]` for `logits: [n, vocab]` and `targets: [n]` (u32):
+/// each row's log-prob of its target. Fused on the CPU in `f32`/`f64` (no `[n, vocab]`
+/// log-softmax is materialised), else [`log_softmax_last_dim`] and a gather.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if kernels::supported(logits) && targets.device().is_cpu() {
+        kernels::target_logprobs(logits, targets)
+    } else {
+        let n = targets.dims1()?;
+        log_softmax_last_dim(logits)?
+            .gather(&targets.reshape((n, 1))?, 1)?
+            .reshape(n)
+    }
+}
+
+/// SwiGLU, `silu(gate) * up`. Fused on the CPU in `f32`/`f64`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if kernels::supported(gate) && up.dtype() == gate.dtype() && up.device().is_cpu() {
+        kernels::swiglu(gate, up)
+    } else {
+        silu(gate)?.mul(up)
+    }
+}
+
+/// Splits `x: [b, t, heads * head_dim]` into heads, `[b, heads, t, head_dim]` (contiguous),
+/// applying [`rope`] with the tables `(cos, sin)` from [`rope_tables`] when given. Fused (one
+/// pass, no separate transpose copy) on the CPU in `f32`/`f64`.
+pub fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    rope_cos_sin: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    if heads == 0 || width % heads != 0 {
+        candle_core::bail!("split heads: width {width} is not a multiple of {heads}");
+    }
+    let tables_fit = rope_cos_sin.is_none_or(|(cos, sin)| {
+        cos.dtype() == x.dtype() && sin.dtype() == x.dtype() && cos.device().is_cpu()
+    });
+    if kernels::supported(x) && tables_fit {
+        let tables = rope_cos_sin.map(|(cos, sin)| {
+            Arc::new(RopeTables {
+                cos: cos.clone(),
+                sin: sin.clone(),
+            })
+        });
+        return kernels::split_heads(x, heads, tables.as_ref());
+    }
+    let split = x
+        .reshape((b, t, heads, width / heads))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    match rope_cos_sin {
+        Some((cos, sin)) => rope(&split, cos, sin),
+        None => Ok(split),
+    }
+}
+
+/// Merges heads `[b, heads, t, head_dim]` into `[b, t, heads * head_dim]` (contiguous).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    if kernels::supported(x) {
+        return kernels::merge_heads(x);
+    }
+    let (b, heads, t, hd) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, heads * hd))
+}
+
+/// LoRA's inverted dropout: `x * mask` with `mask[i]` `0` with probability `p`, else
+/// `1 / (1 - p)`, entry `i` a function of `(seed, stream, i)` only. Fused on the CPU in
+/// `f32`/`f64` (the mask is computed on the fly and never stored).
+pub fn lora_dropout(x: &Tensor, p: f64, seed: u64, stream: u64) -> Result<Tensor> {
+    if kernels::supported(x) {
+        kernels::dropout(x, p, seed, stream)
+    } else {
+        let mask = super::init::dropout_mask(x.dims(), p, seed, stream, x.dtype(), x.device())?;
+        x.mul(&mask)
+    }
+}
+
+/// `base + update * scale`, rounding as `base.add(&update.affine(scale, 0.0))`. Fused on the
+/// CPU in `f32`/`f64`.
+pub fn add_scaled(base: &Tensor, update: &Tensor, scale: f64) -> Result<Tensor> {
+    if kernels::supported(base) && update.dtype() == base.dtype() && update.device().is_cpu() {
+        kernels::add_scaled(base, update, scale)
+    } else {
+        base.add(&update.affine(scale, 0.0)?)
+    }
 }
 
 /// Softmax over the last dimension, `exp(x - max) / sum(exp(x - max))`.
@@ -141,4 +245,25 @@ pub fn attention_mask(lens: &[usize], seq: usize, dtype: DType, device: &Device)
         }
     }
     Tensor::from_vec(data, (lens.len(), 1, seq, seq), device)?.to_dtype(dtype)
+}
+
+/// The ops composed of basic candle ops: the reference the fused kernels are tested against,
+/// and the implementation on devices and dtypes the kernels do not cover.
+pub mod composite {
+    use candle_core::{DType, Result, Tensor, D};
+
+    /// RMSNorm over the last dimension, `x / sqrt(mean(x^2) + eps) * weight`, from basic ops.
+    ///
+    /// For half-precision inputs the mean of squares and its square root are computed in `f32`
+    /// and rounded back, as the fused kernel does.
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let wide = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let mean_sq = wide.sqr()?.mean_keepdim(D::Minus1)?;
+        let denom = (mean_sq + eps)?.sqrt()?.to_dtype(dtype)?;
+        x.broadcast_div(&denom)?.broadcast_mul(weight)
+    }
 }

@@ -1,7 +1,10 @@
 //! `leaf bench-train`: times full LoRA training steps (forward, backward, Adam) on a random
-//! Llama-family model and prints one JSON line with tokens per second.
+//! Llama-family model and prints one JSON line with tokens per second; with `--compare-torch`
+//! it also times the same step in PyTorch on the CPU (`examples/bench/torch_train_step.py`,
+//! compiled into the binary) in the same run and reports the ratio.
 
-use std::process::ExitCode;
+use std::io::Write;
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -63,9 +66,81 @@ pub struct Args {
     /// frozen-matmul speed-up.
     #[arg(long)]
     pub compare_plain: bool,
+    /// Also time the same step in PyTorch on the CPU (`examples/bench/torch_train_step.py`,
+    /// run with `--torch-python`) and report `torch_tokens_per_second` and `speedup_vs_torch`.
+    /// The two are timed alternately, `--rounds` times each, and the best round of each counts.
+    #[arg(long)]
+    pub compare_torch: bool,
+    /// Python interpreter with `torch` installed, for `--compare-torch`.
+    #[arg(long, default_value = "python3")]
+    pub torch_python: String,
+    /// Threads PyTorch may use (`torch.set_num_threads`), for `--compare-torch`
+    /// [default: the number of CPUs, as candle uses].
+    #[arg(long)]
+    pub torch_threads: Option<usize>,
+    /// Alternating rounds of leaf and PyTorch timings, for `--compare-torch`.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Seed of the weights and samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// The PyTorch baseline script, run from memory so the binary needs no source tree.
+const TORCH_SCRIPT: &str = include_str!("../../../examples/bench/torch_train_step.py");
+
+/// Seconds per step of the PyTorch baseline on `shape` (one run of the script).
+fn torch_step_secs(args: &Args, shape: &BenchShape) -> anyhow::Result<f64> {
+    let threads = args
+        .torch_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let numbers = [
+        ("--layers", shape.layers),
+        ("--hidden", shape.hidden),
+        ("--intermediate", shape.intermediate),
+        ("--heads", shape.heads),
+        ("--vocab", shape.vocab),
+        ("--batch", shape.batch),
+        ("--seq", shape.seq),
+        ("--prompt-len", shape.prompt_len),
+        ("--rank", shape.rank),
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+        ("--threads", threads),
+    ];
+    let mut cmd = Command::new(&args.torch_python);
+    cmd.arg("-").arg("--dropout").arg(shape.dropout.to_string());
+    for (flag, v) in numbers {
+        cmd.arg(flag).arg(v.to_string());
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {:?} for --compare-torch", args.torch_python))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin for the PyTorch script")?
+        .write_all(TORCH_SCRIPT.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        bail!(
+            "the PyTorch baseline failed ({}); is torch installed for {:?}? {}",
+            out.status,
+            args.torch_python,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("the PyTorch baseline printed {line:?}, not JSON"))?;
+    v["seconds_per_step"]
+        .as_f64()
+        .context("the PyTorch baseline printed no seconds_per_step")
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -119,6 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ("--batch", args.batch),
         ("--rank", args.rank),
         ("--steps", args.steps),
+        ("--rounds", args.rounds),
     ] {
         if v == 0 {
             bail!("{name} must be positive");
@@ -159,7 +235,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
-    let (secs, trained) = time_steps(&shape, args.warmup, args.steps)?;
+    if args.compare_torch
+        && (shape.kv_heads != shape.heads || args.dtype != "f32" || args.device != "cpu")
+    {
+        bail!("--compare-torch times f32 on the CPU without grouped-query attention: use --dtype f32 --device cpu and no --kv-heads");
+    }
+    let (mut secs, trained) = time_steps(&shape, args.warmup, args.steps)?;
+    let mut torch_secs = None;
+    if args.compare_torch {
+        // Alternate so that load from other processes hits both alike; keep the best of each.
+        let mut best = torch_step_secs(&args, &shape)?;
+        for _ in 1..args.rounds {
+            secs = secs.min(time_steps(&shape, args.warmup, args.steps)?.0);
+            best = best.min(torch_step_secs(&args, &shape)?);
+        }
+        torch_secs = Some(best);
+    }
     let tokens = shape.tokens_per_step() as f64;
     let mut out = serde_json::json!({
         "tokens_per_second": tokens / secs,
@@ -190,6 +281,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let (plain_secs, _) = time_steps(&plain, args.warmup, args.steps)?;
         out["plain_matmul_tokens_per_second"] = serde_json::json!(tokens / plain_secs);
         out["frozen_matmul_speedup"] = serde_json::json!(plain_secs / secs);
+    }
+    if let Some(t) = torch_secs {
+        out["torch_tokens_per_second"] = serde_json::json!(tokens / t);
+        out["speedup_vs_torch"] = serde_json::json!(t / secs);
+        out["rounds"] = serde_json::json!(args.rounds);
     }
     println!("{out}");
     Ok(ExitCode::SUCCESS)
