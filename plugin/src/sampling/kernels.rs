@@ -161,12 +161,12 @@ fn scan_max_portable(logits: &[f32]) -> MaxScan {
     for chunk in chunks {
         for j in 0..LANES {
             let x = chunk[j];
-            bad[j] |= !(x < f32::INFINITY);
+            bad[j] |= x.is_nan() | (x == f32::INFINITY);
             m[j] = if x > m[j] { x } else { m[j] };
         }
     }
     for (j, &x) in rest.iter().enumerate() {
-        bad[j] |= !(x < f32::INFINITY);
+        bad[j] |= x.is_nan() | (x == f32::INFINITY);
         m[j] = if x > m[j] { x } else { m[j] };
     }
     let max = m

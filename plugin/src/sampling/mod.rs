@@ -194,7 +194,7 @@ impl Sampler {
         if scan.bad {
             let index = logits
                 .iter()
-                .position(|l| !(*l < f32::INFINITY))
+                .position(|l| l.is_nan() || *l == f32::INFINITY)
                 .unwrap_or(0);
             return Err(SamplingError::BadLogit {
                 index,
