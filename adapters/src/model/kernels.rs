@@ -329,10 +329,10 @@ fn masked_softmax_fwd<T: Real>(
         let mut sum = T::zero();
         for y in yr.iter_mut() {
             *y = (*y - max).exp();
-            sum = sum + *y;
+            sum += *y;
         }
         for y in yr.iter_mut() {
-            *y = *y / sum;
+            *y /= sum;
         }
     });
     Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
@@ -712,7 +712,7 @@ fn target_logprobs_bwd<T: Real>(
         for (o, &xv) in dr.iter_mut().zip(xr) {
             *o = -gv * ((xv - max) - lse).exp();
         }
-        dr[targets[row] as usize] = dr[targets[row] as usize] + gv;
+        dr[targets[row] as usize] += gv;
     });
     Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
 }
