@@ -147,6 +147,7 @@ fn summary() {
 criterion_group!(benches, bench);
 
 fn main() {
+    leaf_plugin::malloc::keep_freed_memory();
     benches();
     Criterion::default().configure_from_args().final_summary();
     summary();

@@ -46,6 +46,7 @@ enum Command {
 
 fn main() -> ExitCode {
     cli::init_tracing();
+    leaf_plugin::malloc::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Advantages(args) => cli::advantages::run(args),

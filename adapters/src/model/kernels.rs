@@ -479,19 +479,18 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// `dst = rope(src)` for one head row of `hd` values at position `pos`.
 #[inline]
 fn rotate<T: Real>(src: &[T], dst: &mut [T], cos: &[T], sin: &[T], inverse: bool) {
-    let half = cos.len();
-    let (x1, x2) = src.split_at(half);
-    let (y1, y2) = dst.split_at_mut(half);
-    if inverse {
-        for j in 0..half {
-            y1[j] = x1[j] * cos[j] + x2[j] * sin[j];
-            y2[j] = x2[j] * cos[j] - x1[j] * sin[j];
-        }
-    } else {
-        // Same rounding as the composite `x * [cos, cos] + [-x2, x1] * [sin, sin]`.
-        for j in 0..half {
-            y1[j] = x1[j] * cos[j] + (-x2[j]) * sin[j];
-            y2[j] = x2[j] * cos[j] + x1[j] * sin[j];
+    let (x1, x2) = src.split_at(cos.len());
+    let (y1, y2) = dst.split_at_mut(cos.len());
+    let outs = y1.iter_mut().zip(y2.iter_mut());
+    let ins = x1.iter().zip(x2).zip(cos.iter().zip(sin));
+    for ((o1, o2), ((&a, &b), (&c, &s))) in outs.zip(ins) {
+        if inverse {
+            *o1 = a * c + b * s;
+            *o2 = b * c - a * s;
+        } else {
+            // Same rounding as the composite `x * [cos, cos] + [-x2, x1] * [sin, sin]`.
+            *o1 = a * c + (-b) * s;
+            *o2 = b * c + a * s;
         }
     }
 }
@@ -830,12 +829,12 @@ fn swiglu_bwd<T: Real>(
         .enumerate()
         .for_each(|(c, (dgc, duc))| {
             let at = c * chunk;
-            for i in 0..dgc.len() {
-                let x = a[at + i];
+            let end = at + dgc.len();
+            let args = a[at..end].iter().zip(&b[at..end]).zip(&g[at..end]);
+            for ((dgv, duv), ((&x, &bv), &gv)) in dgc.iter_mut().zip(duc.iter_mut()).zip(args) {
                 let s = T::one() / (T::one() + (-x).exp());
-                let gv = g[at + i];
-                dgc[i] = gv * b[at + i] * s * (T::one() + x * (T::one() - s));
-                duc[i] = gv * silu(x);
+                *dgv = gv * bv * s * (T::one() + x * (T::one() - s));
+                *duv = gv * silu(x);
             }
         });
     let mut dims = vec![2];
