@@ -36,6 +36,30 @@ impl Default for SamplingDefaults {
     }
 }
 
+/// How requests enter a mistral.rs engine.
+///
+/// mistral.rs 0.8.1 decodes with the wrong KV cache when a prompt step runs between two
+/// decoding steps of the same set of sequences: its engine loop only reloads the sequences'
+/// caches when that set changes (`engine/mod.rs`, `last_completion_ids`), and a prompt step
+/// overwrites the pipeline's cache in between. A request that arrives while others decode
+/// therefore corrupts their next tokens. Measured on the tiny test model
+/// (`integration-tests/tests/tap_concurrency.rs`): the served log-probs differ from the model's
+/// by up to 3-5 nats per token with 4 overlapping clients, and by 6e-6 one request at a time.
+/// The answers people get are drawn from that corrupted distribution, and a learner trained
+/// on them learns from samples whose recorded log-probs are wrong.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineAdmission {
+    /// One request in an engine at a time (the default): every served token comes from the
+    /// model itself, at the cost of batching.
+    #[default]
+    Serial,
+    /// Requests overlap and batch (mistral.rs's own behaviour): more throughput, but overlapping
+    /// requests decode with the wrong KV cache (see above). Only for engines known to be free
+    /// of this bug.
+    Concurrent,
+}
+
 /// Everything [`LeafServer::start`] needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +75,10 @@ pub struct ServerConfig {
     /// Most sequences the scheduler batches. Default 16.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    /// Whether requests may overlap inside one engine; see [`EngineAdmission`]. Default
+    /// `serial`.
+    #[serde(default)]
+    pub engine_admission: EngineAdmission,
     /// Default sampling.
     #[serde(default)]
     pub sampling: SamplingDefaults,
@@ -97,6 +125,7 @@ impl ServerConfig {
             store_dir: None,
             unit_codebook: None,
             max_batch: default_batch(),
+            engine_admission: EngineAdmission::default(),
             sampling: SamplingDefaults::default(),
             assembler: AssemblerConfig::default(),
             group_policy: GroupPolicy::default(),

@@ -10,7 +10,7 @@ use mistralrs_core::{
     Response, SamplingParams, SchedulerConfig,
 };
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::server::LeafServer;
 use super::ServeError;
@@ -134,6 +134,17 @@ impl LeafServer {
         meta: Meta,
     ) -> Result<(Run, oneshot::Receiver<Finished>), ServeError> {
         let tap = Arc::new(SamplingTap::new(tap_config).map_err(ServeError::Request)?);
+        // Serial admission: wait for the engine before choosing it, so a swap that happens
+        // meanwhile is honoured. Dropping this future while it waits sends nothing.
+        let admitted = match &self.admission {
+            Some(gate) => Some(
+                gate.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ServeError::Engine("the server is shutting down".into()))?,
+            ),
+            None => None,
+        };
         let (engine_id, version, inflight) = match pin {
             None => {
                 let (s, g) = self.lease();
@@ -193,7 +204,15 @@ impl LeafServer {
         let drained = run.clone();
         tokio::spawn(async move {
             server
-                .drain(rx, drained, inflight, done_tx, plan, meta, started)
+                .drain(
+                    rx,
+                    drained,
+                    (inflight, admitted),
+                    done_tx,
+                    plan,
+                    meta,
+                    started,
+                )
                 .await;
         });
         Ok((run, done_rx))
@@ -207,7 +226,7 @@ impl LeafServer {
         self: Arc<Self>,
         mut rx: mpsc::Receiver<Response>,
         run: Run,
-        inflight: InflightGuard,
+        (inflight, admitted): (InflightGuard, Option<OwnedSemaphorePermit>),
         done: oneshot::Sender<Finished>,
         plan: Plan,
         meta: Meta,
@@ -224,6 +243,9 @@ impl LeafServer {
         // From here on any further call of this sequence forces the stop token.
         run.tap.cancel();
         drop(inflight);
+        // The next request may enter: anything this sequence still runs on for only forces
+        // the stop token, and the newcomer's own decoding steps reload its cache.
+        drop(admitted);
         metrics::histogram!("leaf_request_seconds").record(t0.elapsed().as_secs_f64());
         let (completion_tokens, text, finish) = match &final_response {
             Some(Response::Done(r)) => (

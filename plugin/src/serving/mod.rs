@@ -73,8 +73,8 @@ mod swap;
 
 pub use model::{load_pipeline, ModelDir};
 pub use server::{
-    rss_bytes, thread_count, ChatReply, ChatRequest, GroupPolicy, LeafServer, Message, Part,
-    SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
+    rss_bytes, thread_count, ChatReply, ChatRequest, EngineAdmission, GroupPolicy, LeafServer,
+    Message, Part, SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
 };
 
 use std::path::PathBuf;

@@ -22,7 +22,7 @@ use super::ServeError;
 use crate::harvest::{GroupAssembler, RewardSource, SealedGroup};
 use crate::speech::UnitEncoder;
 
-pub use super::config::{SamplingDefaults, ServerConfig};
+pub use super::config::{EngineAdmission, SamplingDefaults, ServerConfig};
 pub use super::group_policy::GroupPolicy;
 pub use super::request::{ChatReply, ChatRequest, Message, Part};
 pub use super::status::{rss_bytes, thread_count, ServerStatus};
@@ -68,6 +68,9 @@ pub struct LeafServer {
     pub(super) assembler: Arc<GroupAssembler>,
     pub(super) reward: Arc<dyn RewardSource>,
     pub(super) background: Arc<Semaphore>,
+    /// The engine admission gate ([`super::config::EngineAdmission`]): one permit when
+    /// serial, none (no gate) when concurrent.
+    pub(super) admission: Option<Arc<Semaphore>>,
     /// Extra samples reserved and not yet finished (the group policy's budget).
     pub(super) pending_forks: Arc<AtomicUsize>,
     pub(super) foreground: Arc<AtomicUsize>,
@@ -137,6 +140,10 @@ impl LeafServer {
             assembler: Arc::new(assembler),
             reward,
             background: Arc::new(Semaphore::new(config.group_policy.background_concurrency)),
+            admission: match config.engine_admission {
+                EngineAdmission::Serial => Some(Arc::new(Semaphore::new(1))),
+                EngineAdmission::Concurrent => None,
+            },
             pending_forks: Arc::new(AtomicUsize::new(0)),
             foreground: Arc::new(AtomicUsize::new(0)),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(config.group_policy.seed)),
