@@ -152,7 +152,7 @@ impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
         use leaf_adapters::Error as A;
         let (status, kind) = match &e {
-            ServeError::Request(_) | ServeError::Speech(_) | ServeError::Config(_) => {
+            ServeError::Request(_) | ServeError::Audio(_) | ServeError::Config(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             ServeError::Harvest(HarvestError::UnknownRequest { .. }) => {
@@ -246,24 +246,48 @@ pub async fn serve(
     config: HttpConfig,
     listen: SocketAddr,
 ) -> Result<(), ServeError> {
+    check_listen(&config, listen)?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| ServeError::Io {
+        path: PathBuf::from(listen.to_string()),
+        source,
+    })?;
+    serve_listener(server, config, listener, std::future::pending::<()>()).await
+}
+
+fn check_listen(config: &HttpConfig, listen: SocketAddr) -> Result<(), ServeError> {
     if config.admin_token.is_none() && !listen.ip().is_loopback() {
         return Err(ServeError::Config(format!(
             "refusing to listen on {listen} without an admin token (use a loopback address or set a token)"
         )));
     }
+    Ok(())
+}
+
+/// Serves the API on an already bound `listener` until `shutdown` completes, then stops
+/// accepting and returns once the open connections finished (graceful shutdown). The listener
+/// is taken over (and closed at the end); pass a `try_clone` to keep the socket open.
+pub async fn serve_listener(
+    server: Arc<LeafServer>,
+    config: HttpConfig,
+    listener: std::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        path: PathBuf::from("listener"),
+        source,
+    })?;
+    check_listen(&config, addr)?;
+    let io = |source| ServeError::Io {
+        path: PathBuf::from(addr.to_string()),
+        source,
+    };
     let app = router(server, config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from(listen.to_string()),
-            source,
-        })?;
+    listener.set_nonblocking(true).map_err(io)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(io)?;
     axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from(listen.to_string()),
-            source,
-        })
+        .map_err(io)
 }
 
 /// Header carrying the reward token.
