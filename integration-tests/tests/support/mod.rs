@@ -85,16 +85,19 @@ impl ServeProcess {
         None
     }
 
-    /// Ctrl-C (SIGINT), then waits up to a minute; kills it if it does not exit.
+    /// Ctrl-C (SIGINT), repeated every 2 s (one sent while the process restarts itself in
+    /// place is not seen by its next image) for up to a minute; kills it if it does not exit.
     pub fn stop(mut self) -> Option<ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.pid().to_string()])
-            .status();
-        let s = self.wait_exit(Duration::from_secs(60));
-        if s.is_none() {
-            let _ = self.child.kill();
+        for _ in 0..30 {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.pid().to_string()])
+                .status();
+            if let Some(s) = self.wait_exit(Duration::from_secs(2)) {
+                return Some(s);
+            }
         }
-        s
+        let _ = self.child.kill();
+        None
     }
 }
 

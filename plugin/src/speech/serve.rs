@@ -32,3 +32,52 @@ pub fn serve_audio_encoder(
         .with_context(|| format!("loading the unit codebook {}", path.display()))?;
     Ok(Some(Arc::new(encoder)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::{write_wav_pcm16, Audio, FrontEndConfig};
+    use crate::speech::Codebook;
+
+    fn codebook(path: &Path) {
+        let fe = FrontEndConfig::default();
+        let k = 4;
+        let centroids = (0..k * fe.n_mels).map(|i| (i % 7) as f32 - 3.0).collect();
+        Codebook::from_centroids(centroids, k, fe, 2)
+            .unwrap()
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn the_model_directory_codebook_is_used_unless_one_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        // No codebook anywhere: no encoder (audio parts get a 400).
+        assert!(serve_audio_encoder(&model, None).unwrap().is_none());
+        // The bundled one.
+        codebook(&model.join(CODEBOOK_FILE));
+        let enc = serve_audio_encoder(&model, None).unwrap().expect("bundled");
+        let audio = Audio::new(
+            (0..16_000)
+                .map(|i| ((i as f32) * 0.05).sin() * 0.3)
+                .collect(),
+            16_000,
+        )
+        .unwrap();
+        let wav = write_wav_pcm16(&audio).unwrap();
+        let expect = UnitEncoder::load(&model.join(CODEBOOK_FILE))
+            .unwrap()
+            .units_from_wav(&wav)
+            .unwrap();
+        assert!(!expect.is_empty());
+        assert_eq!(enc.encode(&wav).unwrap(), AudioPrompt::Units(expect));
+        // Bad audio is an error, not a panic.
+        assert!(enc.encode(b"not a wav").is_err());
+        // An explicit codebook wins; a missing one is an error naming it.
+        let missing = dir.path().join("missing.json");
+        let e = serve_audio_encoder(&model, Some(&missing)).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.json"), "{e:#}");
+    }
+}
