@@ -263,9 +263,15 @@ fn check_listen(config: &HttpConfig, listen: SocketAddr) -> Result<(), ServeErro
     Ok(())
 }
 
-/// Serves the API on an already bound `listener` until `shutdown` completes, then stops
-/// accepting and returns once the open connections finished (graceful shutdown). The listener
-/// is taken over (and closed at the end); pass a `try_clone` to keep the socket open.
+/// How long connections accepted just before a graceful shutdown get to send their request
+/// before idle connections are closed (closing one whose request is unread would reset it).
+const ACCEPT_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves the API on an already bound `listener` until `shutdown` completes, then shuts down
+/// gracefully: it stops accepting (new connections wait in the socket's backlog), gives the
+/// connections it accepted [`ACCEPT_GRACE`] to send their request, and returns once every open
+/// request was answered. The listener is taken over (and closed at the end); pass a
+/// `try_clone` to keep the socket open.
 pub async fn serve_listener(
     server: Arc<LeafServer>,
     config: HttpConfig,
@@ -283,11 +289,65 @@ pub async fn serve_listener(
     };
     let app = router(server, config)?;
     listener.set_nonblocking(true).map_err(io)?;
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(io)?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(io)
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = StoppableListener {
+        inner: tokio::net::TcpListener::from_std(listener).map_err(io)?,
+        stop: stop_rx.clone(),
+    };
+    let mut graceful = stop_rx;
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+        tokio::time::sleep(ACCEPT_GRACE).await;
+    });
+    let serving = std::future::IntoFuture::into_future(serving);
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => return r.map_err(io),
+        _ = shutdown => {}
+    }
+    stop_tx.send_replace(true);
+    serving.await.map_err(io)
+}
+
+/// A TCP listener that stops handing out connections once `stop` is set (they stay in the
+/// kernel's backlog), so a graceful shutdown can stop accepting before it closes idle
+/// connections.
+struct StoppableListener {
+    inner: tokio::net::TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for StoppableListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if *self.stop.borrow() {
+                std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                r = self.inner.accept() => match r {
+                    Ok(conn) => return conn,
+                    Err(e) => {
+                        // As axum's own listener: log, back off, retry (EMFILE and the like).
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                r = self.stop.changed() => {
+                    if r.is_err() {
+                        // The server is gone: no more connections.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 /// Header carrying the reward token.
