@@ -57,7 +57,9 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => cli::pretrain::run(args),
         Command::Eval(args) => cli::eval::run(args),
         #[cfg(feature = "serve")]
-        Command::Serve(args) => leaf_plugin::serving::cli::run(args),
+        Command::Serve(args) => {
+            leaf_plugin::serving::cli::run(args, leaf_plugin::speech::serve_audio_encoder)
+        }
         #[cfg(feature = "serve")]
         Command::Run(args) => cli::run::run(args),
         #[cfg(feature = "serve")]

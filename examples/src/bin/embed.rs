@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     // 1. The plugin: the one door requests go through. It owns the engine.
     let mut config = ServerConfig::new(&model);
     config.store_dir = Some(store);
-    config.unit_codebook = Some(model.join("units.json"));
+    config.audio_encoder = leaf_plugin::speech::serve_audio_encoder(&model, None)?;
     config.assembler.group_size = 4;
     config.group_policy.fork_fraction = 1.0; // draw K - 1 extra samples for every request
     let reward = Arc::new(ReferenceReward::new(Metric::Bleu, RewardOptions::default()));

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::http::{serve, HttpConfig};
+use super::audio::AudioEncoder;
+use super::http::{serve_listener, HttpConfig};
 use super::limits::RequestLimits;
 use super::server::{LeafServer, ServerConfig};
 use crate::harvest::ReferenceReward;
@@ -186,8 +187,12 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
     Ok(text.lines().next().unwrap_or("").to_string())
 }
 
-/// The unit codebook a model directory may carry (the name the speech front-end writes).
-const UNITS_FILE: &str = "units.json";
+/// Finds a model's [`AudioEncoder`]: from the `--units` file when given, else from what the
+/// model directory carries (`units.json` for the spoken-digit front-end); `None` when the model
+/// has none. `leaf` passes `crate::speech::serve_audio_encoder`; serving itself knows no
+/// front-end.
+pub type AudioEncoderLoader =
+    fn(model_dir: &Path, units: Option<&Path>) -> anyhow::Result<Option<Arc<dyn AudioEncoder>>>;
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T> {
     let text =
@@ -196,7 +201,8 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T
 }
 
 /// Runs the server until Ctrl-C, then shuts the trainer and the server down cleanly.
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+/// `audio` finds the model's audio encoder (see [`AudioEncoderLoader`]).
+pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCode> {
     let mut policy_given = false;
     let mut config = match &args.config {
         Some(p) => {
@@ -215,14 +221,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.store.is_some() {
         config.store_dir = args.store.clone();
     }
-    if args.units.is_some() {
-        config.unit_codebook = args.units.clone();
-    }
     // A model directory that carries its unit codebook serves audio without --units.
-    let bundled = args.model.join(UNITS_FILE);
-    if config.unit_codebook.is_none() && bundled.is_file() {
-        config.unit_codebook = Some(bundled);
-    }
+    config.audio_encoder = audio(&args.model, args.units.as_deref())?;
     let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
     if online.is_some() && !policy_given {
         // Live prompts rarely repeat: with online training on, groups come from the server's
@@ -280,6 +280,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
              --trust-client-references); rewards come from /v1/feedback"
         );
     }
+    // Inherited after a restart, else bound here (before any thread starts).
+    let listener = super::restart::listener(args.listen)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -309,14 +311,37 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_body_bytes: 0,
         };
         eprintln!(
-            "leaf: serving {} on http://{} (version {})",
+            "leaf: serving {} on http://{} (version {}, restarts {})",
             server.model().dir().display(),
             args.listen,
-            server.current_version()
+            server.current_version(),
+            super::restart::restarts()
         );
-        tokio::select! {
-            r = serve(server.clone(), http, args.listen) => r?,
-            _ = tokio::signal::ctrl_c() => eprintln!("leaf: shutting down"),
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let http_task = serve_listener(server.clone(), http, listener.try_clone()?, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+        tokio::pin!(http_task);
+        let mut http_done = false;
+        let restart = tokio::select! {
+            r = &mut http_task => { r?; http_done = true; false }
+            _ = tokio::signal::ctrl_c() => { eprintln!("leaf: shutting down"); false }
+            _ = server.recycle_requested() => {
+                eprintln!(
+                    "leaf: {} engines created; restarting in place to hand their threads back",
+                    server.status().leaked_threads
+                );
+                true
+            }
+        };
+        // Stop accepting (new connections wait in the socket's backlog) and let the open ones
+        // finish.
+        stop_tx.send_replace(true);
+        if !http_done {
+            match tokio::time::timeout(Duration::from_secs(60), &mut http_task).await {
+                Ok(r) => r?,
+                Err(_) => eprintln!("leaf: connections still open after 60 s; closing them"),
+            }
         }
         server.shutdown(Duration::from_secs(30)).await;
         if let Some(t) = trainer {
@@ -326,6 +351,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 report.updates,
                 report.published.len()
             );
+        }
+        if restart {
+            // Returns only if the exec failed.
+            return Err(super::restart::exec_self(&listener).into());
         }
         anyhow::Ok(ExitCode::SUCCESS)
     })

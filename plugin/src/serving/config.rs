@@ -1,10 +1,15 @@
-//! [`ServerConfig`]: everything [`LeafServer::start`] needs, and the sampling defaults.
+//! [`ServerConfig`]: everything [`LeafServer::start`] needs, the sampling defaults and the
+//! device.
 
+use std::fmt;
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
 
 use leaf_adapters::validate::Limits;
 use serde::{Deserialize, Serialize};
 
+use super::audio::AudioEncoder;
 use super::group_policy::GroupPolicy;
 use super::limits::RequestLimits;
 #[cfg(doc)]
@@ -69,9 +74,16 @@ pub struct ServerConfig {
     /// The versioned adapter store; its current version is served at start.
     #[serde(default)]
     pub store_dir: Option<PathBuf>,
-    /// A unit codebook (for audio prompts), as written by the speech front-end.
+    /// What turns audio parts into prompt content (for example the spoken-digit unit
+    /// codebook, `crate::speech::UnitEncoder`). Not part of the JSON form: set it in code
+    /// (`leaf serve` uses the model directory's `units.json`, or `--units`). Without one, audio
+    /// parts are refused.
+    #[serde(skip)]
+    pub audio_encoder: Option<Arc<dyn AudioEncoder>>,
+    /// Where the model runs: `cpu` (the default), `cuda:N` (a `cuda` build) or `metal` (a
+    /// `metal` build).
     #[serde(default)]
-    pub unit_codebook: Option<PathBuf>,
+    pub device: ServeDevice,
     /// Most sequences the scheduler batches. Default 16.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
@@ -91,9 +103,15 @@ pub struct ServerConfig {
     /// Longest wait for a retired engine's in-flight requests, in seconds. Default 600.
     #[serde(default = "default_drain")]
     pub drain_timeout_s: f64,
-    /// Most swaps in one process (each leaks one idle engine thread). Default 4096.
+    /// Most engines added in one process beyond the first (each leaks one idle thread; see
+    /// [`super::restart`]); past it forward swaps are refused, rollbacks never. Default 4096.
     #[serde(default = "default_max_swaps")]
     pub max_swaps: u64,
+    /// After this many engines, [`LeafServer::recycle_requested`] fires and `leaf serve`
+    /// restarts itself in place (see [`super::restart`]), which bounds what swaps leak. 0:
+    /// never. Default 64.
+    #[serde(default = "default_recycle")]
+    pub recycle_after_engines: u64,
     /// Adapter size limits.
     #[serde(default)]
     pub limits: Limits,
@@ -116,6 +134,9 @@ fn default_drain() -> f64 {
 fn default_max_swaps() -> u64 {
     4096
 }
+fn default_recycle() -> u64 {
+    64
+}
 
 impl ServerConfig {
     /// A configuration with every default for the model in `model_dir`.
@@ -123,7 +144,8 @@ impl ServerConfig {
         ServerConfig {
             model_dir: model_dir.into(),
             store_dir: None,
-            unit_codebook: None,
+            audio_encoder: None,
+            device: ServeDevice::Cpu,
             max_batch: default_batch(),
             engine_admission: EngineAdmission::default(),
             sampling: SamplingDefaults::default(),
@@ -131,6 +153,7 @@ impl ServerConfig {
             group_policy: GroupPolicy::default(),
             drain_timeout_s: default_drain(),
             max_swaps: default_max_swaps(),
+            recycle_after_engines: default_recycle(),
             limits: Limits::default(),
             feedback_reward_range: RewardRange::default(),
             request_limits: RequestLimits::default(),
@@ -189,4 +212,100 @@ pub(super) fn check_sampling(temperature: f64, top_p: f64) -> Result<(), ServeEr
         )));
     }
     Ok(())
+}
+
+/// The device a server runs its model on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+#[non_exhaustive]
+pub enum ServeDevice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// CUDA device `N` (needs the `cuda` feature).
+    Cuda(usize),
+    /// The Metal device (needs the `metal` feature).
+    Metal,
+}
+
+impl ServeDevice {
+    /// The candle device; an error naming the device when this build cannot use it.
+    pub fn to_candle(self) -> Result<candle_core::Device, ServeError> {
+        let unavailable = |e: candle_core::Error| ServeError::Config(format!("device {self}: {e}"));
+        match self {
+            ServeDevice::Cpu => Ok(candle_core::Device::Cpu),
+            ServeDevice::Cuda(n) => candle_core::Device::new_cuda(n).map_err(unavailable),
+            ServeDevice::Metal => candle_core::Device::new_metal(0).map_err(unavailable),
+        }
+    }
+}
+
+impl fmt::Display for ServeDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeDevice::Cpu => f.write_str("cpu"),
+            ServeDevice::Cuda(n) => write!(f, "cuda:{n}"),
+            ServeDevice::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+impl FromStr for ServeDevice {
+    type Err = ServeError;
+
+    fn from_str(s: &str) -> Result<Self, ServeError> {
+        let bad = || ServeError::Config(format!("device {s:?} is not cpu, cuda, cuda:N or metal"));
+        match s.trim() {
+            "cpu" => Ok(ServeDevice::Cpu),
+            "cuda" => Ok(ServeDevice::Cuda(0)),
+            "metal" => Ok(ServeDevice::Metal),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(ServeDevice::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for ServeDevice {
+    type Error = ServeError;
+
+    fn try_from(s: String) -> Result<Self, ServeError> {
+        s.parse()
+    }
+}
+
+impl From<ServeDevice> for String {
+    fn from(d: ServeDevice) -> String {
+        d.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        for (text, dev) in [
+            ("cpu", ServeDevice::Cpu),
+            ("cuda:1", ServeDevice::Cuda(1)),
+            ("metal", ServeDevice::Metal),
+        ] {
+            assert_eq!(text.parse::<ServeDevice>().unwrap(), dev);
+            assert_eq!(dev.to_string(), text);
+        }
+        assert_eq!("cuda".parse::<ServeDevice>().unwrap(), ServeDevice::Cuda(0));
+        for bad in ["gpu", "cuda:x", "cuda:-1", ""] {
+            let e = bad.parse::<ServeDevice>().unwrap_err().to_string();
+            assert!(e.contains("device"), "{e}");
+        }
+        let c: ServerConfig =
+            serde_json::from_str(r#"{"model_dir": "m", "device": "cuda:2"}"#).unwrap();
+        assert_eq!(c.device, ServeDevice::Cuda(2));
+        assert!(
+            serde_json::from_str::<ServerConfig>(r#"{"model_dir": "m", "device": "tpu"}"#).is_err()
+        );
+        assert_eq!(ServerConfig::new("m").device, ServeDevice::Cpu);
+    }
 }

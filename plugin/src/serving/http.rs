@@ -152,7 +152,7 @@ impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
         use leaf_adapters::Error as A;
         let (status, kind) = match &e {
-            ServeError::Request(_) | ServeError::Speech(_) | ServeError::Config(_) => {
+            ServeError::Request(_) | ServeError::Audio(_) | ServeError::Config(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request_error")
             }
             ServeError::Harvest(HarvestError::UnknownRequest { .. }) => {
@@ -246,24 +246,108 @@ pub async fn serve(
     config: HttpConfig,
     listen: SocketAddr,
 ) -> Result<(), ServeError> {
+    check_listen(&config, listen)?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| ServeError::Io {
+        path: PathBuf::from(listen.to_string()),
+        source,
+    })?;
+    serve_listener(server, config, listener, std::future::pending::<()>()).await
+}
+
+fn check_listen(config: &HttpConfig, listen: SocketAddr) -> Result<(), ServeError> {
     if config.admin_token.is_none() && !listen.ip().is_loopback() {
         return Err(ServeError::Config(format!(
             "refusing to listen on {listen} without an admin token (use a loopback address or set a token)"
         )));
     }
+    Ok(())
+}
+
+/// How long connections accepted just before a graceful shutdown get to send their request
+/// before idle connections are closed (closing one whose request is unread would reset it).
+const ACCEPT_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves the API on an already bound `listener` until `shutdown` completes, then shuts down
+/// gracefully: it stops accepting (new connections wait in the socket's backlog), gives the
+/// connections it accepted [`ACCEPT_GRACE`] to send their request, and returns once every open
+/// request was answered. The listener is taken over (and closed at the end); pass a
+/// `try_clone` to keep the socket open.
+pub async fn serve_listener(
+    server: Arc<LeafServer>,
+    config: HttpConfig,
+    listener: std::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        path: PathBuf::from("listener"),
+        source,
+    })?;
+    check_listen(&config, addr)?;
+    let io = |source| ServeError::Io {
+        path: PathBuf::from(addr.to_string()),
+        source,
+    };
     let app = router(server, config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from(listen.to_string()),
-            source,
-        })?;
-    axum::serve(listener, app)
-        .await
-        .map_err(|source| ServeError::Io {
-            path: PathBuf::from(listen.to_string()),
-            source,
-        })
+    listener.set_nonblocking(true).map_err(io)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener = StoppableListener {
+        inner: tokio::net::TcpListener::from_std(listener).map_err(io)?,
+        stop: stop_rx.clone(),
+    };
+    let mut graceful = stop_rx;
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+        tokio::time::sleep(ACCEPT_GRACE).await;
+    });
+    let serving = std::future::IntoFuture::into_future(serving);
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => return r.map_err(io),
+        _ = shutdown => {}
+    }
+    stop_tx.send_replace(true);
+    serving.await.map_err(io)
+}
+
+/// A TCP listener that stops handing out connections once `stop` is set (they stay in the
+/// kernel's backlog), so a graceful shutdown can stop accepting before it closes idle
+/// connections.
+struct StoppableListener {
+    inner: tokio::net::TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::serve::Listener for StoppableListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            if *self.stop.borrow() {
+                std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                r = self.inner.accept() => match r {
+                    Ok(conn) => return conn,
+                    Err(e) => {
+                        // As axum's own listener: log, back off, retry (EMFILE and the like).
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                r = self.stop.changed() => {
+                    if r.is_err() {
+                        // The server is gone: no more connections.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
 }
 
 /// Header carrying the reward token.

@@ -52,29 +52,44 @@
 //! ```
 //!
 //! **The leaked thread.** Each engine mistral.rs creates starts an interval-logger thread that
-//! never exits (it sleeps 5 s in a loop; about 8 KiB resident, 2 MiB virtual stack). Every swap
-//! therefore leaks one idle thread. The plugin counts them ([`ServerStatus::leaked_threads`])
-//! and bounds them with [`ServerConfig::max_swaps`]: past it, swaps are refused with
-//! [`ServeError::SwapLimit`] (restart the process to reset; at the default 4096 that is at most
-//! about 32 MiB resident).
+//! never exits (it sleeps 5 s in a loop; about 8 KiB resident, 2 MiB virtual stack), and a swap
+//! leaves about 2 MiB more resident besides (measured by the soak test). Neither can be handed
+//! back inside the process, so `leaf serve` restarts itself in place after
+//! [`ServerConfig::recycle_after_engines`] engines (default 64): it stops accepting, finishes
+//! the open requests, and `exec`s itself with the listening socket handed over
+//! ([`restart`]); clients only see a pause. Every `add_model` counts
+//! ([`ServerStatus::leaked_threads`]). An embedding that does not restart is bounded by
+//! [`ServerConfig::max_swaps`] instead: past it forward swaps are refused with
+//! [`ServeError::SwapLimit`]; rollbacks never are.
+//!
+//! **Swaps run to completion.** [`LeafServer::promote`], [`LeafServer::rollback`],
+//! [`LeafServer::load_adapter_dir`] and [`LeafServer::activate_base`] run on a task of their
+//! own, one at a time: a caller that goes away cannot stop one half-way. The store's `current`
+//! is switched after the new engine answered its probe and just before it takes traffic, so
+//! serving and the store agree, across crashes too (a restart serves the store's `current`).
 
+pub mod audio;
 pub mod auth;
 pub mod cli;
 mod config;
 mod engine;
+pub mod fault;
 mod group_policy;
 pub mod http;
 pub mod limits;
 pub mod model;
 mod request;
+pub mod restart;
 pub mod server;
 mod status;
 mod swap;
 
+pub use audio::{AudioEncodeError, AudioEncoder, AudioPrompt};
 pub use model::{load_pipeline, ModelDir};
 pub use server::{
     rss_bytes, thread_count, ChatReply, ChatRequest, EngineAdmission, GroupPolicy, LeafServer,
-    Message, Part, SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
+    Message, Part, SamplingDefaults, ServeDevice, ServerConfig, ServerStatus, SwapReport,
+    BASE_VERSION,
 };
 
 use std::path::PathBuf;
@@ -127,9 +142,9 @@ pub enum ServeError {
     /// A configuration value is invalid; the message names it.
     #[error("config: {0}")]
     Config(String),
-    /// Audio could not be turned into units.
-    #[error(transparent)]
-    Speech(#[from] crate::speech::SpeechError),
+    /// An audio part could not be encoded (see [`AudioEncoder`]).
+    #[error("audio: {0}")]
+    Audio(#[source] AudioEncodeError),
     /// Harvesting failed.
     #[error(transparent)]
     Harvest(#[from] crate::harvest::HarvestError),

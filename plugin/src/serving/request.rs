@@ -10,10 +10,13 @@ use mistralrs_core::{
     ChatCompletionResponse, MessageContent, RequestMessage, Response, TopLogprob,
 };
 
+use super::audio::AudioPrompt;
 use super::config::check_sampling;
 use super::engine::{response_error, CancelOnDrop, Finished, InflightGuard, Meta, Plan};
 use super::server::LeafServer;
 use super::ServeError;
+#[cfg(doc)]
+use super::{audio::AudioEncoder, config::ServerConfig};
 use crate::harvest::{TapConfig, TapRecord};
 
 /// One part of a message.
@@ -23,8 +26,8 @@ pub enum Part {
     Text(String),
     /// Audio already turned into unit ids.
     Units(Vec<u32>),
-    /// Audio as a WAV file; the front-end turns it into units (needs
-    /// [`ServerConfig::unit_codebook`]).
+    /// Audio as a WAV file; the server's [`AudioEncoder`] turns it into prompt content (needs
+    /// [`ServerConfig::audio_encoder`]).
     Wav(Vec<u8>),
 }
 
@@ -113,7 +116,7 @@ impl LeafServer {
                 req.top_logprobs
             )));
         }
-        let messages = self.wav_to_units(std::mem::take(&mut req.messages)).await?;
+        let messages = self.encode_audio(std::mem::take(&mut req.messages)).await?;
         let messages = self.to_engine_messages(&messages)?;
         let seed = req.seed.unwrap_or_else(|| self.next_seed());
         let top_n = if req.logprobs { req.top_logprobs } else { 0 };
@@ -179,9 +182,10 @@ impl LeafServer {
         })
     }
 
-    /// Turns every WAV part into units on the blocking pool: decoding, resampling and log-mel
-    /// take milliseconds to seconds of CPU and must not stall the async workers.
-    pub(super) async fn wav_to_units(
+    /// Turns every WAV part into prompt content with the server's [`AudioEncoder`], on the
+    /// blocking pool: decoding, resampling and feature extraction take milliseconds to seconds
+    /// of CPU and must not stall the async workers.
+    pub(super) async fn encode_audio(
         &self,
         mut messages: Vec<Message>,
     ) -> Result<Vec<Message>, ServeError> {
@@ -192,13 +196,20 @@ impl LeafServer {
         if !has_wav(&messages) {
             return Ok(messages);
         }
-        let enc = self.units.clone().ok_or_else(|| {
-            ServeError::Request("audio input needs a unit codebook (unit_codebook)".into())
+        let enc = self.config.audio_encoder.clone().ok_or_else(|| {
+            ServeError::Request(
+                "audio input needs an audio encoder (a unit codebook: units.json in the model \
+                 directory, or --units)"
+                    .into(),
+            )
         })?;
         tokio::task::spawn_blocking(move || -> Result<Vec<Message>, ServeError> {
             for part in messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
                 if let Part::Wav(wav) = part {
-                    *part = Part::Units(enc.units_from_wav(wav)?);
+                    *part = match enc.encode(wav).map_err(ServeError::Audio)? {
+                        AudioPrompt::Units(u) => Part::Units(u),
+                        AudioPrompt::Text(t) => Part::Text(t),
+                    };
                 }
             }
             Ok(messages)
@@ -237,15 +248,11 @@ impl LeafServer {
                                 part.insert("type".to_string(), "audio".into());
                                 part.insert("units".to_string(), serde_json::json!(u));
                             }
-                            Part::Wav(wav) => {
-                                let enc = self.units.as_ref().ok_or_else(|| {
-                                    ServeError::Request(
-                                        "audio input needs a unit codebook (unit_codebook)".into(),
-                                    )
-                                })?;
-                                let units = enc.units_from_wav(wav)?;
-                                part.insert("type".to_string(), "audio".into());
-                                part.insert("units".to_string(), serde_json::json!(units));
+                            Part::Wav(_) => {
+                                // `encode_audio` replaced every WAV part before.
+                                return Err(ServeError::Request(format!(
+                                    "messages[{i}] has an audio part that was not encoded"
+                                )));
                             }
                         }
                         list.push(part);

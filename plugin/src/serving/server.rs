@@ -17,12 +17,12 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::Semaphore;
 
 use super::engine::{scheduler, InflightGuard};
+use super::fault;
 use super::model::{load_pipeline_async, ModelDir};
 use super::ServeError;
 use crate::harvest::{GroupAssembler, RewardSource, SealedGroup};
-use crate::speech::UnitEncoder;
 
-pub use super::config::{EngineAdmission, SamplingDefaults, ServerConfig};
+pub use super::config::{EngineAdmission, SamplingDefaults, ServeDevice, ServerConfig};
 pub use super::group_policy::GroupPolicy;
 pub use super::request::{ChatReply, ChatRequest, Message, Part};
 pub use super::status::{rss_bytes, thread_count, ServerStatus};
@@ -60,7 +60,6 @@ pub struct LeafServer {
     pub(super) model: ModelDir,
     pub(super) config: ServerConfig,
     pub(super) store: Option<AdapterStore>,
-    pub(super) units: Option<Arc<UnitEncoder>>,
     pub(super) current: RwLock<Arc<Slot>>,
     pub(super) previous_version: Mutex<Option<String>>,
     pub(super) swap_lock: tokio::sync::Mutex<()>,
@@ -77,6 +76,8 @@ pub struct LeafServer {
     pub(super) rng: Mutex<ChaCha8Rng>,
     pub(super) counters: Counters,
     pub(super) shutting_down: AtomicBool,
+    /// Set once `recycle_after_engines` engines were created.
+    pub(super) recycle: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for LeafServer {
@@ -98,12 +99,22 @@ impl LeafServer {
     ) -> Result<(Arc<LeafServer>, crossbeam_channel::Receiver<SealedGroup>), ServeError> {
         config.check()?;
         let model = ModelDir::open(&config.model_dir)?;
+        if config.device != ServeDevice::Cpu {
+            // Resolving it first gives "not compiled with cuda" as the error on a CPU build.
+            config.device.to_candle()?;
+            // TODO(model.rs owner): pass `config.device` to `load_pipeline`, which still loads
+            // on the CPU; until then a GPU device is refused rather than silently ignored.
+            return Err(ServeError::Config(format!(
+                "device {}: the model loader does not take a device yet; use cpu",
+                config.device
+            )));
+        }
         let store = match &config.store_dir {
-            Some(dir) => Some(AdapterStore::open(dir).map_err(ServeError::Adapter)?),
-            None => None,
-        };
-        let units = match &config.unit_codebook {
-            Some(p) => Some(Arc::new(UnitEncoder::load(p)?)),
+            Some(dir) => {
+                let mut store = AdapterStore::open(dir).map_err(ServeError::Adapter)?;
+                fault::arm_store(&mut store);
+                Some(store)
+            }
             None => None,
         };
         let (version, adapter_dir) = match store.as_ref().map(|s| s.current()).transpose() {
@@ -128,7 +139,6 @@ impl LeafServer {
             mistral,
             model,
             store,
-            units,
             current: RwLock::new(Arc::new(Slot {
                 engine_id,
                 version,
@@ -152,6 +162,7 @@ impl LeafServer {
                 ..Counters::default()
             },
             shutting_down: AtomicBool::new(false),
+            recycle: tokio::sync::watch::Sender::new(false),
             config,
         });
         let weak = Arc::downgrade(&server);
@@ -216,6 +227,28 @@ impl LeafServer {
         drop(guard);
         let inflight = InflightGuard(slot.inflight.clone());
         (slot, inflight)
+    }
+
+    /// Completes once this process created `recycle_after_engines` engines: time to restart
+    /// it (see [`super::restart`]); never when that setting is 0.
+    pub async fn recycle_requested(&self) {
+        let mut rx = self.recycle.subscribe();
+        if rx.wait_for(|due| *due).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Raises [`Self::recycle_requested`] when the engine count reached the setting.
+    pub(super) fn check_recycle(&self) {
+        let n = self.config.recycle_after_engines;
+        let created = self.counters.engines_created.load(Ordering::SeqCst);
+        if n > 0 && created > n && !*self.recycle.borrow() {
+            tracing::info!(
+                engines = created,
+                "engine count reached recycle_after_engines"
+            );
+            self.recycle.send_replace(true);
+        }
     }
 
     /// Records that the online trainer finished an update (for the status).

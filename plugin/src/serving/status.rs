@@ -56,6 +56,9 @@ pub struct ServerStatus {
     pub swaps: u64,
     /// Idle engine-logger threads leaked by mistral.rs (one per engine ever created).
     pub leaked_threads: u64,
+    /// Times this process restarted itself to hand leaked threads back (see
+    /// [`super::restart`]).
+    pub restarts: u64,
 }
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).
@@ -112,6 +115,7 @@ impl LeafServer {
             updates_done: get(&c.updates),
             swaps: get(&c.swaps),
             leaked_threads: get(&c.engines_created),
+            restarts: super::restart::restarts(),
         }
     }
 }

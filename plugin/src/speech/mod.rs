@@ -11,12 +11,16 @@ pub mod eval;
 pub mod numbers;
 pub mod prepare;
 pub mod pretrain;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod tasks;
 pub mod tokenizer;
 pub mod units;
 
 pub use augment::{AugmentConfig, Augmenter};
 pub use prepare::{EncodedExample, ExampleEncoder};
+#[cfg(feature = "serve")]
+pub use serve::serve_audio_encoder;
 pub use tasks::{Clip, Corpus, Example, Split, TaskConfig, TaskFamily, TaskKind};
 pub use tokenizer::{ChatMessage, ContentPart, SpecialIds, SpeechTokenizer};
 pub use units::{collapse, Codebook, KMeansConfig, UnitEncoder};
