@@ -270,8 +270,14 @@ fn hyper(meta: &Meta<'_>, arch: &str) -> Result<Hyper, ImportError> {
             ));
         }
     }
-    if meta.usize(&k("attention.key_length"))?.unwrap_or(h.head_dim()) != h.head_dim()
-        || meta.usize(&k("attention.value_length"))?.unwrap_or(h.head_dim()) != h.head_dim()
+    if meta
+        .usize(&k("attention.key_length"))?
+        .unwrap_or(h.head_dim())
+        != h.head_dim()
+        || meta
+            .usize(&k("attention.value_length"))?
+            .unwrap_or(h.head_dim())
+            != h.head_dim()
     {
         return Err(meta.err(
             &k("attention.key_length"),
@@ -289,7 +295,10 @@ fn vocab(meta: &Meta<'_>) -> Result<GgufVocab, ImportError> {
             .iter()
             .map(|v| {
                 int_of(v).ok_or_else(|| {
-                    meta.err("tokenizer.ggml.token_type", format!("{v:?} is not an integer"))
+                    meta.err(
+                        "tokenizer.ggml.token_type",
+                        format!("{v:?} is not an integer"),
+                    )
                 })
             })
             .collect::<Result<_, _>>()?,
@@ -605,7 +614,14 @@ pub fn import_gguf(file: &Path, out: &Path) -> Result<ImportSummary, ImportError
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let written = write_dir(&tmp, &tensors, &config, &generation, &tok_config, &tokenizer);
+    let written = write_dir(
+        &tmp,
+        &tensors,
+        &config,
+        &generation,
+        &tok_config,
+        &tokenizer,
+    );
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -774,7 +790,10 @@ mod tests {
             } else {
                 t.clone()
             };
-            q.push((gguf_of(name), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+            q.push((
+                gguf_of(name),
+                QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+            ));
         }
         let types: Vec<Value> = (0..vocab)
             .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
@@ -808,7 +827,9 @@ mod tests {
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
             (
                 "tokenizer.chat_template".into(),
-                meta_value("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"),
+                meta_value(
+                    "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
+                ),
             ),
         ];
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
