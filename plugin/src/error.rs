@@ -20,6 +20,9 @@ pub enum Error {
     /// The speech workload (units, tokenizer, tasks) failed.
     #[error(transparent)]
     Speech(#[from] crate::speech::SpeechError),
+    /// Importing a model (GGUF) failed.
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
     /// Training failed.
     #[error(transparent)]
     Train(#[from] crate::trainer::TrainError),

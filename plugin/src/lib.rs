@@ -7,6 +7,7 @@
 pub mod advantage;
 pub mod audio;
 pub mod error;
+pub mod import;
 pub mod malloc;
 pub mod reward;
 pub mod rollout;

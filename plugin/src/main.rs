@@ -28,6 +28,9 @@ enum Command {
     /// Fit the discrete-unit codebook, or print the units of a WAV file.
     #[command(subcommand)]
     Units(cli::units::Command),
+    /// Bring a model into leaf: import a GGUF file as a Hugging Face model directory.
+    #[command(subcommand)]
+    Model(cli::model::Command),
     /// Train the small spoken-digit speech LM from scratch and write its model directory.
     Pretrain(cli::pretrain::Args),
     /// Evaluate a model directory on the spoken-digit tasks; prints one JSON object.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Adapter(cmd) => cli::adapter::run(cmd),
         Command::BenchTrain(args) => cli::bench_train::run(args),
         Command::Units(cmd) => cli::units::run(cmd),
+        Command::Model(cmd) => cli::model::run(cmd),
         Command::Pretrain(args) => cli::pretrain::run(args),
         Command::Eval(args) => cli::eval::run(args),
         #[cfg(feature = "serve")]

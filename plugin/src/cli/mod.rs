@@ -7,6 +7,7 @@ pub mod bench_train;
 pub mod compare;
 pub mod eval;
 pub mod jsonl;
+pub mod model;
 pub mod pretrain;
 pub mod reward;
 #[cfg(feature = "serve")]
