@@ -22,5 +22,7 @@ pub mod job;
 pub mod online;
 #[cfg(feature = "serve")]
 pub mod serving;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 
 pub use error::{Error, Result};
