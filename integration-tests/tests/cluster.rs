@@ -175,10 +175,24 @@ fn spawn_trainer(spec: &ChildSpec) -> Child {
         .expect("starting the trainer child")
 }
 
+/// The trainer's committed progress (retried: a commit may prune the step just read).
 fn committed(state: &Path) -> TrainerProgress {
-    TrainerProgress::read_committed(state)
-        .expect("readable trainer state")
-        .unwrap_or_default()
+    let mut last = None;
+    for _ in 0..20 {
+        match TrainerProgress::read_committed(state) {
+            Ok(p) => return p.unwrap_or_default(),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("unreadable trainer state: {last:?}")
+}
+
+/// Every group of `r`'s traffic is sealed and handed to the stream.
+fn all_published(server: &LeafServer, r: &Replica) -> bool {
+    let st = server.status();
+    let p = r.publisher_stats();
+    st.open_groups == 0 && p.offered == st.groups_sealed && p.buffered == 0
 }
 
 /// Messages in the groups stream (deduplicated by the server).
@@ -286,7 +300,7 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
 
     // The publishers have handed everything to the stream.
     assert!(
-        until(|| ra.publisher_stats().buffered == 0 && rb.publisher_stats().buffered == 0).await,
+        until(|| all_published(&a.server, &ra) && all_published(&b.server, &rb)).await,
         "groups still buffered: {:?} {:?}",
         ra.publisher_stats(),
         rb.publisher_stats()
@@ -394,7 +408,7 @@ async fn replicas_keep_serving_without_nats_and_resume_publishing() -> anyhow::R
     );
     let up = a.replica.publisher_stats();
     eprintln!("after the restart: {up:?}");
-    assert_eq!(up.published + up.duplicates + up.dropped, 12, "{up:?}");
+    assert_eq!(up.published + up.dropped, 12, "{up:?}");
     assert!(up.published > 1, "{up:?}");
     assert_eq!(stream_messages(&server.url()).await?, up.published);
     Ok(())

@@ -42,9 +42,10 @@ pub struct PublisherCounters {
 pub struct PublisherStats {
     /// Groups offered by the server.
     pub offered: u64,
-    /// Groups the stream acknowledged as new.
+    /// Groups the stream acknowledged (each is in the stream once).
     pub published: u64,
-    /// Groups the stream acknowledged as duplicates (a retry of a publish that had landed).
+    /// Of those, the ones acknowledged as duplicates: a retry of a publish whose first
+    /// acknowledgement was lost (the server kept the first copy).
     pub duplicates: u64,
     /// Groups dropped because the buffer was full (or a group could not be encoded).
     pub dropped: u64,
@@ -126,19 +127,14 @@ impl GroupPublisher {
 
 fn snapshot(c: &PublisherCounters) -> PublisherStats {
     let get = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    let (offered, published, duplicates, dropped) = (
-        get(&c.offered),
-        get(&c.published),
-        get(&c.duplicates),
-        get(&c.dropped),
-    );
+    let (offered, published, dropped) = (get(&c.offered), get(&c.published), get(&c.dropped));
     PublisherStats {
         offered,
         published,
-        duplicates,
+        duplicates: get(&c.duplicates),
         dropped,
         failures: get(&c.failures),
-        buffered: offered.saturating_sub(published + duplicates + dropped),
+        buffered: offered.saturating_sub(published + dropped),
     }
 }
 
@@ -217,12 +213,11 @@ async fn run(cluster: Cluster, mut rx: mpsc::Receiver<WireGroup>, counters: Arc<
             match r {
                 Ok(duplicate) => {
                     metrics::gauge!("leaf_cluster_buffered_groups").decrement(1.0);
+                    counters.published.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("leaf_cluster_groups_published_total").increment(1);
                     if duplicate {
                         counters.duplicates.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("leaf_cluster_groups_duplicate_total").increment(1);
-                    } else {
-                        counters.published.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("leaf_cluster_groups_published_total").increment(1);
                     }
                 }
                 Err(e) => {
