@@ -107,17 +107,29 @@ impl Cluster {
         if let Ok(store) = self.js.get_key_value(&c.control_bucket).await {
             return Ok(store);
         }
+        // The stream a key-value bucket is, created directly: the client's
+        // `create_key_value` first reads the account info, whose 2.9 form (Debian's server)
+        // it cannot parse. The fields are the ones `create_key_value` sets.
         let created = self
             .js
-            .create_key_value(kv::Config {
-                bucket: c.control_bucket.clone(),
-                history: CONTROL_HISTORY,
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{}", c.control_bucket),
+                subjects: vec![format!("$KV.{}.>", c.control_bucket)],
+                max_messages_per_subject: CONTROL_HISTORY,
                 storage: stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                num_replicas: 1,
+                max_message_size: -1,
                 ..Default::default()
             })
             .await;
         match created {
-            Ok(store) => Ok(store),
+            Ok(_) => self.js.get_key_value(&c.control_bucket).await.map_err(|e| {
+                ClusterError::nats(format!("opening bucket {}", c.control_bucket), e)
+            }),
             // Another process created it between the two calls.
             Err(e) => self.js.get_key_value(&c.control_bucket).await.map_err(|_| {
                 ClusterError::nats(format!("creating bucket {}", c.control_bucket), e)
