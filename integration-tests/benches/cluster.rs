@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::tiny_model;
 use leaf_plugin::cluster::{
-    Cluster, ClusterConfig, ClusterTrainer, ClusterTrainerConfig, GroupPublisher,
-    LocalNatsServer, StreamSource, TrainerProgress,
+    Cluster, ClusterConfig, ClusterTrainer, ClusterTrainerConfig, GroupPublisher, LocalNatsServer,
+    StreamSource, TrainerProgress,
 };
 use leaf_plugin::harvest::{HarvestedSample, SampleOrigin, SealedGroup};
 use leaf_plugin::online::OnlineConfig;
@@ -37,7 +37,9 @@ fn env(name: &str, default: usize) -> usize {
 fn group(i: usize, vocab: u32) -> SealedGroup {
     let members = (0..4)
         .map(|k| {
-            let completion: Vec<u32> = (0..16).map(|t| ((i * 7 + k * 3 + t) as u32) % vocab).collect();
+            let completion: Vec<u32> = (0..16)
+                .map(|t| ((i * 7 + k * 3 + t) as u32) % vocab)
+                .collect();
             let reward = completion.iter().filter(|&&t| t % 2 == 0).count() as f64 / 16.0;
             (
                 HarvestedSample {

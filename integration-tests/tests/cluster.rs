@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::{random_adapter, start, tiny_model, tiny_model_sized, TinyModel};
 use leaf_plugin::cluster::{
-    ClusterConfig, ClusterTrainer, ClusterTrainerConfig, LocalNatsServer, Replica,
-    TrainerProgress, VersionBoard,
+    ClusterConfig, ClusterTrainer, ClusterTrainerConfig, LocalNatsServer, Replica, TrainerProgress,
+    VersionBoard,
 };
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource};
 use leaf_plugin::online::OnlineConfig;
-use leaf_plugin::serving::{ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig, BASE_VERSION};
+use leaf_plugin::serving::{
+    ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig, BASE_VERSION,
+};
 use leaf_plugin::trainer::TrainConfig;
 use serde::{Deserialize, Serialize};
 
@@ -170,12 +172,24 @@ fn trainer_child() {
     println!("trainer report {}", serde_json::to_string(&report).unwrap());
 }
 
-fn spawn_trainer(spec: &ChildSpec) -> Child {
-    Command::new(std::env::current_exe().expect("test binary"))
-        .args(["trainer_child", "--exact", "--ignored", "--nocapture"])
-        .env(CHILD_ENV, serde_json::to_string(spec).unwrap())
-        .spawn()
-        .expect("starting the trainer child")
+/// The trainer process; killed (SIGKILL) and reaped when dropped.
+struct TrainerProcess(Child);
+
+impl Drop for TrainerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_trainer(spec: &ChildSpec) -> TrainerProcess {
+    TrainerProcess(
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["trainer_child", "--exact", "--ignored", "--nocapture"])
+            .env(CHILD_ENV, serde_json::to_string(spec).unwrap())
+            .spawn()
+            .expect("starting the trainer child"),
+    )
 }
 
 /// The trainer's committed progress (retried: a commit may prune the step just read).
@@ -272,7 +286,9 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     // Traffic to both replicas.
     for i in 0..6u64 {
         a.server.chat(ask(&format!("Say {i}."), 2 * i)).await?;
-        b.server.chat(ask(&format!("Count to {i}."), 2 * i + 1)).await?;
+        b.server
+            .chat(ask(&format!("Count to {i}."), 2 * i + 1))
+            .await?;
     }
     // The trainer promotes versions; both replicas follow.
     assert!(
@@ -295,8 +311,8 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
         until(|| committed(&spec.state).groups_applied > before).await,
         "the trainer applied nothing of the second wave"
     );
-    trainer.kill()?; // SIGKILL, while the wave is still arriving
-    trainer.wait()?;
+    trainer.0.kill()?; // SIGKILL, while the wave is still arriving
+    trainer.0.wait()?;
     let at_kill = committed(&spec.state).groups_applied;
     eprintln!("killed the trainer after {at_kill} groups");
     wave.await??;
@@ -310,7 +326,10 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     );
     let published = ra.publisher_stats().published + rb.publisher_stats().published;
     let in_stream = stream_messages(&url).await?;
-    assert_eq!(in_stream, published, "the stream holds each published group once");
+    assert_eq!(
+        in_stream, published,
+        "the stream holds each published group once"
+    );
 
     // Restart: it drains the stream and exits when idle.
     let spec = ChildSpec {
@@ -320,12 +339,14 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     let mut trainer = spawn_trainer(&spec);
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = trainer.try_wait()? {
+        if let Some(s) = trainer.0.try_wait()? {
             break s;
         }
         if t0.elapsed() > WAIT {
-            trainer.kill()?;
-            panic!("the restarted trainer did not finish: {:?}", committed(&spec.state));
+            panic!(
+                "the restarted trainer did not finish: {:?}",
+                committed(&spec.state)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -349,7 +370,10 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     eprintln!("settle times (revision, version, seconds): {settles:?}");
     assert!(settles.len() >= 2, "{settles:?}");
     for (rev, v, s) in &settles {
-        assert!(*s <= 5.0, "revision {rev} ({v}) took {s} s to reach both replicas");
+        assert!(
+            *s <= 5.0,
+            "revision {rev} ({v}) took {s} s to reach both replicas"
+        );
     }
     let (current, _) = board.current().await?.expect("a current version");
     assert_ne!(current.version, BASE_VERSION);
@@ -382,7 +406,10 @@ async fn replicas_keep_serving_without_nats_and_resume_publishing() -> anyhow::R
         let t = Instant::now();
         let reply = a.server.chat(ask(&format!("Say {i}."), 10 + i)).await?;
         assert!(!reply.adapter_version.is_empty());
-        assert!(t.elapsed() < Duration::from_secs(10), "serving waited on NATS");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "serving waited on NATS"
+        );
     }
     let sealed = |s: &LeafServer| {
         let st = s.status();
@@ -397,7 +424,10 @@ async fn replicas_keep_serving_without_nats_and_resume_publishing() -> anyhow::R
     let down = a.replica.publisher_stats();
     eprintln!("while NATS was down: {down:?}");
     let while_down = down.offered - 1;
-    assert!(while_down >= 6, "too few groups sealed to test the bound: {down:?}");
+    assert!(
+        while_down >= 6,
+        "too few groups sealed to test the bound: {down:?}"
+    );
     assert_eq!(down.published, 1, "{down:?}");
     assert!(
         down.dropped >= while_down - 4,
@@ -416,7 +446,9 @@ async fn replicas_keep_serving_without_nats_and_resume_publishing() -> anyhow::R
     server.restart()?;
     a.server.chat(ask("Say three.", 99)).await?;
     assert!(
-        until(|| all_published(&a.server, &a.replica) && a.replica.publisher_stats().offered > down.offered).await,
+        until(|| all_published(&a.server, &a.replica)
+            && a.replica.publisher_stats().offered > down.offered)
+        .await,
         "publishing did not resume: {:?}",
         a.replica.publisher_stats()
     );
@@ -444,11 +476,16 @@ async fn versions_converge_through_the_key_and_bad_ones_are_refused() -> anyhow:
     let control = a.replica.control();
     let answer = control.promote(&v1).await?;
     assert_eq!(answer["serving"], v1, "{answer}");
-    assert!(until(|| b.server.current_version() == v1).await, "b did not follow");
+    assert!(
+        until(|| b.server.current_version() == v1).await,
+        "b did not follow"
+    );
 
     // A version that does not fit the model: the admin path refuses it before moving the key.
     let other = tiny_model_sized(34, 32, 64)?;
-    let bad = board.upload(&random_adapter(&other.config, 3, 0.05)?).await?;
+    let bad = board
+        .upload(&random_adapter(&other.config, 3, 0.05)?)
+        .await?;
     let e = control.promote(&bad).await.expect_err("a misfit adapter");
     eprintln!("refused: {e}");
     assert_eq!(board.current().await?.expect("current").0.version, v1);
@@ -479,7 +516,11 @@ async fn versions_converge_through_the_key_and_bad_ones_are_refused() -> anyhow:
     board.promote(&v2, "test").await?;
     assert!(until(|| a.server.current_version() == v2).await);
     let b = replica(&m, &b_dir, cluster_config(&url)).await?;
-    assert_eq!(b.server.current_version(), v2, "b came up on the newer version");
+    assert_eq!(
+        b.server.current_version(),
+        v2,
+        "b came up on the newer version"
+    );
     drop(server);
     Ok(())
 }

@@ -14,6 +14,8 @@ pub mod sampling;
 pub mod speech;
 pub mod trainer;
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 #[cfg(feature = "serve")]
 pub mod harvest;
 #[cfg(feature = "serve")]
@@ -22,7 +24,5 @@ pub mod job;
 pub mod online;
 #[cfg(feature = "serve")]
 pub mod serving;
-#[cfg(feature = "cluster")]
-pub mod cluster;
 
 pub use error::{Error, Result};

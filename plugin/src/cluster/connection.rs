@@ -127,9 +127,11 @@ impl Cluster {
             })
             .await;
         match created {
-            Ok(_) => self.js.get_key_value(&c.control_bucket).await.map_err(|e| {
-                ClusterError::nats(format!("opening bucket {}", c.control_bucket), e)
-            }),
+            Ok(_) => {
+                self.js.get_key_value(&c.control_bucket).await.map_err(|e| {
+                    ClusterError::nats(format!("opening bucket {}", c.control_bucket), e)
+                })
+            }
             // Another process created it between the two calls.
             Err(e) => self.js.get_key_value(&c.control_bucket).await.map_err(|_| {
                 ClusterError::nats(format!("creating bucket {}", c.control_bucket), e)

@@ -128,7 +128,9 @@ impl VersionFollower {
                 applier.apply(&record, rev).await;
             }
             Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read `current`; serving the local version"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read `current`; serving the local version")
+            }
             Err(_) => tracing::warn!("NATS did not answer in time; serving the local version"),
         }
         let (latest_tx, latest_rx) = watch::channel::<Option<(CurrentRecord, u64)>>(None);
@@ -144,7 +146,10 @@ impl VersionFollower {
 
     /// What the follower did last.
     pub fn status(&self) -> FollowerStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Downloads `version` into this replica's store (hash checked) and validates it against
@@ -174,10 +179,7 @@ impl VersionFollower {
 
 /// Watches `current` (latest value first) and publishes the newest record; re-watches after
 /// any break.
-async fn watch_current(
-    applier: Arc<Applier>,
-    latest: watch::Sender<Option<(CurrentRecord, u64)>>,
-) {
+async fn watch_current(applier: Arc<Applier>, latest: watch::Sender<Option<(CurrentRecord, u64)>>) {
     loop {
         let board = match applier.board().await {
             Ok(b) => b,
@@ -325,7 +327,9 @@ impl Applier {
             .store()
             .ok_or_else(|| ClusterError::Config("the replica has no adapter store".into()))?;
         if store.path(&id).is_err() {
-            let dir = self.downloads.join(format!("{version}.{}", uuid::Uuid::new_v4()));
+            let dir = self
+                .downloads
+                .join(format!("{version}.{}", uuid::Uuid::new_v4()));
             let downloaded = match self.board().await {
                 Ok(board) => board.download(version, &dir).await,
                 Err(e) => Err(e),

@@ -239,7 +239,9 @@ mod tests {
     #[test]
     fn a_bad_pointer_is_a_named_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(TrainerProgress::read_committed(dir.path()).unwrap().is_none());
+        assert!(TrainerProgress::read_committed(dir.path())
+            .unwrap()
+            .is_none());
         std::fs::write(dir.path().join(COMMITTED), "../etc").unwrap();
         let e = TrainerProgress::read_committed(dir.path())
             .unwrap_err()

@@ -144,7 +144,11 @@ fn drop_one(counters: &PublisherCounters) {
 }
 
 /// The publishing task: batches of up to [`IN_FLIGHT`] groups, each kept until acknowledged.
-async fn run(cluster: Cluster, mut rx: mpsc::Receiver<WireGroup>, counters: Arc<PublisherCounters>) {
+async fn run(
+    cluster: Cluster,
+    mut rx: mpsc::Receiver<WireGroup>,
+    counters: Arc<PublisherCounters>,
+) {
     let subject = cluster.config().subject.clone();
     let timeout = ClusterConfig::secs(cluster.config().publish_timeout_s);
     let batch = IN_FLIGHT.min(cluster.config().buffer);

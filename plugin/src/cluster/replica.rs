@@ -22,7 +22,7 @@ use crate::serving::http::AdapterControl;
 use crate::serving::LeafServer;
 
 /// How long a starting replica waits for the cluster's current version.
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A serving replica's cluster side.
 #[derive(Debug)]

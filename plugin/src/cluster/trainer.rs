@@ -168,7 +168,11 @@ impl ClusterTrainer {
         let restored = progress::restore(state_dir, &mut trainer)?;
         let progress = match restored {
             Some(p) => {
-                tracing::info!(step = p.step, groups = p.groups_applied, "trainer resumed from its checkpoint");
+                tracing::info!(
+                    step = p.step,
+                    groups = p.groups_applied,
+                    "trainer resumed from its checkpoint"
+                );
                 p
             }
             None => {
@@ -208,7 +212,10 @@ impl ClusterTrainer {
     }
 
     /// Consumes until `stop` is set (or the idle limit passes); returns what it did.
-    pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<ClusterTrainerReport, ClusterError> {
+    pub async fn run(
+        mut self,
+        stop: Arc<AtomicBool>,
+    ) -> Result<ClusterTrainerReport, ClusterError> {
         let t0 = Instant::now();
         let wait = ClusterConfig::secs(self.config.fetch_wait_s);
         let mut source = wait_for(&stop, || StreamSource::open(&self.cluster, wait)).await?;
@@ -395,4 +402,30 @@ where
             }
         }
     }
+}
+
+/// `leaf train --cluster URL`: runs the cluster trainer on its own runtime until Ctrl-C (or
+/// the idle limit), resuming from `state_dir`; returns the report.
+pub fn run_until_interrupted(
+    cluster: ClusterConfig,
+    model_dir: &Path,
+    state_dir: &Path,
+    config: ClusterTrainerConfig,
+) -> Result<ClusterTrainerReport, ClusterError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClusterError::Config(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("leaf: stopping the trainer after the current round");
+                on_signal.store(true, Ordering::SeqCst);
+            }
+        });
+        let trainer = ClusterTrainer::open(cluster, model_dir, state_dir, config, &stop).await?;
+        trainer.run(stop).await
+    })
 }

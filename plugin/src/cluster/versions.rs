@@ -187,9 +187,10 @@ impl VersionBoard {
             .await
             .map_err(|e| ClusterError::nats("reading `current`", e))?;
         match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                Ok(Some((CurrentRecord::decode(e.revision, &e.value)?, e.revision)))
-            }
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                CurrentRecord::decode(e.revision, &e.value)?,
+                e.revision,
+            ))),
             _ => Ok(None),
         }
     }
@@ -205,16 +206,17 @@ impl VersionBoard {
             ClusterError::Config(format!("cannot serialise the current record: {e}"))
         })?);
         match expected {
-            Some(rev) => self
-                .kv
-                .update(CURRENT_KEY, value, rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => {
-                        ClusterError::Conflict { expected: rev }
-                    }
-                    _ => ClusterError::nats("updating `current`", e),
-                }),
+            Some(rev) => {
+                self.kv
+                    .update(CURRENT_KEY, value, rev)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        kv::UpdateErrorKind::WrongLastRevision => {
+                            ClusterError::Conflict { expected: rev }
+                        }
+                        _ => ClusterError::nats("updating `current`", e),
+                    })
+            }
             None => self
                 .kv
                 .create(CURRENT_KEY, value)
