@@ -15,6 +15,8 @@ pub mod sampling;
 pub mod speech;
 pub mod trainer;
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 #[cfg(feature = "serve")]
 pub mod harvest;
 #[cfg(feature = "serve")]

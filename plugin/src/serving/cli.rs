@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// Run the online trainer with this JSON `OnlineConfig` (needs --store).
     #[arg(long)]
     pub online: Option<PathBuf>,
+    /// Join a cluster: publish sealed groups to this NATS JetStream server and follow its
+    /// `current` adapter version; promote/rollback move it for every replica (needs --store).
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "nats://HOST:PORT", conflicts_with = "online")]
+    pub cluster: Option<String>,
     /// Caps on chat requests (override the config's `request_limits`). Boxed: ten options
     /// would make `ServeArgs` the one large variant of the CLI's command enum.
     #[command(flatten)]
@@ -289,6 +294,9 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
     runtime.block_on(async move {
         let reward = Arc::new(ReferenceReward::new(args.metric, RewardOptions::default()));
         let (server, groups) = LeafServer::start(config, reward).await?;
+        #[cfg(feature = "cluster")]
+        let (groups, replica) =
+            crate::cluster::replica::from_flag(&server, groups, args.cluster.as_deref()).await?;
         let trainer = match online {
             Some(cfg) => Some(OnlineTrainer::spawn(
                 server.clone(),
@@ -309,6 +317,10 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
             trust_client_references: args.trust_client_references,
             adapter_root: args.adapter_root.clone(),
             max_body_bytes: 0,
+            #[cfg(feature = "cluster")]
+            adapter_control: replica.as_ref().map(|r| r.control()),
+            #[cfg(not(feature = "cluster"))]
+            adapter_control: None,
         };
         eprintln!(
             "leaf: serving {} on http://{} (version {}, restarts {})",

@@ -72,6 +72,22 @@ pub struct HttpConfig {
     pub adapter_root: Option<PathBuf>,
     /// Largest request body in bytes (default 32 MiB when 0).
     pub max_body_bytes: usize,
+    /// Where promote and rollback go instead of this server's own store (a cluster replica
+    /// turns them into a compare-and-set on the shared `current` key); `None`: local.
+    pub adapter_control: Option<Arc<dyn AdapterControl>>,
+}
+
+/// Promote and rollback handled elsewhere than by [`LeafServer::promote`] /
+/// [`LeafServer::rollback`] (see [`HttpConfig::adapter_control`]). Each returns the JSON the
+/// route answers with.
+#[async_trait::async_trait]
+pub trait AdapterControl: Send + Sync {
+    /// `POST /v1/adapters/promote` with `{"version"}`.
+    async fn promote(&self, version: &str) -> Result<Value, ServeError>;
+    /// `POST /v1/adapters/rollback`.
+    async fn rollback(&self) -> Result<Value, ServeError>;
+    /// Extra fields merged into `GET /v1/leaf/status` under `"cluster"`.
+    fn status(&self) -> Value;
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -83,6 +99,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("trust_client_references", &self.trust_client_references)
             .field("adapter_root", &self.adapter_root)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("adapter_control", &self.adapter_control.is_some())
             .finish()
     }
 }
@@ -95,6 +112,7 @@ struct AppState {
     trust_client_references: bool,
     adapter_root: Option<PathBuf>,
     metrics: Option<PrometheusHandle>,
+    control: Option<Arc<dyn AdapterControl>>,
 }
 
 /// An API error: a status and a JSON body.
@@ -219,6 +237,7 @@ pub fn router(server: Arc<LeafServer>, config: HttpConfig) -> Result<Router, Ser
         trust_client_references: config.trust_client_references,
         adapter_root,
         metrics: install_metrics(),
+        control: config.adapter_control.clone(),
     };
     Ok(Router::new()
         .route(
@@ -635,6 +654,9 @@ async fn promote(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let Json(body) = body?;
+    if let Some(control) = &state.control {
+        return Ok(Json(control.promote(&body.version).await?));
+    }
     let report = state.server.promote(&body.version).await?;
     Ok(Json(json!(report)))
 }
@@ -644,6 +666,9 @@ async fn rollback(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
+    if let Some(control) = &state.control {
+        return Ok(Json(control.rollback().await?));
+    }
     let report = state.server.rollback().await?;
     Ok(Json(json!(report)))
 }
@@ -707,6 +732,9 @@ async fn status(State(state): State<AppState>) -> Json<Value> {
             "usable_fork_rate".into(),
             json!(rate(st.forks_usable, st.forks_fired as f64 * (k - 1.0))),
         );
+        if let Some(control) = &state.control {
+            map.insert("cluster".into(), control.status());
+        }
     }
     Json(v)
 }
