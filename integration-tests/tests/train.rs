@@ -155,7 +155,10 @@ fn a_malformed_line_is_an_error_naming_line_and_field_unless_skipped() -> anyhow
     assert!(e.contains("rollouts[0].logprobs"), "{e}");
     // Nothing after the bad line was trained on, and its group is not acked.
     let state = TrainerCheckpoint::in_store(&store_dir).load()?;
-    assert!(state.is_none_or(|s| s.groups_consumed <= 2), "{state:?}");
+    assert!(
+        state.as_ref().is_none_or(|s| s.groups_consumed <= 2),
+        "{state:?}"
+    );
 
     c.skip_malformed = true;
     let r = train_offline(&c)?;

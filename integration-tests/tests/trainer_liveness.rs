@@ -63,7 +63,7 @@ fn online_config(max_restarts: u32) -> OnlineConfig {
     }
 }
 
-async fn server(
+async fn start_server(
     seed: u64,
 ) -> anyhow::Result<(
     leaf_integration_tests::TinyModel,
@@ -100,7 +100,7 @@ async fn a_dead_trainer_restarts_or_goes_down_and_is_reported() -> anyhow::Resul
     let metrics = leaf_plugin::serving::http::install_metrics().expect("the recorder");
 
     // 1. The first update panics once: the trainer restarts and then trains.
-    let (_m, server, rx) = server(31).await?;
+    let (_m, server, rx) = start_server(31).await?;
     let calls = Arc::new(AtomicU64::new(0));
     let c2 = calls.clone();
     let hook: FaultHook = Arc::new(move |p: FaultPoint| {
@@ -154,7 +154,7 @@ async fn a_dead_trainer_restarts_or_goes_down_and_is_reported() -> anyhow::Resul
     assert_eq!(live.state(), TrainerState::Stopped);
 
     // 2. Every update panics: after max_restarts the trainer is down for good.
-    let (_m, server, rx) = server(32).await?;
+    let (_m2, server, rx) = start_server(32).await?;
     let hook: FaultHook = Arc::new(|_p: FaultPoint| panic!("injected: always"));
     let mut options = TrainerOptions::default();
     options.fault_hook = Some(hook);
