@@ -172,7 +172,8 @@ async fn a_dead_trainer_restarts_or_goes_down_and_is_reported() -> anyhow::Resul
         n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let st = live.status();
+    let st = server.status().trainer;
+    assert_eq!(st, live.status(), "the server's status reports the trainer");
     assert_eq!(st.state, TrainerState::Down, "{st:?}");
     assert!(!st.ready);
     assert_eq!(st.restarts, 1);
@@ -201,6 +202,15 @@ async fn a_dead_trainer_restarts_or_goes_down_and_is_reported() -> anyhow::Resul
         full_before
     );
     assert_eq!(server.status().groups_sealed, sealed_before);
+    let status = server.status();
+    assert!(
+        status.groups_dropped_trainer_down >= down_before + 3,
+        "{status:?}"
+    );
+    assert!(status.groups_dropped >= status.groups_dropped_trainer_down);
+    let json = serde_json::to_value(&status)?;
+    assert_eq!(json["trainer"]["state"], "down", "{json}");
+    assert_eq!(json["trainer"]["ready"], false, "{json}");
     let text = metrics.render();
     assert!(text.contains("leaf_trainer_up 0"), "{text}");
     assert!(text.contains("reason=\"trainer_down\""), "{text}");
