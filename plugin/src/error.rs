@@ -37,6 +37,10 @@ pub enum Error {
     #[cfg(feature = "serve")]
     #[error(transparent)]
     Harvest(#[from] crate::harvest::HarvestError),
+    /// The learner, a group source, the promotion gate or the trainer checkpoint failed.
+    #[cfg(feature = "serve")]
+    #[error(transparent)]
+    Online(#[from] crate::online::OnlineError),
     /// The main job (`leaf run`, `leaf compare`) failed.
     #[cfg(feature = "serve")]
     #[error(transparent)]

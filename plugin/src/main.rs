@@ -42,6 +42,10 @@ enum Command {
     /// The main job: serve, replay traffic, train continually, hot-swap, evaluate, report.
     #[cfg(feature = "serve")]
     Run(cli::run::Args),
+    /// Offline training from logged groups (JSON Lines): the learner of `leaf serve
+    /// --online`, publishing every version to a store; resumes from the store's checkpoint.
+    #[cfg(feature = "serve")]
+    Train(cli::train::Args),
     /// LEAF against GRPO on the same budget over several seeds: table and figure.
     #[cfg(feature = "serve")]
     Compare(cli::compare::Args),
@@ -66,6 +70,8 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "serve")]
         Command::Run(args) => cli::run::run(args),
+        #[cfg(feature = "serve")]
+        Command::Train(args) => cli::train::run(args),
         #[cfg(feature = "serve")]
         Command::Compare(args) => cli::compare::run(args),
     };

@@ -12,6 +12,8 @@ pub mod pretrain;
 pub mod reward;
 #[cfg(feature = "serve")]
 pub mod run;
+#[cfg(feature = "serve")]
+pub mod train;
 pub mod units;
 
 /// Logs go to stderr (stdout carries the JSON results); `RUST_LOG` filters them.

@@ -19,7 +19,9 @@
 //!
 //! Sealed groups go out on a bounded `crossbeam-channel` with `try_send`: when the trainer lags
 //! and the queue is full the group is dropped and counted (`reason="queue_full"`); the serving
-//! path never blocks. Retention is bounded: at most `max_open_groups` groups are held (a sample
+//! path never blocks. A group that cannot reach the trainer because it is down (or restarting
+//! with a full queue) is counted as `reason="trainer_down"` instead ([`TrainerLiveness`]).
+//! Retention is bounded: at most `max_open_groups` groups are held (a sample
 //! that would open one more is dropped, `reason="capacity"`), and nothing is held longer than
 //! `seal_timeout`. With [`PrivacyMode::IdsOnly`] samples are stripped of text and reference on
 //! entry.
@@ -32,6 +34,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
+use super::liveness::{TrainerLiveness, TrainerState};
 use super::tap::now_unix_ms;
 use super::{HarvestError, HarvestedSample, PrivacyMode};
 use crate::rollout::{Group, GroupError, Rollout, RolloutMeta};
@@ -153,6 +156,9 @@ pub struct AssemblerStats {
     pub dropped_queue_full: AtomicU64,
     /// Samples dropped because `max_open_groups` groups were open.
     pub dropped_capacity: AtomicU64,
+    /// Sealed groups dropped because the trainer was down (or restarting with a full queue),
+    /// and groups a crashed trainer held.
+    pub dropped_trainer_down: AtomicU64,
     /// Unrewarded members dropped from partial groups.
     pub dropped_unrewarded: AtomicU64,
     /// Coalescing groups dropped as soon as they could no longer fill: their joining window
@@ -195,6 +201,7 @@ pub struct GroupAssembler {
     next: AtomicU64,
     tx: Sender<SealedGroup>,
     stats: Arc<AssemblerStats>,
+    trainer: Arc<TrainerLiveness>,
 }
 
 impl GroupAssembler {
@@ -211,6 +218,7 @@ impl GroupAssembler {
                 next: AtomicU64::new(1),
                 tx,
                 stats: Arc::new(AssemblerStats::default()),
+                trainer: Arc::new(TrainerLiveness::default()),
             },
             rx,
         ))
@@ -224,6 +232,21 @@ impl GroupAssembler {
     /// The counters.
     pub fn stats(&self) -> &Arc<AssemblerStats> {
         &self.stats
+    }
+
+    /// The liveness of the sealed groups' consumer (set by the online trainer).
+    pub fn trainer(&self) -> &Arc<TrainerLiveness> {
+        &self.trainer
+    }
+
+    /// Counts `n` sealed groups lost with a crashed trainer.
+    pub fn count_trainer_down(&self, n: u64) {
+        if n > 0 {
+            self.stats
+                .dropped_trainer_down
+                .fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("leaf_groups_dropped_total", "reason" => "trainer_down").increment(n);
+        }
     }
 
     /// Groups currently open.
@@ -467,6 +490,11 @@ impl GroupAssembler {
             partial,
             sealed_unix_ms: now_unix_ms(),
         };
+        let trainer = self.trainer.state();
+        if trainer == TrainerState::Down {
+            self.count_trainer_down(1);
+            return;
+        }
         match self.tx.try_send(sealed) {
             Ok(()) => {
                 self.stats.sealed.fetch_add(1, Ordering::Relaxed);
@@ -475,6 +503,14 @@ impl GroupAssembler {
                 }
                 metrics::counter!("leaf_groups_sealed_total").increment(1);
                 metrics::histogram!("leaf_group_seal_seconds").record(age);
+            }
+            Err(TrySendError::Full(_)) if trainer == TrainerState::Restarting => {
+                self.count_trainer_down(1);
+            }
+            Err(TrySendError::Disconnected(_))
+                if !matches!(trainer, TrainerState::Absent | TrainerState::Stopped) =>
+            {
+                self.count_trainer_down(1);
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats
@@ -629,6 +665,33 @@ mod tests {
         a.submit(sample("b", &[2]), Some(1.0), Membership::Coalesce);
         assert_eq!(a.stats().dropped_queue_full.load(Ordering::Relaxed), 1);
         assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
+    fn a_dead_trainer_counts_trainer_down_not_queue_full() {
+        let (a, rx) = GroupAssembler::new(AssemblerConfig {
+            queue_capacity: 1,
+            min_group_size: 1,
+            ..cfg(1)
+        })
+        .unwrap();
+        let s = a.stats().clone();
+        let down = || s.dropped_trainer_down.load(Ordering::Relaxed);
+        a.trainer().set_state(TrainerState::Restarting);
+        a.submit(sample("a", &[1]), Some(1.0), Membership::Coalesce);
+        assert_eq!(rx.len(), 1, "a restarting trainer still gets the queue");
+        a.submit(sample("b", &[2]), Some(1.0), Membership::Coalesce);
+        assert_eq!(down(), 1, "full while restarting");
+        rx.try_recv().unwrap();
+        a.trainer().set_state(TrainerState::Down);
+        a.submit(sample("c", &[3]), Some(1.0), Membership::Coalesce);
+        assert_eq!(down(), 2);
+        assert_eq!(rx.len(), 0, "nothing is queued for a dead trainer");
+        a.trainer().set_state(TrainerState::Up);
+        drop(rx);
+        a.submit(sample("d", &[4]), Some(1.0), Membership::Coalesce);
+        assert_eq!(down(), 3, "a closed queue with a trainer attached");
+        assert_eq!(s.dropped_queue_full.load(Ordering::Relaxed), 0);
     }
 
     #[test]

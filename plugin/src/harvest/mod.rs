@@ -8,10 +8,12 @@
 //!   them onto a bounded channel for the online trainer, never blocking the serving path.
 
 pub mod groups;
+pub mod liveness;
 pub mod reward;
 pub mod tap;
 
 pub use groups::{AssemblerConfig, AssemblerStats, GroupAssembler, SealedGroup};
+pub use liveness::{TrainerLiveness, TrainerState, TrainerStatus};
 pub use reward::{ReferenceReward, RewardContext, RewardSource};
 pub use tap::{SamplingTap, TapConfig, TapRecord};
 

@@ -14,6 +14,8 @@
 //!    more than `collapse_drop` below the last good version's get it published and promoted
 //!    (hot-swapped). A NaN loss or a collapse does not: the trainer rolls back to the last good
 //!    version (weights reloaded from the store, optimizer restarted), and the run says so.
+//!    The update, the gate and the rollback are the shared [`crate::online::Learner`]'s
+//!    (the one `leaf serve --online` and `leaf train` use).
 //! 5. **Report**: `report.json`, `reward_curve.png`, `state.json` (counters, curve, traffic
 //!    cursor) and `optimizer.safetensors` (Adam's moments and the schedule's step, marked with
 //!    the adapter version they belong to) after every check, from which `--resume` continues:
@@ -26,24 +28,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
-use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
+use leaf_adapters::store::{AdapterStore, VersionId};
 use serde::{Deserialize, Serialize};
 
 use super::ceiling::{pass_at_k, Ceiling};
 use super::eval_cache::EvalCache;
 use super::report::{
-    heldout_exact, heldout_reward, mean, write_json, CurvePoint, Diagnostics, ForkSummary,
-    GroupPolicyStats, OtherDecoding, RunEvent, RunReport,
+    heldout_exact, heldout_reward, mean, write_json, CurvePoint, Diagnostics, FamilyPoint,
+    ForkSummary, GroupPolicyStats, OtherDecoding, RunEvent, RunReport,
 };
 use super::traffic::{self, TrafficConfig};
 use super::JobError;
 use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
+use crate::online::gate::RecordingsCheck;
 use crate::online::{
-    prepare_batch, Phase, PhaseTimes, TimedReward, UpdateRecord, UpdateSummary, VersionHistory,
+    CheckOutcome, GroupReceipt, Learner, LearnerConfig, Phase, PhaseTimes, PromotionGate,
+    RollbackReason, ServerSink, SourcedGroup, TimedReward, UpdateOutcome, UpdateRecord,
+    UpdateSummary, VersionHistory,
 };
 use crate::reward::{Metric, RewardOptions};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
@@ -51,7 +55,7 @@ use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::speech::prepare::ExampleEncoder;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
 use crate::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
-use crate::trainer::{TrainConfig, Trainer};
+use crate::trainer::TrainConfig;
 
 /// File of the saved run state inside the output directory.
 pub const STATE_FILE: &str = "state.json";
@@ -418,23 +422,6 @@ pub fn load_state(path: &Path) -> crate::Result<RunState> {
     })?)
 }
 
-/// A fresh trainer on the base model, carrying `version` of the store (or fresh LoRA for the
-/// base version).
-fn trainer_at(
-    model_dir: &Path,
-    config: TrainConfig,
-    store: &AdapterStore,
-    version: &str,
-) -> crate::Result<Trainer> {
-    let mut trainer = Trainer::from_base(model_dir, config, DType::F32, &Device::Cpu)?;
-    if version != BASE_VERSION {
-        let adapter = store.get(&VersionId::parse(version)?)?;
-        trainer.model_mut().load_adapter(&adapter)?;
-    }
-    trainer.set_policy_version(version.to_string());
-    Ok(trainer)
-}
-
 /// Evaluates the store's `version` loaded the way `leaf eval --adapter` loads it.
 fn evaluate_version(
     model_dir: &Path,
@@ -468,19 +455,16 @@ fn evaluate_version(
     Ok((evaluate(&model, encoder, corpus, config)?, Some(dir)))
 }
 
-struct Learner<'a> {
+/// The learner of a run: the shared [`Learner`] (update, gate, publish, rollback) plus the
+/// run's own bookkeeping (state, curve, events, progress).
+struct RunLearner<'a> {
     config: &'a RunConfig,
-    model_dir: &'a Path,
     server: Arc<LeafServer>,
-    runtime: tokio::runtime::Handle,
-    trainer: Trainer,
-    estimator: Box<dyn crate::advantage::AdvantageEstimator>,
-    encoder: &'a ExampleEncoder,
-    corpus: &'a Corpus,
+    learner: Learner,
+    sink: ServerSink,
     state: RunState,
     swaps_before: u64,
     cursor: Arc<AtomicU64>,
-    since_check: u64,
     train_rewards: Vec<f64>,
     started: Instant,
     bar: indicatif::ProgressBar,
@@ -491,14 +475,7 @@ struct Learner<'a> {
     state_path: PathBuf,
 }
 
-impl Learner<'_> {
-    fn store(&self) -> crate::Result<&AdapterStore> {
-        Ok(self
-            .server
-            .store()
-            .ok_or(crate::serving::ServeError::NoStore)?)
-    }
-
+impl RunLearner<'_> {
     fn swaps(&self) -> u64 {
         self.swaps_before + self.server.status().swaps
     }
@@ -552,20 +529,6 @@ impl Learner<'_> {
         self.bar.set_message(message);
     }
 
-    /// Rebuilds the trainer at the last good version.
-    fn roll_back(&mut self) -> crate::Result<()> {
-        let store = self.store()?;
-        self.trainer = trainer_at(
-            self.model_dir,
-            self.config.train_config(),
-            store,
-            &self.state.good_version,
-        )?;
-        self.state.rollbacks += 1;
-        self.since_check = 0;
-        Ok(())
-    }
-
     fn run(
         &mut self,
         rx: &Receiver<SealedGroup>,
@@ -576,8 +539,8 @@ impl Learner<'_> {
         while self.state.rollouts < self.config.rollouts {
             let waited = Instant::now();
             let got = rx.recv_timeout(Duration::from_millis(100));
-            self.state
-                .phases
+            self.learner
+                .phases_mut()
                 .add(Phase::Generation, waited.elapsed().as_secs_f64());
             match got {
                 Ok(g) => {
@@ -611,158 +574,135 @@ impl Learner<'_> {
     }
 
     fn update(&mut self, batch: &[SealedGroup]) -> crate::Result<()> {
-        let estimator = self.estimator.as_ref();
-        let prepared = self
-            .state
-            .phases
-            .time(Phase::Advantages, || prepare_batch(batch, estimator));
+        let groups: Vec<SourcedGroup> = batch
+            .iter()
+            .map(|g| SourcedGroup::from_sealed(g, GroupReceipt::none()))
+            .collect();
+        let prepared = self.learner.prepare(&groups);
         // The budget counts every harvested rollout, trained on or not.
         self.state.rollouts += prepared.harvested;
         self.train_rewards.extend(&prepared.all_rewards);
-        if prepared.is_empty() {
-            // Every group's rewards were equal: no update comes from them.
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        let result = self.trainer.step(&prepared.samples);
-        self.state
-            .phases
-            .add(Phase::Training, t0.elapsed().as_secs_f64());
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(e) => {
-                let msg = format!("update failed ({e}); batch dropped");
-                self.event("update_failed", msg);
-                return Ok(());
-            }
-        };
-        let number = self.state.updates + 1;
-        let loss = if self.config.fault_nan_update == Some(number) {
-            f64::NAN
-        } else {
-            stats.loss
-        };
-        self.state.updates = number;
-        self.server.note_update();
-        let staleness = self.state.history.staleness(
-            self.trainer.policy_version().unwrap_or(BASE_VERSION),
-            prepared
-                .samples
-                .iter()
-                .map(|s| s.behaviour_version.as_str()),
-        );
-        let record = UpdateRecord::new(number, self.state.rollouts, &stats, &prepared, staleness);
-        record.export();
-        self.state.update_log.push(record);
-        if !loss.is_finite() {
-            let msg = format!(
-                "update {number}: loss is {loss}; promotion stopped, rolled back to the last good \
-                 version {}",
-                self.state.good_version
-            );
-            self.event("nan_loss", msg);
-            self.roll_back()?;
-            self.train_rewards.clear();
-            return Ok(());
-        }
-        self.state.fork_counts.merge(&prepared.forks);
-        self.since_check += 1;
-        if self.since_check >= self.config.publish_every
-            || self.state.rollouts >= self.config.rollouts
+        match self
+            .learner
+            .update(&prepared, self.state.rollouts, &self.sink)?
         {
-            self.check()?;
+            // Every group's rewards were equal: no update comes from them.
+            UpdateOutcome::Skipped => Ok(()),
+            UpdateOutcome::Failed(e) => {
+                self.event(
+                    "update_failed",
+                    format!("update failed ({e}); batch dropped"),
+                );
+                Ok(())
+            }
+            UpdateOutcome::RolledBack { record, reason } => {
+                let number = record.update;
+                self.state.updates = number;
+                self.server.note_update();
+                self.state.update_log.push(record);
+                let loss = match reason {
+                    RollbackReason::NanLoss { loss, .. } => loss,
+                    _ => f64::NAN,
+                };
+                let msg = format!(
+                    "update {number}: loss is {loss}; promotion stopped, rolled back to the last \
+                     good version {}",
+                    self.state.good_version
+                );
+                self.event(reason.kind(), msg);
+                self.state.rollbacks += 1;
+                self.train_rewards.clear();
+                Ok(())
+            }
+            UpdateOutcome::Applied(record) => {
+                self.state.updates = record.update;
+                self.server.note_update();
+                self.state.update_log.push(record);
+                self.state.fork_counts.merge(&prepared.forks);
+                if self.learner.check_due() || self.state.rollouts >= self.config.rollouts {
+                    self.check()?;
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// The held-out check of the candidate, then promotion or rollback; saves the state.
     fn check(&mut self) -> crate::Result<()> {
-        self.since_check = 0;
-        let t0 = Instant::now();
-        let eval = evaluate(
-            self.trainer.model(),
-            self.encoder,
-            self.corpus,
-            &self.config.eval_config(self.config.eval_samples),
-        );
-        self.state
-            .phases
-            .add(Phase::HeldoutChecks, t0.elapsed().as_secs_f64());
-        let eval = eval?;
-        let reward = heldout_reward(&eval);
-        let mut promoted = false;
-        if reward < self.state.good_reward - self.config.collapse_drop {
-            let msg = format!(
-                "held-out reward collapsed to {reward:.3} (last good {:.3}); promotion stopped, \
-                 rolled back to the last good version {}",
-                self.state.good_reward, self.state.good_version
-            );
-            self.event("reward_collapse", msg);
-            self.roll_back()?;
-        } else {
-            let t0 = Instant::now();
-            let published = self.publish();
-            self.state
-                .phases
-                .add(Phase::Swaps, t0.elapsed().as_secs_f64());
-            match published {
-                Ok(v) => {
-                    self.state.history.push(v.clone());
-                    self.trainer.set_policy_version(v.clone());
-                    self.state.good_version = v;
-                    self.state.good_reward = reward;
-                    promoted = true;
+        self.learner
+            .set_note("rollouts", self.state.rollouts.into());
+        let (score, promoted) = match self.learner.check(&mut self.sink, true)? {
+            CheckOutcome::Published { version, score, .. } => {
+                self.state.good_version = version;
+                if let Some(s) = &score {
+                    self.state.good_reward = s.reward;
                 }
-                Err(e) => {
-                    let msg = format!("publishing failed ({e}); the served version stays");
-                    self.event("publish_failed", msg);
-                }
+                (score, true)
             }
-        }
+            CheckOutcome::RolledBack { reason, score } => {
+                let msg = match &reason {
+                    RollbackReason::Regression {
+                        reward,
+                        good_reward,
+                        ..
+                    } => format!(
+                        "held-out reward collapsed to {reward:.3} (last good {good_reward:.3}); \
+                         promotion stopped, rolled back to the last good version {}",
+                        self.state.good_version
+                    ),
+                    other => format!(
+                        "the gate refused the candidate ({other:?}); rolled back to the last \
+                         good version {}",
+                        self.state.good_version
+                    ),
+                };
+                self.event(reason.kind(), msg);
+                self.state.rollbacks += 1;
+                (score, false)
+            }
+            CheckOutcome::PublishFailed { error, score } => {
+                let msg = format!("publishing failed ({error}); the served version stays");
+                self.event("publish_failed", msg);
+                (score, false)
+            }
+        };
+        let score = score.unwrap_or_default();
         self.state.curve.push(CurvePoint {
             rollouts: self.state.rollouts,
-            reward,
-            exact_match: heldout_exact(&eval),
+            reward: score.reward,
+            exact_match: score.exact_match,
             adapter_version: self.state.good_version.clone(),
             promoted,
             train_reward: mean(self.train_rewards.iter().copied()),
-            tasks: CurvePoint::families(&eval),
+            tasks: score
+                .tasks
+                .iter()
+                .map(|(k, t)| {
+                    (
+                        k.clone(),
+                        FamilyPoint {
+                            reward: t.reward,
+                            exact_match: t.exact_match,
+                        },
+                    )
+                })
+                .collect(),
             seconds: self.started.elapsed().as_secs_f64(),
         });
         self.train_rewards.clear();
         self.save()
     }
 
-    fn publish(&mut self) -> crate::Result<String> {
-        let store = self.store()?;
-        let adapter = self.trainer.model().export_adapter("leaf-digits-base")?;
-        let parent = VersionId::parse(&self.server.current_version()).ok();
-        let mut notes = serde_json::Map::new();
-        notes.insert("estimator".into(), self.config.estimator.name().into());
-        notes.insert("rollouts".into(), self.state.rollouts.into());
-        let id = store.publish(
-            &adapter,
-            VersionMeta {
-                parent,
-                step: Some(self.state.updates),
-                notes,
-            },
-        )?;
-        let server = self.server.clone();
-        let v = id.to_string();
-        self.runtime
-            .block_on(async move { server.promote(&v).await })?;
-        Ok(id.to_string())
-    }
-
     fn save(&mut self) -> crate::Result<()> {
         // The optimizer first: a kill between the two files leaves a checkpoint newer than
         // state.json, which resume detects by its version and then restarts Adam.
-        self.trainer.save_state(
+        self.learner.trainer().save_state(
             &self.state_path.with_file_name(OPTIMIZER_FILE),
             &self.state.good_version,
         )?;
         self.state.cursor = self.cursor.load(Ordering::SeqCst);
+        self.state.phases = self.learner.phases().clone();
+        self.state.history = self.learner.history().clone();
         let mut s = self.state.clone();
         s.swaps = self.swaps();
         write_json(&self.state_path, &s)
@@ -969,7 +909,29 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward.clone()))?;
     let current = server.current_version();
     let store = server.store().ok_or(crate::serving::ServeError::NoStore)?;
-    let mut trainer = trainer_at(&model_dir, config.train_config(), store, &current)?;
+    // The learner's gate: the held-out test takes of the heard speakers, decoded as
+    // configured; a drop of more than collapse_drop below the last good version rolls back.
+    let sink = ServerSink::new(server.clone(), runtime.handle().clone());
+    let check = RecordingsCheck::new(
+        encoder.clone(),
+        heard.clone(),
+        config.eval_config(config.eval_samples),
+        "held-out test takes".into(),
+    );
+    let mut learner_cfg = LearnerConfig::new(
+        config.estimator.config(),
+        config.train_config(),
+        config.publish_every,
+    );
+    learner_cfg.base_name = "leaf-digits-base".into();
+    learner_cfg.fault_nan_update = config.fault_nan_update;
+    let mut learner = Learner::new(
+        &model_dir,
+        learner_cfg,
+        PromotionGate::new(Box::new(check), config.collapse_drop, None),
+        &sink,
+        &current,
+    )?;
 
     let mut state = match saved {
         Some(mut s) => {
@@ -1010,14 +972,19 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             seconds: started.elapsed().as_secs_f64(),
         });
     }
+    learner.gate_mut().set_good_reward(Some(state.good_reward));
+    learner.set_updates(state.updates);
+    learner.set_history(state.history.clone());
+    *learner.phases_mut() = state.phases.clone();
     let optimizer_path = out.join(OPTIMIZER_FILE);
     if config.resume {
-        let (kind, message) = match trainer.load_state(&optimizer_path, &current) {
+        let restored = learner.trainer_mut().load_state(&optimizer_path, &current);
+        let (kind, message) = match restored {
             Ok(()) => (
                 "optimizer_restored",
                 format!(
                     "optimizer state restored (Adam moments, schedule at step {})",
-                    trainer.steps()
+                    learner.trainer().steps()
                 ),
             ),
             Err(e) => (
@@ -1064,19 +1031,14 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         cursor.clone(),
         stop.clone(),
     ));
-    let mut learner = Learner {
+    let mut learner = RunLearner {
         config,
-        model_dir: &model_dir,
         server: server.clone(),
-        runtime: runtime.handle().clone(),
-        trainer,
-        estimator: config.estimator.config().build(),
-        encoder: &encoder,
-        corpus: &heard,
+        learner,
+        sink,
         state,
         swaps_before,
         cursor: cursor.clone(),
-        since_check: 0,
         train_rewards: Vec::new(),
         started,
         bar,

@@ -1,17 +1,17 @@
-//! Sealed groups -> validated groups -> advantages -> trainer samples: the one conversion
+//! Sourced groups -> validated groups -> advantages -> trainer samples: the one conversion
 //! both the online trainer and the main job's learner run before an update.
 
 use serde::{Deserialize, Serialize};
 
+use super::source::SourcedGroup;
 use crate::advantage::{AdvantageEstimator, ForkStats};
-use crate::harvest::SealedGroup;
 use crate::trainer::TrainSample;
 
 /// An advantage whose magnitude is below this counts as zero (z-scoring equal span values
 /// leaves rounding residue of about 1e-10 rather than exact zeros).
 pub const ZERO_ADVANTAGE: f64 = 1e-9;
 
-/// A batch of sealed groups, ready for [`Trainer::step`](crate::trainer::Trainer::step).
+/// A batch of groups, ready for [`Trainer::step`](crate::trainer::Trainer::step).
 #[derive(Debug, Default)]
 pub struct PreparedBatch {
     /// One sample per harvested response of an informative group, with its per-token
@@ -98,16 +98,22 @@ impl Moments {
 /// Runs `estimator` on every group of `batch` and builds the trainer samples. Groups whose
 /// advantages are all zero are left out (an update never comes from them) but counted, and
 /// they take part in [`PreparedBatch::stats`].
-pub fn prepare_batch(batch: &[SealedGroup], estimator: &dyn AdvantageEstimator) -> PreparedBatch {
+pub fn prepare_batch(batch: &[SourcedGroup], estimator: &dyn AdvantageEstimator) -> PreparedBatch {
     let mut out = PreparedBatch::default();
     let mut moments = Moments::default();
     let mut valid = 0u64;
-    for sealed in batch {
-        out.harvested += sealed.members.len() as u64;
-        let group = match sealed.to_group() {
+    for sourced in batch {
+        out.harvested += sourced.rollouts.len() as u64;
+        if sourced.prompt_ids.is_empty() {
+            tracing::warn!(group = %sourced.id, "group without prompt ids skipped");
+            metrics::counter!("leaf_groups_invalid_total").increment(1);
+            out.invalid += 1;
+            continue;
+        }
+        let group = match sourced.to_group() {
             Ok(g) => g,
             Err(e) => {
-                tracing::warn!(group = %sealed.id, error = %e, "invalid group skipped");
+                tracing::warn!(group = %sourced.id, error = %e, "invalid group skipped");
                 metrics::counter!("leaf_groups_invalid_total").increment(1);
                 out.invalid += 1;
                 continue;
@@ -120,7 +126,7 @@ pub fn prepare_batch(batch: &[SealedGroup], estimator: &dyn AdvantageEstimator) 
         }
         adv.per_token.iter().flatten().for_each(|a| moments.add(*a));
         out.all_rewards
-            .extend(sealed.members.iter().map(|(_, r)| *r));
+            .extend(sourced.rollouts.iter().map(|r| r.reward));
         let informative = adv
             .per_token
             .iter()
@@ -131,14 +137,14 @@ pub fn prepare_batch(batch: &[SealedGroup], estimator: &dyn AdvantageEstimator) 
             out.uninformative += 1;
             continue;
         }
-        for ((s, r), a) in sealed.members.iter().zip(adv.per_token) {
-            out.rewards.push(*r);
+        for (i, (r, a)) in sourced.rollouts.iter().zip(adv.per_token).enumerate() {
+            out.rewards.push(r.reward);
             out.samples.push(TrainSample {
-                prompt: s.prompt_ids.clone(),
-                completion: s.completion_ids.clone(),
+                prompt: sourced.prompt_ids.clone(),
+                completion: r.tokens.clone(),
                 advantages: a,
-                behaviour_logprobs: s.logprobs.clone(),
-                behaviour_version: s.adapter_version.clone(),
+                behaviour_logprobs: r.logprobs.clone(),
+                behaviour_version: sourced.behaviour_version(i).to_string(),
             });
         }
         out.groups += 1;

@@ -73,6 +73,11 @@ pub struct ServeArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "nats://HOST:PORT", conflicts_with = "online")]
     pub cluster: Option<String>,
+    /// Held-out data of the online trainer's promotion gate: a directory of recordings, or a
+    /// JSON-lines file of {"prompt_ids", "reference"} (overrides the online config's
+    /// `gate_data`). Without it candidates are promoted unchecked.
+    #[arg(long, requires = "online")]
+    pub gate_data: Option<PathBuf>,
     /// Caps on chat requests (override the config's `request_limits`). Boxed: ten options
     /// would make `ServeArgs` the one large variant of the CLI's command enum.
     #[command(flatten)]
@@ -228,7 +233,26 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
     }
     // A model directory that carries its unit codebook serves audio without --units.
     config.audio_encoder = audio(&args.model, args.units.as_deref())?;
-    let online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    let mut online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    if let Some(cfg) = online.as_mut() {
+        if args.gate_data.is_some() {
+            cfg.gate_data = args.gate_data.clone();
+        }
+        match &cfg.gate_data {
+            Some(d) => eprintln!(
+                "leaf: online training: candidates are promoted only if their held-out reward \
+                 on {} stays within {} of the served version's",
+                d.display(),
+                cfg.gate.max_drop
+            ),
+            None => eprintln!(
+                "leaf: WARNING: online training WITHOUT a promotion gate: every candidate \
+                 adapter is promoted UNCHECKED (no held-out check; only a NaN loss stops one). \
+                 Give held-out data with --gate-data. /v1/leaf/status reports \
+                 trainer.promotes_unchecked."
+            ),
+        }
+    }
     if online.is_some() && !policy_given {
         // Live prompts rarely repeat: with online training on, groups come from the server's
         // own extra samples unless the server config chose a group policy.
@@ -386,6 +410,13 @@ mod tests {
         use clap::Parser as _;
         let argv = ["leaf"].iter().chain(args).copied();
         Cli::try_parse_from(argv).map(|c| c.serve)
+    }
+
+    #[test]
+    fn gate_data_needs_online() {
+        assert!(parse(&["--model", "m", "--gate-data", "d"]).is_err());
+        let a = parse(&["--model", "m", "--online", "o.json", "--gate-data", "d"]).unwrap();
+        assert_eq!(a.gate_data.as_deref(), Some(Path::new("d")));
     }
 
     #[test]

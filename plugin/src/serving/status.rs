@@ -32,8 +32,11 @@ pub struct ServerStatus {
     pub groups_sealed: u64,
     /// Groups sealed partial.
     pub groups_sealed_partial: u64,
-    /// Groups dropped (too small, queue full, capacity).
+    /// Groups dropped (too small, queue full, capacity, unfillable, trainer down).
     pub groups_dropped: u64,
+    /// Of those, sealed groups that could not reach the trainer because it was down (or
+    /// restarting with a full queue), and groups lost with a crashed trainer.
+    pub groups_dropped_trainer_down: u64,
     /// Client requests whose group policy fired.
     pub forks_fired: u64,
     /// Client requests eligible for the group policy.
@@ -59,6 +62,9 @@ pub struct ServerStatus {
     /// Times this process restarted itself to hand leaked threads back (see
     /// [`super::restart`]).
     pub restarts: u64,
+    /// The online trainer: `up`, `restarting`, `down` (not ready), `stopped` or `absent`,
+    /// its restarts and last error, and what its promotion gate checks.
+    pub trainer: crate::harvest::TrainerStatus,
 }
 
 /// Resident set size of this process in bytes (Linux; `None` elsewhere).
@@ -104,7 +110,9 @@ impl LeafServer {
             groups_dropped: get(&a.dropped_too_small)
                 + get(&a.dropped_queue_full)
                 + get(&a.dropped_capacity)
-                + get(&a.dropped_unfillable),
+                + get(&a.dropped_unfillable)
+                + get(&a.dropped_trainer_down),
+            groups_dropped_trainer_down: get(&a.dropped_trainer_down),
             forks_fired: get(&c.forks_fired),
             fork_candidates: get(&c.fork_candidates),
             forks_usable: get(&c.forks_usable),
@@ -116,6 +124,7 @@ impl LeafServer {
             swaps: get(&c.swaps),
             leaked_threads: get(&c.engines_created),
             restarts: super::restart::restarts(),
+            trainer: self.assembler.trainer().status(),
         }
     }
 }

@@ -1,0 +1,134 @@
+//! `leaf train`: offline training from logged groups (see
+//! [`leaf_plugin::online::train::train_offline`]); prints the report as one JSON object.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use leaf_plugin::job::run::Estimator;
+use leaf_plugin::online::train::{train_offline, OfflineTrainConfig};
+use leaf_plugin::online::GateConfig;
+use leaf_plugin::reward::Metric;
+use leaf_plugin::trainer::TrainConfig;
+
+/// Arguments of `leaf train`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON-lines groups, one per line:
+    /// {"group_id", "prompt_ids": [...], "rollouts": [{"tokens", "logprobs", "reward"}]}.
+    #[arg(long)]
+    pub groups: PathBuf,
+    /// The adapter store (created when missing): every version is published there, and its
+    /// `trainer/` directory holds the checkpoint a later `leaf train` resumes from.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Advantage estimator.
+    #[arg(long, value_enum, default_value = "leaf")]
+    pub estimator: Estimator,
+    /// Stop after this many updates (default: when the file is exhausted).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Groups per update.
+    #[arg(long, default_value_t = 1)]
+    pub groups_per_update: usize,
+    /// Check, publish and promote every this many updates.
+    #[arg(long, default_value_t = 1)]
+    pub publish_every: u64,
+    /// A JSON `TrainConfig` (every field optional) for the update's finer settings.
+    #[arg(long)]
+    pub train_config: Option<PathBuf>,
+    /// Peak learning rate (overrides the train config).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// LoRA rank (overrides the train config).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (overrides the train config).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// KL penalty weight (overrides the train config).
+    #[arg(long)]
+    pub kl_beta: Option<f64>,
+    /// Seed of the LoRA initialisation (overrides the train config).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Held-out data for the promotion gate: a directory of recordings or a JSON-lines file
+    /// of {"prompt_ids", "reference"}. Without it candidates are promoted unchecked.
+    #[arg(long)]
+    pub gate_data: Option<PathBuf>,
+    /// Largest held-out reward drop below the last good version that still promotes.
+    #[arg(long, default_value_t = GateConfig::default().max_drop)]
+    pub gate_max_drop: f64,
+    /// Held-out examples per family (recordings) or prompts (file) per check.
+    #[arg(long, default_value_t = GateConfig::default().samples)]
+    pub gate_samples: usize,
+    /// Metric of a prompts file's references.
+    #[arg(long, value_enum, default_value = "bleu")]
+    pub gate_metric: Metric,
+    /// Log and skip malformed lines (counted as invalid) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_malformed: bool,
+}
+
+/// Runs `leaf train`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let mut train: TrainConfig = match &a.train_config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    if let Some(v) = a.lr {
+        train.learning_rate = v;
+    }
+    if let Some(v) = a.rank {
+        train.lora.rank = v;
+    }
+    if let Some(v) = a.alpha {
+        train.lora.alpha = v;
+    }
+    if let Some(v) = a.kl_beta {
+        train.kl_beta = v;
+    }
+    if let Some(v) = a.seed {
+        train.seed = v;
+        train.lora.seed = v;
+    }
+    if let Some(steps) = a.steps {
+        if a.train_config.is_none() {
+            // The schedule spans the run asked for.
+            train.total_steps = steps.max(1);
+        }
+    }
+    let mut config = OfflineTrainConfig::new(&a.model, &a.groups, &a.store);
+    config.estimator = a.estimator.config();
+    config.train = train;
+    config.groups_per_update = a.groups_per_update;
+    config.publish_every = a.publish_every;
+    config.max_updates = a.steps;
+    config.gate.max_drop = a.gate_max_drop;
+    config.gate.samples = a.gate_samples;
+    config.gate.metric = a.gate_metric;
+    config.gate_data = a.gate_data;
+    config.skip_malformed = a.skip_malformed;
+    let report = train_offline(&config)?;
+    eprintln!(
+        "leaf train: {} updates on {} groups ({} trained, {} invalid, {} all-equal, {} \
+         already applied), {} versions published, now at {}",
+        report.updates,
+        report.groups_consumed,
+        report.groups_trained,
+        report.groups_invalid,
+        report.groups_uninformative,
+        report.groups_duplicate,
+        report.published.len(),
+        report.final_version
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}

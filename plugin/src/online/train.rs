@@ -1,0 +1,428 @@
+//! Training from a [`GroupSource`]: the loop of `leaf train` (a JSON-lines file today, a
+//! broker's durable consumer for a cluster trainer).
+//!
+//! The loop takes `groups_per_update` groups at a time, runs the [`Learner`] on them and, at
+//! every point where the trainer's weights are a store version again (a promoted candidate, a
+//! rollback, or a batch that made no update), saves the [`TrainerCheckpoint`] and only then
+//! acks the groups consumed since the previous checkpoint ([`GroupSource::ack`]). A group
+//! whose id the checkpoint remembers (a redelivery after a crash lost its ack) is acked
+//! without being trained on.
+
+use std::path::{Path, PathBuf};
+
+use leaf_adapters::store::AdapterStore;
+use serde::Serialize;
+
+use super::checkpoint::{CheckpointState, TrainerCheckpoint};
+use super::gate::{open_gate_data, GateConfig, HeldOutScore, PromotionGate};
+use super::learner::{CheckOutcome, Learner, LearnerConfig, StoreSink, UpdateOutcome, VersionSink};
+use super::source::{
+    GroupReceipt, GroupSource, JsonlGroupSource, JsonlSourceOptions, SourcedGroup,
+};
+use super::OnlineError;
+use crate::advantage::EstimatorConfig;
+use crate::serving::BASE_VERSION;
+use crate::trainer::TrainConfig;
+
+/// Settings of [`train_from_source`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct SourceTrainOptions {
+    /// Groups per update. Default 1.
+    pub groups_per_update: usize,
+    /// Stop after this many updates in this session (`None`: until the source is exhausted).
+    pub max_updates: Option<u64>,
+}
+
+impl Default for SourceTrainOptions {
+    fn default() -> Self {
+        SourceTrainOptions {
+            groups_per_update: 1,
+            max_updates: None,
+        }
+    }
+}
+
+/// What [`train_from_source`] did in this session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SourceTrainReport {
+    /// The source.
+    pub source: String,
+    /// Updates applied this session (rolled-back ones included).
+    pub updates: u64,
+    /// Groups consumed this session.
+    pub groups_consumed: u64,
+    /// Groups that became training samples.
+    pub groups_trained: u64,
+    /// Groups refused by validation.
+    pub groups_invalid: u64,
+    /// Groups whose rewards were all equal.
+    pub groups_uninformative: u64,
+    /// Redelivered groups the checkpoint had already consumed (acked, not trained on).
+    pub groups_duplicate: u64,
+    /// Versions published and promoted.
+    pub published: Vec<String>,
+    /// Candidates the gate refused (the trainer rolled back each time).
+    pub rollbacks: u64,
+    /// Publishes that failed.
+    pub publish_failures: u64,
+    /// Updates that failed (batch dropped).
+    pub update_failures: u64,
+    /// Loss of the last update.
+    pub last_loss: Option<f64>,
+    /// The last held-out score the gate measured.
+    pub last_heldout: Option<HeldOutScore>,
+    /// Checkpoints saved.
+    pub checkpoints: u64,
+    /// The version the trainer ended at (the last good one).
+    pub final_version: String,
+    /// Whether the source was exhausted (else `max_updates` stopped the session).
+    pub exhausted: bool,
+}
+
+struct Run<'a> {
+    learner: &'a mut Learner,
+    sink: &'a mut dyn VersionSink,
+    source: &'a mut dyn GroupSource,
+    checkpoint: &'a TrainerCheckpoint,
+    state: &'a mut CheckpointState,
+    report: SourceTrainReport,
+    /// Receipts of groups consumed since the last checkpoint.
+    pending: Vec<GroupReceipt>,
+    /// The weights differ from `state.version` (updates not yet published).
+    dirty: bool,
+    harvested: u64,
+}
+
+/// Trains `learner` on the groups of `source` (see the module docs); `state` is the
+/// checkpoint's record (loaded on resume, fresh otherwise) and is kept up to date.
+pub async fn train_from_source(
+    learner: &mut Learner,
+    sink: &mut dyn VersionSink,
+    source: &mut dyn GroupSource,
+    checkpoint: &TrainerCheckpoint,
+    state: &mut CheckpointState,
+    options: &SourceTrainOptions,
+) -> crate::Result<SourceTrainReport> {
+    if options.groups_per_update == 0 {
+        return Err(super::OnlineError::Config("groups_per_update must be positive".into()).into());
+    }
+    let mut run = Run {
+        report: SourceTrainReport {
+            source: source.describe(),
+            ..SourceTrainReport::default()
+        },
+        learner,
+        sink,
+        source,
+        checkpoint,
+        state,
+        pending: Vec::new(),
+        dirty: false,
+        harvested: 0,
+    };
+    let mut batch: Vec<SourcedGroup> = Vec::new();
+    loop {
+        if options.max_updates.is_some_and(|m| run.report.updates >= m) {
+            break;
+        }
+        let want = options.groups_per_update - batch.len();
+        let got = run.source.next_groups(want).await?;
+        if got.is_empty() {
+            run.report.exhausted = true;
+            break;
+        }
+        let mut duplicates = Vec::new();
+        for g in got {
+            if run.state.seen(&g.id) {
+                tracing::info!(group = %g.id, "group already consumed before a restart; acked again");
+                duplicates.push(g.receipt);
+            } else {
+                batch.push(g);
+            }
+        }
+        if !duplicates.is_empty() {
+            run.report.groups_duplicate += duplicates.len() as u64;
+            run.source.ack(duplicates).await?;
+        }
+        if batch.len() >= options.groups_per_update {
+            let groups = std::mem::take(&mut batch);
+            run.train(groups)?;
+            run.checkpoint_if_clean().await?;
+        }
+    }
+    // The source is exhausted: train on the last partial batch, as a finish would.
+    if run.report.exhausted && !batch.is_empty() {
+        let groups = std::mem::take(&mut batch);
+        run.train(groups)?;
+    }
+    if run.learner.since_check() > 0 {
+        run.check()?;
+    }
+    run.checkpoint_if_clean().await?;
+    run.report.final_version = run.learner.good_version().to_string();
+    Ok(run.report)
+}
+
+impl Run<'_> {
+    fn train(&mut self, groups: Vec<SourcedGroup>) -> crate::Result<()> {
+        let prepared = self.learner.prepare(&groups);
+        self.report.groups_consumed += groups.len() as u64;
+        self.report.groups_trained += prepared.groups;
+        self.report.groups_invalid += prepared.invalid;
+        self.report.groups_uninformative += prepared.uninformative;
+        self.harvested += prepared.harvested;
+        for g in groups {
+            self.state.note_group(&g.id);
+            self.pending.push(g.receipt);
+        }
+        match self
+            .learner
+            .update(&prepared, self.harvested, &*self.sink)?
+        {
+            UpdateOutcome::Skipped => {}
+            UpdateOutcome::Failed(e) => {
+                tracing::warn!(error = %e, "update failed; batch dropped");
+                self.report.update_failures += 1;
+            }
+            UpdateOutcome::RolledBack { record, reason } => {
+                tracing::warn!(?reason, "update rolled back to the last good version");
+                self.report.updates += 1;
+                self.report.rollbacks += 1;
+                self.report.last_loss = Some(record.loss);
+                self.dirty = false;
+            }
+            UpdateOutcome::Applied(record) => {
+                self.report.updates += 1;
+                self.report.last_loss = Some(record.loss);
+                self.dirty = true;
+                if self.learner.check_due() {
+                    self.check()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&mut self) -> crate::Result<()> {
+        match self.learner.check(&mut *self.sink, true)? {
+            CheckOutcome::Published { version, score, .. } => {
+                tracing::info!(version, "published and promoted");
+                if score.is_some() {
+                    self.report.last_heldout = score;
+                }
+                self.report.published.push(version);
+                self.dirty = false;
+            }
+            CheckOutcome::RolledBack { reason, score } => {
+                tracing::warn!(?reason, "the gate refused the candidate; rolled back");
+                self.report.rollbacks += 1;
+                self.report.last_heldout = score;
+                self.dirty = false;
+            }
+            CheckOutcome::PublishFailed { error, score } => {
+                // The weights stay unpublished: nothing is acked until a later publish
+                // succeeds.
+                tracing::warn!(error = %error, "publishing failed; retried at the next check");
+                self.report.publish_failures += 1;
+                self.report.last_heldout = score;
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the checkpoint and acks what it covers, when the weights are a store version.
+    async fn checkpoint_if_clean(&mut self) -> crate::Result<()> {
+        if self.dirty || self.learner.since_check() > 0 || self.pending.is_empty() {
+            return Ok(());
+        }
+        self.state.version = self.learner.good_version().to_string();
+        self.state.updates = self.learner.updates();
+        self.state.good_reward = self.learner.gate().good_reward();
+        self.checkpoint.save(self.learner.trainer(), self.state)?;
+        self.report.checkpoints += 1;
+        let receipts = std::mem::take(&mut self.pending);
+        self.source.ack(receipts).await
+    }
+}
+
+/// Everything `leaf train` needs (the `--groups` file source; a cluster trainer builds its
+/// own source and calls [`train_from_source`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct OfflineTrainConfig {
+    /// The base model directory.
+    pub model_dir: PathBuf,
+    /// The JSON-lines groups file.
+    pub groups: PathBuf,
+    /// The adapter store (created when missing); its `trainer/` holds the checkpoint.
+    pub store: PathBuf,
+    /// LEAF or GRPO.
+    pub estimator: EstimatorConfig,
+    /// The LoRA update.
+    pub train: TrainConfig,
+    /// Groups per update.
+    pub groups_per_update: usize,
+    /// Check, publish and promote every this many updates.
+    pub publish_every: u64,
+    /// Stop after this many updates in this session.
+    pub max_updates: Option<u64>,
+    /// The gate's settings.
+    pub gate: GateConfig,
+    /// The gate's held-out data (recordings directory or prompts file); `None`: unchecked.
+    pub gate_data: Option<PathBuf>,
+    /// Log and skip malformed lines instead of stopping at the first.
+    pub skip_malformed: bool,
+    /// Written into the adapter's `base_model_name_or_path`.
+    pub base_name: String,
+}
+
+impl OfflineTrainConfig {
+    /// Defaults: LEAF, the default update, one group per update, a version per update.
+    pub fn new(model_dir: &Path, groups: &Path, store: &Path) -> Self {
+        OfflineTrainConfig {
+            model_dir: model_dir.to_path_buf(),
+            groups: groups.to_path_buf(),
+            store: store.to_path_buf(),
+            estimator: EstimatorConfig::default(),
+            train: TrainConfig::default(),
+            groups_per_update: 1,
+            publish_every: 1,
+            max_updates: None,
+            gate: GateConfig::default(),
+            gate_data: None,
+            skip_malformed: false,
+            base_name: "leaf-base".into(),
+        }
+    }
+}
+
+/// `leaf train`: trains on the groups file, publishing and promoting versions in the store,
+/// resuming from the store's trainer checkpoint (and the file's acked position) when there is
+/// one. Blocks (runs its own async runtime).
+pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainReport> {
+    let store = AdapterStore::open(&config.store)?;
+    let checkpoint = TrainerCheckpoint::in_store(&config.store);
+    let saved = checkpoint.load()?;
+    let estimator = config.estimator.name().to_string();
+    if let Some(s) = &saved {
+        let bad = |reason: String| OnlineError::Checkpoint {
+            path: checkpoint.dir().to_path_buf(),
+            reason,
+        };
+        if s.estimator != estimator {
+            return Err(bad(format!(
+                "was trained with --estimator {}, not {estimator}",
+                s.estimator
+            ))
+            .into());
+        }
+        if s.base_model != config.model_dir {
+            return Err(bad(format!(
+                "was trained on the base model {}, not {}",
+                s.base_model.display(),
+                config.model_dir.display()
+            ))
+            .into());
+        }
+    }
+    let version = match &saved {
+        Some(s) => s.version.clone(),
+        None => store
+            .current()?
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| BASE_VERSION.to_string()),
+    };
+    if let (Some(s), Ok(Some(current))) = (&saved, store.current()) {
+        if current.as_str() != s.version {
+            tracing::warn!(
+                checkpoint = %s.version,
+                current = %current,
+                "the store's current version is not the trainer's; training goes on from the \
+                 trainer's checkpoint"
+            );
+        }
+    }
+    let mut sink = StoreSink::new(store);
+    let gate = match &config.gate_data {
+        Some(path) => PromotionGate::new(
+            open_gate_data(path, &config.model_dir, &config.gate)?,
+            config.gate.max_drop,
+            saved.as_ref().and_then(|s| s.good_reward),
+        ),
+        None => {
+            tracing::warn!(
+                "no --gate-data: every candidate is published and promoted unchecked (only a \
+                 non-finite loss rolls back)"
+            );
+            PromotionGate::unchecked()
+        }
+    };
+    let mut learner_cfg = LearnerConfig::new(
+        config.estimator.clone(),
+        config.train.clone(),
+        config.publish_every,
+    );
+    learner_cfg.base_name = config.base_name.clone();
+    let mut learner = Learner::new(&config.model_dir, learner_cfg, gate, &sink, &version)?;
+    if learner.gate().is_checked() && learner.gate().good_reward().is_none() {
+        if let Some(s) = learner.measure_baseline()? {
+            tracing::info!(version = %version, reward = s.reward, "gate: the starting version's held-out reward");
+        }
+    }
+    let mut state = match saved {
+        Some(mut s) => {
+            learner.set_updates(s.updates);
+            match checkpoint.restore_optimizer(learner.trainer_mut(), &s.version) {
+                Ok(()) => tracing::info!(
+                    version = %s.version,
+                    step = learner.trainer().steps(),
+                    "optimizer state restored"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "optimizer state not restored; Adam and the schedule restart"
+                ),
+            }
+            s.sessions += 1;
+            s
+        }
+        None => CheckpointState {
+            version: version.clone(),
+            updates: 0,
+            groups_consumed: 0,
+            recent_groups: Default::default(),
+            good_reward: None,
+            estimator,
+            base_model: config.model_dir.clone(),
+            sessions: 1,
+        },
+    };
+    let mut source = JsonlGroupSource::open(
+        &config.groups,
+        JsonlSourceOptions {
+            skip_malformed: config.skip_malformed,
+            vocab_size: Some(learner.trainer().model().config().vocab_size),
+            cursor_file: Some(checkpoint.cursor_file("jsonl")),
+            ..JsonlSourceOptions::default()
+        },
+    )?;
+    let options = SourceTrainOptions {
+        groups_per_update: config.groups_per_update,
+        max_updates: config.max_updates,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OnlineError::Config(format!("cannot start the async runtime: {e}")))?;
+    let mut report = runtime.block_on(train_from_source(
+        &mut learner,
+        &mut sink,
+        &mut source,
+        &checkpoint,
+        &mut state,
+        &options,
+    ))?;
+    report.groups_invalid += source.skipped();
+    Ok(report)
+}
