@@ -20,6 +20,9 @@ pub enum Error {
     /// The speech workload (units, tokenizer, tasks) failed.
     #[error(transparent)]
     Speech(#[from] crate::speech::SpeechError),
+    /// A model's chat format (template, stop tokens) could not be read or rendered.
+    #[error(transparent)]
+    ChatFormat(#[from] crate::chat_format::ChatFormatError),
     /// Training failed.
     #[error(transparent)]
     Train(#[from] crate::trainer::TrainError),

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
 use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
@@ -426,7 +426,7 @@ fn trainer_at(
     store: &AdapterStore,
     version: &str,
 ) -> crate::Result<Trainer> {
-    let mut trainer = Trainer::from_base(model_dir, config, DType::F32, &Device::Cpu)?;
+    let mut trainer = Trainer::load(model_dir, config, DType::F32)?;
     if version != BASE_VERSION {
         let adapter = store.get(&VersionId::parse(version)?)?;
         trainer.model_mut().load_adapter(&adapter)?;

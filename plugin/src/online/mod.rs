@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use leaf_adapters::store::{VersionId, VersionMeta};
 use serde::{Deserialize, Serialize};
@@ -162,12 +162,7 @@ impl OnlineTrainer {
             ));
         }
         let store = server.store().ok_or(ServeError::NoStore)?;
-        let mut trainer = Trainer::from_base(
-            server.model().dir(),
-            config.train.clone(),
-            DType::F32,
-            &Device::Cpu,
-        )?;
+        let mut trainer = Trainer::load(server.model().dir(), config.train.clone(), DType::F32)?;
         let current = server.current_version();
         if current != BASE_VERSION {
             let id = VersionId::parse(&current).map_err(ServeError::Adapter)?;

@@ -177,6 +177,13 @@ impl Trainer {
         Self::new(model, config)
     }
 
+    /// [`Trainer::from_base`] on the device the configuration names
+    /// ([`TrainConfig::device`]).
+    pub fn load(dir: &Path, config: TrainConfig, dtype: DType) -> Result<Self, TrainError> {
+        let device = config.device.open()?;
+        Self::from_base(dir, config, dtype, &device)
+    }
+
     /// The model being trained.
     pub fn model(&self) -> &LlamaModel {
         &self.model
