@@ -179,7 +179,7 @@ fn write_tokenizer(dir: &Path, template: Template) -> Result<usize> {
 // ------------------------------------------------------------------------- models
 
 /// One family's tiny model.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Case {
     Llama,
     Llama3,
@@ -529,7 +529,7 @@ async fn chat_format_gives_the_engines_prompt_ids() -> Result<()> {
 
 /// A few steps of leaf's trainer on `m`: rank-4 LoRA on every projection, a large learning
 /// rate so `B` moves well away from zero.
-fn train_adapter(m: &Tiny) -> Result<LoraAdapter> {
+fn train_adapter(m: &Tiny) -> Result<(LoraAdapter, LlamaModel)> {
     let config = TrainConfig {
         learning_rate: 5e-2,
         warmup_fraction: 0.0,
@@ -591,14 +591,14 @@ fn train_adapter(m: &Tiny) -> Result<LoraAdapter> {
         "targets {:?}, expected {want:?}",
         adapter.config.target_modules
     );
-    Ok(adapter)
+    Ok((adapter, trainer.into_model()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trained_adapter_served_by_the_engine_equals_the_merged_model() -> Result<()> {
     for (i, case) in Case::ALL.into_iter().enumerate() {
         let m = tiny(case, 70 + i as u64)?;
-        let adapter = train_adapter(&m)?;
+        let (adapter, trained) = train_adapter(&m)?;
         // Saved as PEFT through the store, as the online trainer publishes it.
         let store = AdapterStore::open(&m.root.join("store"))?;
         let id = store.publish(&adapter, Default::default())?;
@@ -618,6 +618,8 @@ async fn trained_adapter_served_by_the_engine_equals_the_merged_model() -> Resul
             },
         )?;
         let diff = max_diff(&merged, &calls, &Pass::BASE)?;
+        // The trainer's own LoRA forward (unmerged) gives the same logits.
+        let policy = max_diff(&trained, &calls, &Pass::POLICY)?;
         // The base model differs: the adapter matters.
         let base = LlamaModel::load(
             &m.dir,
@@ -628,9 +630,15 @@ async fn trained_adapter_served_by_the_engine_equals_the_merged_model() -> Resul
         )?;
         let moved = max_diff(&base, &calls, &Pass::BASE)?;
         println!(
-            "{}: max |merged - engine| = {diff:.2e}; base vs adapted engine {moved:.2e}; merged {} weights",
+            "{}: max |merged - engine| = {diff:.2e}, |trainer policy - engine| = {policy:.2e}; \
+             base vs adapted engine {moved:.2e}; merged {} weights",
             case.name(),
             report.merged.len()
+        );
+        ensure!(
+            policy <= TOLERANCE,
+            "{}: trainer policy vs engine logits differ by {policy}",
+            case.name()
         );
         ensure!(
             diff <= TOLERANCE,

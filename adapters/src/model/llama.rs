@@ -305,10 +305,7 @@ impl LlamaModel {
         // LoRA targets in the family's own names (Llama names map onto Phi-3's fused ones).
         let mut trainable = options.trainable.clone();
         if let Trainable::Lora(l) = &mut trainable {
-            l.check().map_err(Error::Model)?;
-            l.target_modules = family
-                .resolve_targets(&l.target_modules)
-                .map_err(Error::Model)?;
+            *l = l.for_family(family).map_err(Error::Model)?;
         }
         let lora = match &trainable {
             Trainable::Lora(l) => Some(l),

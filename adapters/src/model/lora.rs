@@ -8,7 +8,7 @@ use super::frozen::frozen_linear;
 use super::init;
 use super::kernels;
 use super::ops;
-use crate::config::{ALL_TARGETS, KNOWN_MODULES};
+use crate::config::{Family, ALL_TARGETS, KNOWN_MODULES};
 
 /// Where and how LoRA is attached. Defaults are the LEAF spec's: rank 64, alpha 128,
 /// dropout 0.05, all seven projections of every decoder layer.
@@ -51,6 +51,16 @@ impl LoraOptions {
     /// Whether `module` (a short name) gets LoRA.
     pub fn targets(&self, module: &str) -> bool {
         self.target_modules.iter().any(|m| m == module)
+    }
+
+    /// These options with `target_modules` in `family`'s own names
+    /// ([`Family::resolve_targets`]): what a model of that family carries.
+    pub fn for_family(&self, family: Family) -> std::result::Result<LoraOptions, String> {
+        self.check()?;
+        Ok(LoraOptions {
+            target_modules: family.resolve_targets(&self.target_modules)?,
+            ..self.clone()
+        })
     }
 
     /// Checks the options; returns the reason on failure.
