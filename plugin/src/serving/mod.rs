@@ -60,10 +60,16 @@
 
 pub mod auth;
 pub mod cli;
+mod config;
+mod engine;
+mod group_policy;
 pub mod http;
 pub mod limits;
 pub mod model;
+mod request;
 pub mod server;
+mod status;
+mod swap;
 
 pub use model::{load_pipeline, ModelDir};
 pub use server::{

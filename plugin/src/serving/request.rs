@@ -1,0 +1,293 @@
+//! The request and reply types of [`LeafServer::chat`], and the path of one chat request:
+//! checks, audio front-end, conversion into mistral.rs messages, the reply's log-probs.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use either::Either;
+use indexmap::IndexMap;
+use mistralrs_core::{
+    ChatCompletionResponse, MessageContent, RequestMessage, Response, TopLogprob,
+};
+
+use super::config::check_sampling;
+use super::engine::{response_error, CancelOnDrop, Finished, InflightGuard, Meta, Plan};
+use super::server::LeafServer;
+use super::ServeError;
+use crate::harvest::{TapConfig, TapRecord};
+
+/// One part of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    /// Text.
+    Text(String),
+    /// Audio already turned into unit ids.
+    Units(Vec<u32>),
+    /// Audio as a WAV file; the front-end turns it into units (needs
+    /// [`ServerConfig::unit_codebook`]).
+    Wav(Vec<u8>),
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The parts, in order.
+    pub content: Vec<Part>,
+}
+
+impl Message {
+    /// A message with one text part.
+    pub fn text(role: &str, text: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: vec![Part::Text(text.into())],
+        }
+    }
+}
+
+/// A chat request. `None` fields take the server's [`SamplingDefaults`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Most new tokens.
+    pub max_tokens: Option<usize>,
+    /// Temperature.
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Return the log-prob of each token (natural logs).
+    pub logprobs: bool,
+    /// Alternatives per position with `logprobs` (at most 20).
+    pub top_logprobs: usize,
+    /// Seed of the tap's RNG (random when `None`).
+    pub seed: Option<u64>,
+    /// A reference answer, for the reward.
+    pub reference: Option<String>,
+    /// A task name, kept with the sample.
+    pub task: Option<String>,
+}
+
+/// The answer to a chat request.
+#[derive(Debug, Clone)]
+pub struct ChatReply {
+    /// The request id (what feedback refers to); also the response's `id`.
+    pub request_id: String,
+    /// The adapter version that produced the answer.
+    pub adapter_version: String,
+    /// The engine that served it.
+    pub engine_id: String,
+    /// The OpenAI-style response; log-probs, when asked for, are natural logs of the
+    /// distribution each token was drawn from.
+    pub response: ChatCompletionResponse,
+    /// The exact generated ids (special tokens included).
+    pub completion_ids: Vec<u32>,
+    /// Natural-log probability of each generated id under the distribution it was drawn
+    /// from (temperature and top-p renormalised), in `f64`.
+    pub logprobs: Vec<f64>,
+    /// The prompt ids the model saw.
+    pub prompt_ids: Vec<u32>,
+}
+
+impl LeafServer {
+    /// Serves one chat request through the current version, harvesting its sample.
+    ///
+    /// Dropping the returned future (a client that went away) cancels the request through its
+    /// tap; the response channel is drained by a task of its own either way.
+    pub async fn chat(self: &Arc<Self>, mut req: ChatRequest) -> Result<ChatReply, ServeError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ServeError::ShuttingDown);
+        }
+        let temperature = req.temperature.unwrap_or(self.config.sampling.temperature);
+        let top_p = req.top_p.unwrap_or(self.config.sampling.top_p);
+        check_sampling(temperature, top_p)?;
+        let max_tokens = req.max_tokens.unwrap_or(self.config.sampling.max_tokens);
+        if max_tokens == 0 {
+            return Err(ServeError::Request("max_tokens must be positive".into()));
+        }
+        if req.top_logprobs > 20 {
+            return Err(ServeError::Request(format!(
+                "top_logprobs {} must be at most 20",
+                req.top_logprobs
+            )));
+        }
+        let messages = self.wav_to_units(std::mem::take(&mut req.messages)).await?;
+        let messages = self.to_engine_messages(&messages)?;
+        let seed = req.seed.unwrap_or_else(|| self.next_seed());
+        let top_n = if req.logprobs { req.top_logprobs } else { 0 };
+        let meta = Meta {
+            reference: req.reference.clone(),
+            task: req.task.clone(),
+            temperature,
+            top_p,
+            max_tokens,
+        };
+        self.foreground.fetch_add(1, Ordering::SeqCst);
+        let fg = InflightGuard(self.foreground.clone());
+        let (run, rx) = self
+            .submit(
+                RequestMessage::Chat {
+                    messages,
+                    enable_thinking: None,
+                    reasoning_effort: None,
+                },
+                TapConfig {
+                    temperature,
+                    top_p,
+                    top_logprobs: top_n,
+                    stop_token: self.stop_token(),
+                    seed,
+                    forced: Vec::new(),
+                },
+                max_tokens,
+                req.logprobs,
+                None,
+                Plan::User,
+                meta,
+            )
+            .await?;
+        let mut cancel = CancelOnDrop {
+            tap: run.tap.clone(),
+            done: false,
+            cancelled: self.counters.cancelled.clone(),
+        };
+        let finished = rx
+            .await
+            .map_err(|_| ServeError::Aborted(run.request_id.clone()))?;
+        cancel.done = true;
+        drop(fg);
+        let Finished { response, record } = finished;
+        let mut resp = match response {
+            Response::Done(r) => r,
+            other => return Err(response_error(other, &run.request_id)),
+        };
+        let record = record.unwrap_or_default();
+        resp.id = run.request_id.clone();
+        if req.logprobs {
+            self.rewrite_logprobs(&mut resp, &record);
+        }
+        Ok(ChatReply {
+            request_id: run.request_id,
+            adapter_version: run.version,
+            engine_id: run.engine_id,
+            response: resp,
+            completion_ids: record.tokens,
+            logprobs: record.logprobs,
+            prompt_ids: record.prompt,
+        })
+    }
+
+    /// Turns every WAV part into units on the blocking pool: decoding, resampling and log-mel
+    /// take milliseconds to seconds of CPU and must not stall the async workers.
+    pub(super) async fn wav_to_units(
+        &self,
+        mut messages: Vec<Message>,
+    ) -> Result<Vec<Message>, ServeError> {
+        let has_wav = |m: &Vec<Message>| {
+            m.iter()
+                .any(|m| m.content.iter().any(|p| matches!(p, Part::Wav(_))))
+        };
+        if !has_wav(&messages) {
+            return Ok(messages);
+        }
+        let enc = self.units.clone().ok_or_else(|| {
+            ServeError::Request("audio input needs a unit codebook (unit_codebook)".into())
+        })?;
+        tokio::task::spawn_blocking(move || -> Result<Vec<Message>, ServeError> {
+            for part in messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
+                if let Part::Wav(wav) = part {
+                    *part = Part::Units(enc.units_from_wav(wav)?);
+                }
+            }
+            Ok(messages)
+        })
+        .await
+        .map_err(|e| ServeError::Engine(format!("audio front-end task failed: {e}")))?
+    }
+
+    pub(super) fn to_engine_messages(
+        &self,
+        messages: &[Message],
+    ) -> Result<Vec<IndexMap<String, MessageContent>>, ServeError> {
+        if messages.is_empty() {
+            return Err(ServeError::Request("messages is empty".into()));
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return Err(ServeError::Request(format!(
+                    "messages[{i}].role {:?} is not system, user or assistant",
+                    m.role
+                )));
+            }
+            let content = match m.content.as_slice() {
+                [Part::Text(t)] => Either::Left(t.clone()),
+                parts => {
+                    let mut list = Vec::with_capacity(parts.len());
+                    for p in parts {
+                        let mut part = IndexMap::new();
+                        match p {
+                            Part::Text(t) => {
+                                part.insert("type".to_string(), "text".into());
+                                part.insert("text".to_string(), t.clone().into());
+                            }
+                            Part::Units(u) => {
+                                part.insert("type".to_string(), "audio".into());
+                                part.insert("units".to_string(), serde_json::json!(u));
+                            }
+                            Part::Wav(wav) => {
+                                let enc = self.units.as_ref().ok_or_else(|| {
+                                    ServeError::Request(
+                                        "audio input needs a unit codebook (unit_codebook)".into(),
+                                    )
+                                })?;
+                                let units = enc.units_from_wav(wav)?;
+                                part.insert("type".to_string(), "audio".into());
+                                part.insert("units".to_string(), serde_json::json!(units));
+                            }
+                        }
+                        list.push(part);
+                    }
+                    Either::Right(list)
+                }
+            };
+            let mut msg = IndexMap::new();
+            msg.insert("role".to_string(), Either::Left(m.role.clone()));
+            msg.insert("content".to_string(), content);
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the engine's log10 values (meaningless with a tap) by the tap's natural logs.
+    pub(super) fn rewrite_logprobs(&self, resp: &mut ChatCompletionResponse, record: &TapRecord) {
+        let tok = self.model.tokenizer();
+        for choice in &mut resp.choices {
+            let Some(lp) = choice.logprobs.as_mut() else {
+                continue;
+            };
+            let Some(content) = lp.content.as_mut() else {
+                continue;
+            };
+            content.truncate(record.tokens.len());
+            for (i, entry) in content.iter_mut().enumerate() {
+                entry.logprob = record.logprobs[i] as f32;
+                entry.top_logprobs = record
+                    .top
+                    .get(i)
+                    .map(|alts| {
+                        alts.iter()
+                            .map(|&(token, logprob)| TopLogprob {
+                                token,
+                                logprob: logprob as f32,
+                                bytes: tok.decode(&[token], false).ok(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+        }
+    }
+}
