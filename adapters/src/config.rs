@@ -98,7 +98,10 @@ impl Family {
                 .into_iter()
                 .find(|f| f.architecture() == arch)
                 .ok_or_else(|| {
-                    format!("architecture {arch:?} is not supported (supported: {})", supported())
+                    format!(
+                        "architecture {arch:?} is not supported (supported: {})",
+                        supported()
+                    )
                 })?;
             if !model_type.is_empty() && model_type != family.model_type() {
                 return Err(format!(
@@ -156,13 +159,11 @@ impl Family {
                 (true, "gate_proj" | "up_proj") => &["gate_up_proj"],
                 (false, "qkv_proj") => &["q_proj", "k_proj", "v_proj"],
                 (false, "gate_up_proj") => &["gate_proj", "up_proj"],
-                (_, other) => {
-                    return Err(format!(
-                        "LoRA target module {other:?} does not exist in a {} model (its modules: {})",
-                        self.model_type(),
-                        self.lora_targets().join(", ")
-                    ))
-                }
+                (_, other) => return Err(format!(
+                    "LoRA target module {other:?} does not exist in a {} model (its modules: {})",
+                    self.model_type(),
+                    self.lora_targets().join(", ")
+                )),
             };
             if mapped.is_empty() {
                 wanted.push(t.as_str());
@@ -633,7 +634,10 @@ mod tests {
         assert_eq!(parse(v.clone()).try_family(), Ok(Family::Qwen2));
         v["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
         let err = parse(v.clone()).check().unwrap_err();
-        assert!(err.contains("GemmaForCausalLM") && err.contains("Phi3ForCausalLM"), "{err}");
+        assert!(
+            err.contains("GemmaForCausalLM") && err.contains("Phi3ForCausalLM"),
+            "{err}"
+        );
         v["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
         let err = parse(v).check().unwrap_err();
         assert!(err.contains("does not match model_type"), "{err}");
@@ -650,7 +654,10 @@ mod tests {
         assert_eq!(c.eos_token_id, Some(7));
         c.check().unwrap();
         v["rope_scaling"]["high_freq_factor"] = 0.5.into();
-        assert!(parse(v.clone()).check().unwrap_err().contains("high_freq_factor"));
+        assert!(parse(v.clone())
+            .check()
+            .unwrap_err()
+            .contains("high_freq_factor"));
         v["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
         assert!(parse(v.clone()).check().unwrap_err().contains("yarn"));
         v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0});

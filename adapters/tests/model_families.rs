@@ -56,7 +56,8 @@ fn fuse(llama: &LlamaModel) -> HashMap<String, Tensor> {
     let mut w: HashMap<String, Tensor> = llama.base_tensors().into_iter().collect();
     for i in 0..llama.config().num_hidden_layers {
         let take = |w: &mut HashMap<String, Tensor>, part: &str| {
-            w.remove(&format!("model.layers.{i}.{part}.weight")).unwrap()
+            w.remove(&format!("model.layers.{i}.{part}.weight"))
+                .unwrap()
         };
         let q = take(&mut w, "self_attn.q_proj");
         let k = take(&mut w, "self_attn.k_proj");
@@ -78,9 +79,12 @@ fn fuse(llama: &LlamaModel) -> HashMap<String, Tensor> {
 #[test]
 fn phi3_fused_projections_equal_llamas_split_ones() {
     let llama = LlamaModel::random(&config(Family::Llama), 1, &opts(Trainable::Nothing)).unwrap();
-    let phi3 =
-        LlamaModel::from_tensors(config(Family::Phi3), fuse(&llama), &opts(Trainable::Nothing))
-            .unwrap();
+    let phi3 = LlamaModel::from_tensors(
+        config(Family::Phi3),
+        fuse(&llama),
+        &opts(Trainable::Nothing),
+    )
+    .unwrap();
     let a = llama.forward(&input(), &Pass::BASE).unwrap();
     let b = phi3.forward(&input(), &Pass::BASE).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-12, "{}", max_abs_diff(&a, &b));
@@ -111,7 +115,13 @@ fn phi3_lora_resolves_llama_names_trains_and_exports_fused_targets() {
     for m in PHI3_TARGETS {
         let (_, b) = model.lora_pair(1, m).unwrap();
         let g = grads.get(b.as_tensor()).expect("a gradient");
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(norm > 0.0, "{m}: zero gradient");
     }
     let adapter = model.export_adapter("phi3").unwrap();
@@ -119,15 +129,18 @@ fn phi3_lora_resolves_llama_names_trains_and_exports_fused_targets() {
     assert!(adapter
         .tensors
         .contains_key("base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"));
-    let mut again =
-        LlamaModel::random(&config(Family::Phi3), 2, &opts(Trainable::Lora(LoraOptions {
+    let mut again = LlamaModel::random(
+        &config(Family::Phi3),
+        2,
+        &opts(Trainable::Lora(LoraOptions {
             rank: 2,
             alpha: 4.0,
             dropout: 0.0,
             seed: 9,
             target_modules: PHI3_TARGETS.iter().map(|s| s.to_string()).collect(),
-        })))
-        .unwrap();
+        })),
+    )
+    .unwrap();
     again.load_adapter(&adapter).unwrap();
     // An unknown target for the family is a clear error.
     let bad = LoraOptions {
@@ -158,9 +171,12 @@ fn qwen2_biases_are_loaded_and_matter() {
             (n.clone(), t)
         })
         .collect();
-    let q0 =
-        LlamaModel::from_tensors(config(Family::Qwen2), zeroed.clone(), &opts(Trainable::Nothing))
-            .unwrap();
+    let q0 = LlamaModel::from_tensors(
+        config(Family::Qwen2),
+        zeroed.clone(),
+        &opts(Trainable::Nothing),
+    )
+    .unwrap();
     let llama =
         LlamaModel::from_tensors(config(Family::Llama), zeroed, &opts(Trainable::Nothing)).unwrap();
     let a = q0.forward(&input(), &Pass::BASE).unwrap();
@@ -189,7 +205,10 @@ fn mistral_window_and_head_dim() {
     );
     let short = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
     model.forward(&short, &Pass::BASE).unwrap();
-    let err = model.forward(&input(), &Pass::BASE).unwrap_err().to_string();
+    let err = model
+        .forward(&input(), &Pass::BASE)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("sliding attention window of 5"), "{err}");
 }
 
@@ -209,7 +228,10 @@ fn llama3_rope_scaling_changes_late_positions_only_through_rope() {
     let a = plain.forward(&input(), &Pass::BASE).unwrap();
     let b = scaled.forward(&input(), &Pass::BASE).unwrap();
     // Position 0 has no rotation: identical; later positions differ.
-    let first = max_abs_diff(&a.get(0).unwrap().get(0).unwrap(), &b.get(0).unwrap().get(0).unwrap());
+    let first = max_abs_diff(
+        &a.get(0).unwrap().get(0).unwrap(),
+        &b.get(0).unwrap().get(0).unwrap(),
+    );
     assert!(first < 1e-12, "{first}");
     assert!(max_abs_diff(&a, &b) > 1e-9);
     let _ = b.dim(D::Minus1).unwrap();
@@ -223,7 +245,10 @@ fn unsupported_families_and_options_are_clear_errors() {
     let err = LlamaModel::random(&c, 0, &opts(Trainable::Nothing))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("GPT2LMHeadModel") && err.contains("supported"), "{err}");
+    assert!(
+        err.contains("GPT2LMHeadModel") && err.contains("supported"),
+        "{err}"
+    );
     let mut c = config(Family::Qwen2);
     c.rope_scaling = Some(RopeScaling {
         rope_type: "yarn".into(),

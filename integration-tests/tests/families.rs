@@ -70,8 +70,10 @@ fn tokenizer_json(specials: &[&str], prepend: Option<&str>) -> (String, HashMap<
     let mut vocab: Vec<String> = byte_symbols();
     let mut added = Vec::new();
     for s in specials {
-        added.push(json!({"id": vocab.len(), "content": s, "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        added.push(
+            json!({"id": vocab.len(), "content": s, "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+        );
         vocab.push(s.to_string());
     }
     let ids: HashMap<String, u32> = vocab
@@ -189,7 +191,13 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 5] = [Case::Llama, Case::Llama3, Case::Qwen2, Case::Mistral, Case::Phi3];
+    const ALL: [Case; 5] = [
+        Case::Llama,
+        Case::Llama3,
+        Case::Qwen2,
+        Case::Mistral,
+        Case::Phi3,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -460,7 +468,12 @@ async fn trainer_logits_equal_engine_logits_per_family() -> Result<()> {
         let mistral = engine(&m.dir, None).await?;
         let turns = [ChatTurn::new("user", "Count to five.")];
         let calls = observe(&mistral, chat(&turns), 8).await?;
-        ensure!(calls.len() >= 2, "{}: only {} calls", case.name(), calls.len());
+        ensure!(
+            calls.len() >= 2,
+            "{}: only {} calls",
+            case.name(),
+            calls.len()
+        );
         let model = LlamaModel::load(
             &m.dir,
             &ModelOptions {
@@ -521,7 +534,11 @@ async fn chat_format_gives_the_engines_prompt_ids() -> Result<()> {
             // The template writes a BOS and the tokenizer adds one: the engine serves both.
             let bos = vocab["<|begin_of_text|>"];
             let ids = format.prompt_ids(&conversation(), true)?;
-            ensure!(ids[..2] == [bos, bos], "expected a doubled BOS: {:?}", &ids[..4]);
+            ensure!(
+                ids[..2] == [bos, bos],
+                "expected a doubled BOS: {:?}",
+                &ids[..4]
+            );
         }
     }
     Ok(())
@@ -577,12 +594,18 @@ fn train_adapter(m: &Tiny) -> Result<(LoraAdapter, LlamaModel)> {
     for _ in 0..3 {
         trainer.step(&samples)?;
     }
-    let adapter = trainer.model().export_adapter(m.dir.to_string_lossy().as_ref())?;
+    let adapter = trainer
+        .model()
+        .export_adapter(m.dir.to_string_lossy().as_ref())?;
     let b_norm: f32 = adapter
         .tensors
         .iter()
         .filter(|(n, _)| n.contains("lora_B"))
-        .map(|(_, t)| t.sqr().and_then(|s| s.sum_all()).and_then(|s| s.to_scalar::<f32>()))
+        .map(|(_, t)| {
+            t.sqr()
+                .and_then(|s| s.sum_all())
+                .and_then(|s| s.to_scalar::<f32>())
+        })
         .sum::<candle_core::Result<f32>>()?;
     ensure!(b_norm > 1e-6, "training left B at zero");
     let want: Vec<&str> = m.config.lora_targets().to_vec();
@@ -608,7 +631,8 @@ async fn trained_adapter_served_by_the_engine_equals_the_merged_model() -> Resul
         let calls = observe(&mistral, chat(&[ChatTurn::new("user", "Say yes.")]), 6).await?;
         // The merged model, loaded without LoRA.
         let merged_dir = m.root.join("merged");
-        let report = merge::merge_model_dir(&m.dir, &LoraAdapter::load(&adapter_dir)?, &merged_dir)?;
+        let report =
+            merge::merge_model_dir(&m.dir, &LoraAdapter::load(&adapter_dir)?, &merged_dir)?;
         ensure!(!report.merged.is_empty());
         let merged = LlamaModel::load(
             &merged_dir,

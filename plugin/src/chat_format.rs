@@ -174,7 +174,8 @@ impl ChatFormat {
             reason,
         };
         let cfg_bad = |reason: String| bad(TOKENIZER_CONFIG_FILE, reason);
-        let doc: Value = serde_json::from_str(tokenizer_config).map_err(|e| cfg_bad(e.to_string()))?;
+        let doc: Value =
+            serde_json::from_str(tokenizer_config).map_err(|e| cfg_bad(e.to_string()))?;
         if !doc.is_object() {
             return Err(cfg_bad("not a JSON object".into()));
         }
@@ -226,9 +227,9 @@ impl ChatFormat {
         }
         let mut stop_ids = Vec::with_capacity(stop_tokens.len());
         for s in &stop_tokens {
-            let id = *vocab.get(s).ok_or_else(|| {
-                cfg_bad(format!("stop token {s:?} is not in the vocabulary"))
-            })?;
+            let id = *vocab
+                .get(s)
+                .ok_or_else(|| cfg_bad(format!("stop token {s:?} is not in the vocabulary")))?;
             if !stop_ids.contains(&id) {
                 stop_ids.push(id);
             }
@@ -283,16 +284,20 @@ impl ChatFormat {
         env.set_trim_blocks(true);
         env.add_template_owned("chat_template", self.template.clone())
             .map_err(|e| ChatFormatError::Render(e.to_string()))?;
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_filter("tojson", tojson);
-        env.add_function("strftime_now", |fmt: String| -> Result<String, minijinja::Error> {
-            strftime(&fmt, now_utc())
-        });
+        env.add_function(
+            "strftime_now",
+            |fmt: String| -> Result<String, minijinja::Error> { strftime(&fmt, now_utc()) },
+        );
         Ok(env)
     }
 
@@ -558,7 +563,10 @@ mod tests {
             reverse_ranges("{% for i in range(messages|length - 1, -1, -1) %}"),
             "{% for i in range(messages|length - 1)|reverse %}"
         );
-        assert_eq!(reverse_ranges("range(3, -1,  -1) range(2)"), "range(3)|reverse range(2)");
+        assert_eq!(
+            reverse_ranges("range(3, -1,  -1) range(2)"),
+            "range(3)|reverse range(2)"
+        );
         assert_eq!(reverse_ranges("range(a, b, -1)"), "range(a, b, -1)");
         assert_eq!(reverse_ranges("range(, -1, -1)"), "range(, -1, -1)");
     }
@@ -608,27 +616,70 @@ mod tests {
         let tok = Arc::new(SpeechTokenizer::build(&[], 4).unwrap().inner().clone());
         let t = "{{ messages[0]['content'] }}";
         let cases = [
-            (json_text(&[("eos_token", "\"<|nope|>\"")], t), None, "not in the vocabulary"),
-            (json_text(&[("eos_token", "3")], t), None, "neither a string"),
-            (json_text(&[("eos_token", "\"<|endoftext|>\""), ("model_max_length", "\"x\"")], t), None, "mistral.rs cannot read"),
-            ("{\"eos_token\": \"<|endoftext|>\"}".to_string(), None, "chat_template is missing"),
-            (json_text(&[("eos_token", "\"<|endoftext|>\"")], "{% for %}"), None, "chat template"),
+            (
+                json_text(&[("eos_token", "\"<|nope|>\"")], t),
+                None,
+                "not in the vocabulary",
+            ),
+            (
+                json_text(&[("eos_token", "3")], t),
+                None,
+                "neither a string",
+            ),
+            (
+                json_text(
+                    &[
+                        ("eos_token", "\"<|endoftext|>\""),
+                        ("model_max_length", "\"x\""),
+                    ],
+                    t,
+                ),
+                None,
+                "mistral.rs cannot read",
+            ),
+            (
+                "{\"eos_token\": \"<|endoftext|>\"}".to_string(),
+                None,
+                "chat_template is missing",
+            ),
+            (
+                json_text(&[("eos_token", "\"<|endoftext|>\"")], "{% for %}"),
+                None,
+                "chat template",
+            ),
             (json_text(&[], t), None, "no stop token"),
-            (json_text(&[], t), Some("{\"eos_token_id\": \"x\"}"), "eos_token_id"),
-            (json_text(&[], t), Some("{\"eos_token_id\": 99999}"), "99999"),
+            (
+                json_text(&[], t),
+                Some("{\"eos_token_id\": \"x\"}"),
+                "eos_token_id",
+            ),
+            (
+                json_text(&[], t),
+                Some("{\"eos_token_id\": 99999}"),
+                "99999",
+            ),
         ];
         for (cfg, gen, want) in cases {
-            let err = ChatFormat::from_json(&cfg, gen, tok.clone()).unwrap_err().to_string();
+            let err = ChatFormat::from_json(&cfg, gen, tok.clone())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
         // generation_config.json alone can name the stop tokens.
-        let f = ChatFormat::from_json(&json_text(&[], t), Some("{\"eos_token_id\": [97, 98]}"), tok)
-            .unwrap();
+        let f = ChatFormat::from_json(
+            &json_text(&[], t),
+            Some("{\"eos_token_id\": [97, 98]}"),
+            tok,
+        )
+        .unwrap();
         assert_eq!(f.stop_ids(), [97, 98]);
     }
 
     fn json_text(fields: &[(&str, &str)], template: &str) -> String {
-        let mut s = format!("{{\"chat_template\": {}", serde_json::to_string(template).unwrap());
+        let mut s = format!(
+            "{{\"chat_template\": {}",
+            serde_json::to_string(template).unwrap()
+        );
         for (k, v) in fields {
             s.push_str(&format!(", \"{k}\": {v}"));
         }

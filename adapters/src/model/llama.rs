@@ -486,7 +486,11 @@ impl LlamaModel {
 
     /// The LoRA pair `(A, B)` of `module` in `layer`, if it has one.
     pub fn lora_pair(&self, layer: usize, module: &str) -> Option<(&Var, &Var)> {
-        let j = self.config.lora_targets().iter().position(|m| *m == module)?;
+        let j = self
+            .config
+            .lora_targets()
+            .iter()
+            .position(|m| *m == module)?;
         let pair = self.layers.get(layer)?.proj[j].lora.as_ref()?;
         Some((&pair.a, &pair.b))
     }

@@ -74,7 +74,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ServeError> {
             .as_str()
             .ok_or_else(|| model_err(&index, "weight_map values must be file names"))?;
         if f.contains('/') || f.contains('\\') || f == ".." || f.is_empty() {
-            return Err(model_err(&index, format!("shard {f:?} is not a plain file name")));
+            return Err(model_err(
+                &index,
+                format!("shard {f:?} is not a plain file name"),
+            ));
         }
         if !files.iter().any(|x| x == f) {
             files.push(f.to_string());
