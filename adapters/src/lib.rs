@@ -1,6 +1,6 @@
 //! LoRA adapters for leaf.
 //!
-//! * [`config`]: the base model's Hugging Face `config.json` (Llama family).
+//! * [`config`]: the base model's Hugging Face `config.json` (Llama, Qwen2, Mistral, Phi-3).
 //! * [`peft`]: PEFT-format adapters (`adapter_config.json` + `adapter_model.safetensors`).
 //! * [`validate`]: checks an adapter against a base model before anything serves it.
 //! * [`store`]: the versioned on-disk store with atomic publish, promote and roll back.
@@ -16,6 +16,6 @@ pub mod peft;
 pub mod store;
 pub mod validate;
 
-pub use config::LlamaConfig;
+pub use config::{Family, LlamaConfig, ModelConfig};
 pub use error::{Error, Result};
 pub use peft::{LoraAdapter, LoraPart, PeftConfig};

@@ -282,7 +282,7 @@ impl LoraPart {
 /// The PEFT tensor name of one LoRA factor:
 /// `base_model.model.model.layers.{layer}.{self_attn|mlp}.{module}.lora_{A|B}.weight`.
 ///
-/// `module` is a short name from [`crate::config::ALL_TARGETS`]. For any other name the parent
+/// `module` is a short name from [`crate::config::KNOWN_MODULES`]. For any other name the parent
 /// segment is left out, giving a name that [`parse_tensor_name`] and validation reject.
 pub fn tensor_name(layer: usize, module: &str, part: LoraPart) -> String {
     match LlamaConfig::module_parent(module) {
@@ -305,7 +305,7 @@ pub fn base_weight_name(layer: usize, module: &str) -> Option<String> {
 }
 
 /// Splits a PEFT tensor name into `(layer, module, part)`; `None` unless it has exactly the
-/// shape [`tensor_name`] produces for a module in [`crate::config::ALL_TARGETS`].
+/// shape [`tensor_name`] produces for a module in [`crate::config::KNOWN_MODULES`].
 pub fn parse_tensor_name(name: &str) -> Option<(usize, String, LoraPart)> {
     let rest = name
         .strip_prefix(PEFT_PREFIX)?
@@ -618,7 +618,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for (i, m) in crate::config::ALL_TARGETS.iter().enumerate() {
+        for (i, m) in crate::config::KNOWN_MODULES.iter().enumerate() {
             for part in [LoraPart::A, LoraPart::B] {
                 let n = tensor_name(i * 3, m, part);
                 assert_eq!(parse_tensor_name(&n), Some((i * 3, m.to_string(), part)));

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LlamaConfig, ALL_TARGETS};
+use crate::config::{LlamaConfig, KNOWN_MODULES};
 use crate::error::{Error, Result};
 use crate::peft::{parse_tensor_name, tensor_name, LoraAdapter, LoraPart};
 
@@ -72,6 +72,13 @@ pub fn validate(
     check_size(adapter.num_parameters(), limits)?;
     let cfg = &adapter.config;
     let targets: BTreeSet<&str> = cfg.target_modules.iter().map(String::as_str).collect();
+    if let Some(m) = targets.iter().find(|m| !base.lora_targets().contains(m)) {
+        return Err(Error::Adapter(format!(
+            "target module {m:?} does not exist in the base model (a {} model has {})",
+            base.family().model_type(),
+            base.lora_targets().join(", ")
+        )));
+    }
     let layers: Vec<usize> = match &cfg.layers_to_transform {
         None => (0..base.num_hidden_layers).collect(),
         Some(list) => {
@@ -295,10 +302,10 @@ fn check_config(adapter: &LoraAdapter, limits: &Limits) -> Result<()> {
     }
     let mut seen = BTreeSet::new();
     for m in &cfg.target_modules {
-        if !ALL_TARGETS.contains(&m.as_str()) {
+        if !KNOWN_MODULES.contains(&m.as_str()) {
             return bad(format!(
                 "unknown target module {m:?} (supported: {})",
-                ALL_TARGETS.join(", ")
+                KNOWN_MODULES.join(", ")
             ));
         }
         if !seen.insert(m.as_str()) {

@@ -69,6 +69,7 @@ pub fn tiny_model_sized(seed: u64, hidden: usize, intermediate: usize) -> Result
         rope_scaling: None,
         model_type: "llama".into(),
         torch_dtype: "float32".into(),
+        ..LlamaConfig::default()
     };
     let model = LlamaModel::random(
         &config,

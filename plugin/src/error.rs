@@ -23,6 +23,9 @@ pub enum Error {
     /// Importing a model (GGUF) failed.
     #[error(transparent)]
     Import(#[from] crate::import::ImportError),
+    /// A model's chat format (template, stop tokens) could not be read or rendered.
+    #[error(transparent)]
+    ChatFormat(#[from] crate::chat_format::ChatFormatError),
     /// Training failed.
     #[error(transparent)]
     Train(#[from] crate::trainer::TrainError),

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, Device};
 
 use super::llama::{LlamaModel, Trainable};
-use crate::config::ALL_TARGETS;
 use crate::error::{Error, Result};
 use crate::peft::{tensor_name, LoraAdapter, LoraPart, PeftConfig};
 
@@ -26,7 +25,7 @@ impl LlamaModel {
         config.lora_dropout = options.dropout;
         let mut tensors = BTreeMap::new();
         for layer in 0..self.layer_count() {
-            for module in ALL_TARGETS {
+            for &module in self.config().lora_targets() {
                 if let Some((a, b)) = self.lora_pair(layer, module) {
                     for (part, var) in [(LoraPart::A, a), (LoraPart::B, b)] {
                         let t = var
@@ -107,7 +106,7 @@ impl LlamaModel {
         let mut staged = Vec::new();
         let mut expected = BTreeSet::new();
         for layer in 0..self.layer_count() {
-            for module in ALL_TARGETS {
+            for &module in self.config().lora_targets() {
                 let Some((a, b)) = self.lora_pair(layer, module) else {
                     continue;
                 };

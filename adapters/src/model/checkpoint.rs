@@ -82,8 +82,8 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Writes `config.json` and `model.safetensors` into `dir` (created if missing); each file goes
-/// to a temporary name first and is renamed into place.
+/// Writes `config.json` ([`LlamaConfig::normalized`]) and `model.safetensors` into `dir`
+/// (created if missing); each file goes to a temporary name first and is renamed into place.
 pub fn save_dir(dir: &Path, config: &LlamaConfig, tensors: Vec<(String, Tensor)>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
@@ -96,7 +96,7 @@ pub fn save_dir(dir: &Path, config: &LlamaConfig, tensors: Vec<(String, Tensor)>
     let dst = dir.join(WEIGHTS_FILE);
     std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     let cfg_tmp = dir.join("config.json.tmp");
-    let text = serde_json::to_string_pretty(config).map_err(|e| Error::Json {
+    let text = serde_json::to_string_pretty(&config.normalized()).map_err(|e| Error::Json {
         path: cfg_tmp.clone(),
         source: e,
     })?;

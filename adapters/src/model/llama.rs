@@ -1,4 +1,5 @@
-//! The differentiable Llama-family decoder (Hugging Face `LlamaForCausalLM` layout).
+//! The differentiable decoder of every supported family (Hugging Face `LlamaForCausalLM`,
+//! `Qwen2ForCausalLM`, `MistralForCausalLM`, `Phi3ForCausalLM` layouts).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +12,7 @@ use super::frozen::frozen_linear;
 use super::init;
 use super::lora::{plain_linear, Linear, LoraOptions, Param};
 use super::ops;
-use crate::config::{LlamaConfig, ALL_TARGETS};
+use crate::config::{Family, LlamaConfig};
 use crate::error::{Error, Result};
 
 /// Standard deviation of the random initialisation (Hugging Face's `initializer_range`).
@@ -90,20 +91,48 @@ impl Pass {
 struct Layer {
     input_norm: Param,
     post_norm: Param,
-    /// q, k, v, o, gate, up, down (the order of [`ALL_TARGETS`]).
-    proj: [Linear; 7],
+    /// The family's projections in [`Family::lora_targets`] order: q, k, v, o, gate, up, down,
+    /// or Phi-3's qkv, o, gate_up, down.
+    proj: Vec<Linear>,
 }
 
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
+/// Where each projection sits in [`Layer::proj`].
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    fused: bool,
+}
 
-/// A Llama-family decoder: GQA attention with RoPE (`rotate_half`), RMSNorm, SwiGLU MLP, tied or
-/// untied LM head, LoRA on any of the seven projections.
+impl Slots {
+    const Q: usize = 0;
+    const K: usize = 1;
+    const V: usize = 2;
+    fn o(self) -> usize {
+        if self.fused {
+            1
+        } else {
+            3
+        }
+    }
+    fn gate(self) -> usize {
+        if self.fused {
+            2
+        } else {
+            4
+        }
+    }
+    const UP: usize = 5;
+    fn down(self) -> usize {
+        if self.fused {
+            3
+        } else {
+            6
+        }
+    }
+}
+
+/// A decoder of any supported [`Family`]: GQA attention with RoPE (`rotate_half`, optionally
+/// Llama 3 scaled), RMSNorm, SwiGLU MLP, tied or untied LM head, q/k/v biases (Qwen2), fused
+/// qkv and gate/up projections (Phi-3), LoRA on any of the family's projections.
 ///
 /// Every op is differentiable (see [`ops`]); frozen weights go through [`frozen_linear`].
 #[derive(Debug, Clone)]
@@ -130,6 +159,20 @@ pub(crate) fn proj_weight_name(layer: usize, module: &str) -> String {
     format!("model.layers.{layer}.{parent}.{module}.weight")
 }
 
+/// Hugging Face name of a projection bias.
+pub(crate) fn proj_bias_name(layer: usize, module: &str) -> String {
+    let parent = LlamaConfig::module_parent(module).unwrap_or("self_attn");
+    format!("model.layers.{layer}.{parent}.{module}.bias")
+}
+
+/// Whether `module` of `family` carries a bias.
+fn has_bias(family: Family, module: &str) -> bool {
+    family.qkv_bias() && matches!(module, "q_proj" | "k_proj" | "v_proj")
+}
+
+/// The weights of one layer before assembly: norms, then `(weight, bias)` per projection.
+type LayerWeights = (Tensor, Tensor, Vec<(Tensor, Option<Tensor>)>);
+
 /// Stream id of the LoRA `A` initialisation and dropout of one module.
 fn lora_stream(layer: usize, module: usize) -> u64 {
     init::splitmix64(((layer as u64) << 8) | module as u64)
@@ -137,7 +180,8 @@ fn lora_stream(layer: usize, module: usize) -> u64 {
 
 impl LlamaModel {
     /// Loads `config.json` and `model.safetensors` (or a sharded
-    /// `model.safetensors.index.json`) from a Hugging Face model directory.
+    /// `model.safetensors.index.json`) from a Hugging Face model directory of any supported
+    /// family.
     pub fn load(dir: &Path, options: &ModelOptions) -> Result<Self> {
         let config = LlamaConfig::from_path(dir)?;
         let tensors = checkpoint::load_dir(dir, &options.device)?;
@@ -169,15 +213,22 @@ impl LlamaModel {
             Ok(t.to_dtype(options.dtype)?.to_device(&options.device)?)
         };
         let d = config.hidden_size;
+        let family = config.family();
         let embed = take("model.embed_tokens.weight".into(), &[config.vocab_size, d])?;
         let mut layers_w = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut proj = Vec::with_capacity(7);
-            for m in ALL_TARGETS {
+            for &m in family.lora_targets() {
                 let (out_f, in_f) = config
                     .module_shape(m)
                     .ok_or_else(|| Error::Model(format!("unknown module {m}")))?;
-                proj.push(take(proj_weight_name(i, m), &[out_f, in_f])?);
+                let w = take(proj_weight_name(i, m), &[out_f, in_f])?;
+                let b = if has_bias(family, m) {
+                    Some(take(proj_bias_name(i, m), &[out_f])?)
+                } else {
+                    None
+                };
+                proj.push((w, b));
             }
             let input_norm = take(layer_weight_name(i, "input_layernorm"), &[d])?;
             let post_norm = take(layer_weight_name(i, "post_attention_layernorm"), &[d])?;
@@ -193,7 +244,8 @@ impl LlamaModel {
     }
 
     /// A randomly initialised model, deterministic given `seed`: every linear and embedding
-    /// weight `N(0, 0.02^2)` ([`INIT_STD`], Hugging Face's default), every norm weight 1.
+    /// weight `N(0, 0.02^2)` ([`INIT_STD`], Hugging Face's default), every norm weight 1, and
+    /// (Qwen2) every bias `N(0, 0.02^2)` too, so that biases are exercised.
     pub fn random(config: &LlamaConfig, seed: u64, options: &ModelOptions) -> Result<Self> {
         config
             .check()
@@ -211,15 +263,22 @@ impl LlamaModel {
             )?)
         };
         let d = config.hidden_size;
+        let family = config.family();
         let embed = normal("model.embed_tokens.weight", &[config.vocab_size, d])?;
         let mut layers_w = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut proj = Vec::with_capacity(7);
-            for m in ALL_TARGETS {
+            for &m in family.lora_targets() {
                 let (out_f, in_f) = config
                     .module_shape(m)
                     .ok_or_else(|| Error::Model(format!("unknown module {m}")))?;
-                proj.push(normal(&proj_weight_name(i, m), &[out_f, in_f])?);
+                let w = normal(&proj_weight_name(i, m), &[out_f, in_f])?;
+                let b = if has_bias(family, m) {
+                    Some(normal(&proj_bias_name(i, m), &[out_f])?)
+                } else {
+                    None
+                };
+                proj.push((w, b));
             }
             let ones = Tensor::ones(d, dtype, dev)?;
             layers_w.push((ones.clone(), ones, proj));
@@ -236,24 +295,27 @@ impl LlamaModel {
     fn assemble(
         config: LlamaConfig,
         embed: Tensor,
-        layers_w: Vec<(Tensor, Tensor, Vec<Tensor>)>,
+        layers_w: Vec<LayerWeights>,
         norm: Tensor,
         lm_head: Option<Tensor>,
         options: &ModelOptions,
     ) -> Result<Self> {
         let full = options.trainable == Trainable::Full;
-        let lora = match &options.trainable {
-            Trainable::Lora(l) => {
-                l.check().map_err(Error::Model)?;
-                Some(l)
-            }
+        let family = config.family();
+        // LoRA targets in the family's own names (Llama names map onto Phi-3's fused ones).
+        let mut trainable = options.trainable.clone();
+        if let Trainable::Lora(l) = &mut trainable {
+            *l = l.for_family(family).map_err(Error::Model)?;
+        }
+        let lora = match &trainable {
+            Trainable::Lora(l) => Some(l),
             _ => None,
         };
         let mut layers = Vec::with_capacity(layers_w.len());
         for (i, (input_norm, post_norm, proj)) in layers_w.into_iter().enumerate() {
             let mut linears = Vec::with_capacity(7);
-            for (j, w) in proj.into_iter().enumerate() {
-                let module = ALL_TARGETS[j];
+            for (j, (w, bias)) in proj.into_iter().enumerate() {
+                let module = family.lora_targets()[j];
                 let pair = match lora {
                     Some(l) if l.targets(module) => {
                         let (out_f, in_f) = w.dims2()?;
@@ -270,24 +332,29 @@ impl LlamaModel {
                 };
                 linears.push(Linear {
                     weight: Param::new(w, full)?,
+                    bias: bias.map(|b| Param::new(b, full)).transpose()?,
                     lora: pair,
                     frozen_matmul: options.frozen_matmul,
                 });
             }
-            let proj: [Linear; 7] = linears
-                .try_into()
-                .map_err(|_| Error::Model("a layer needs seven projections".into()))?;
+            if linears.len() != family.lora_targets().len() {
+                return Err(Error::Model(format!(
+                    "a {} layer needs {} projections",
+                    family.model_type(),
+                    family.lora_targets().len()
+                )));
+            }
             layers.push(Layer {
                 input_norm: Param::new(input_norm, full)?,
                 post_norm: Param::new(post_norm, full)?,
-                proj,
+                proj: linears,
             });
         }
         Ok(LlamaModel {
             config,
             dtype: options.dtype,
             device: options.device.clone(),
-            trainable: options.trainable.clone(),
+            trainable,
             embed: Param::new(embed, full)?,
             layers,
             norm: Param::new(norm, full)?,
@@ -340,12 +407,16 @@ impl LlamaModel {
             "model.embed_tokens.weight".to_string(),
             self.embed.tensor().clone(),
         )];
+        let targets = self.config.lora_targets();
         for (i, layer) in self.layers.iter().enumerate() {
-            for (j, m) in ALL_TARGETS.iter().enumerate() {
+            for (j, m) in targets.iter().enumerate() {
                 out.push((
                     proj_weight_name(i, m),
                     layer.proj[j].weight.tensor().clone(),
                 ));
+                if let Some(b) = &layer.proj[j].bias {
+                    out.push((proj_bias_name(i, m), b.tensor().clone()));
+                }
             }
             out.push((
                 layer_weight_name(i, "input_layernorm"),
@@ -375,6 +446,7 @@ impl LlamaModel {
     /// `model.layers.{i}.{parent}.{module}.lora_{A|B}.weight`, or in full mode every base weight
     /// under its Hugging Face name. Empty for an inference-only model.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let targets = self.config.lora_targets();
         let mut out = Vec::new();
         let mut push = |name: String, p: &Param| {
             if let Param::Trainable(v) = p {
@@ -388,8 +460,11 @@ impl LlamaModel {
                 layer_weight_name(i, "post_attention_layernorm"),
                 &layer.post_norm,
             );
-            for (j, m) in ALL_TARGETS.iter().enumerate() {
+            for (j, m) in targets.iter().enumerate() {
                 push(proj_weight_name(i, m), &layer.proj[j].weight);
+                if let Some(b) = &layer.proj[j].bias {
+                    push(proj_bias_name(i, m), b);
+                }
             }
         }
         push("model.norm.weight".into(), &self.norm);
@@ -397,7 +472,7 @@ impl LlamaModel {
             push("lm_head.weight".into(), head);
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            for (j, m) in ALL_TARGETS.iter().enumerate() {
+            for (j, m) in targets.iter().enumerate() {
                 if let Some(pair) = &layer.proj[j].lora {
                     let parent = LlamaConfig::module_parent(m).unwrap_or("self_attn");
                     let base = format!("model.layers.{i}.{parent}.{m}");
@@ -411,7 +486,11 @@ impl LlamaModel {
 
     /// The LoRA pair `(A, B)` of `module` in `layer`, if it has one.
     pub fn lora_pair(&self, layer: usize, module: &str) -> Option<(&Var, &Var)> {
-        let j = ALL_TARGETS.iter().position(|m| *m == module)?;
+        let j = self
+            .config
+            .lora_targets()
+            .iter()
+            .position(|m| *m == module)?;
         let pair = self.layers.get(layer)?.proj[j].lora.as_ref()?;
         Some((&pair.a, &pair.b))
     }
@@ -427,6 +506,12 @@ impl LlamaModel {
             return Err(Error::Model(format!(
                 "sequence of {seq} positions exceeds max_position_embeddings {}",
                 self.config.max_position_embeddings
+            )));
+        }
+        if let Some(window) = self.config.sliding_window.filter(|w| seq > *w) {
+            return Err(Error::Model(format!(
+                "sequence of {seq} positions exceeds the sliding attention window of {window}, \
+                 which the trainer does not implement"
             )));
         }
         Ok(())
@@ -446,7 +531,12 @@ impl LlamaModel {
             .tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let (cos, sin) = ops::rope_tables(cfg.rope_theta, hd, t, self.dtype, &self.device)?;
+        let (cos, sin) = ops::rope_tables_from(&cfg.rope_inv_freq(), t, self.dtype, &self.device)?;
+        let slots = Slots {
+            fused: cfg.family().fused(),
+        };
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        let inner = cfg.intermediate_size;
         let mask = ops::attention_mask(lens, t, self.dtype, &self.device)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -454,19 +544,46 @@ impl LlamaModel {
             let p = &layer.proj;
             let h = ops::rms_norm(&x, layer.input_norm.tensor(), cfg.rms_norm_eps)?;
             let rope = Some((&cos, &sin));
-            let q = ops::split_heads(&p[Q].forward(&h, pass.lora, drop(Q))?, heads, rope)?;
-            let k = ops::split_heads(&p[K].forward(&h, pass.lora, drop(K))?, kv_heads, rope)?;
-            let v = ops::split_heads(&p[V].forward(&h, pass.lora, drop(V))?, kv_heads, None)?;
+            let (q, k, v) = if slots.fused {
+                let qkv = p[Slots::Q].forward(&h, pass.lora, drop(Slots::Q))?;
+                (
+                    qkv.narrow(2, 0, q_width)?,
+                    qkv.narrow(2, q_width, kv_width)?,
+                    qkv.narrow(2, q_width + kv_width, kv_width)?,
+                )
+            } else {
+                (
+                    p[Slots::Q].forward(&h, pass.lora, drop(Slots::Q))?,
+                    p[Slots::K].forward(&h, pass.lora, drop(Slots::K))?,
+                    p[Slots::V].forward(&h, pass.lora, drop(Slots::V))?,
+                )
+            };
+            let q = ops::split_heads(&q, heads, rope)?;
+            let k = ops::split_heads(&k, kv_heads, rope)?;
+            let v = ops::split_heads(&v, kv_heads, None)?;
             let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
             let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
             let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
             let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
-            x = x.add(&p[O].forward(&ctx, pass.lora, drop(O))?)?;
+            let o = slots.o();
+            x = x.add(&p[o].forward(&ctx, pass.lora, drop(o))?)?;
             let h = ops::rms_norm(&x, layer.post_norm.tensor(), cfg.rms_norm_eps)?;
-            let gate = p[GATE].forward(&h, pass.lora, drop(GATE))?;
-            let up = p[UP].forward(&h, pass.lora, drop(UP))?;
+            let g = slots.gate();
+            let (gate, up) = if slots.fused {
+                let gate_up = p[g].forward(&h, pass.lora, drop(g))?;
+                (
+                    gate_up.narrow(2, 0, inner)?,
+                    gate_up.narrow(2, inner, inner)?,
+                )
+            } else {
+                (
+                    p[g].forward(&h, pass.lora, drop(g))?,
+                    p[Slots::UP].forward(&h, pass.lora, drop(Slots::UP))?,
+                )
+            };
             let act = ops::swiglu(&gate, &up)?;
-            x = x.add(&p[DOWN].forward(&act, pass.lora, drop(DOWN))?)?;
+            let down = slots.down();
+            x = x.add(&p[down].forward(&act, pass.lora, drop(down))?)?;
         }
         Ok(x)
     }

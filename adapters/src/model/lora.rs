@@ -8,7 +8,7 @@ use super::frozen::frozen_linear;
 use super::init;
 use super::kernels;
 use super::ops;
-use crate::config::ALL_TARGETS;
+use crate::config::{Family, ALL_TARGETS, KNOWN_MODULES};
 
 /// Where and how LoRA is attached. Defaults are the LEAF spec's: rank 64, alpha 128,
 /// dropout 0.05, all seven projections of every decoder layer.
@@ -22,7 +22,9 @@ pub struct LoraOptions {
     /// Dropout probability on the LoRA input, applied only in training passes.
     pub dropout: f64,
     /// Modules that get LoRA, by short name (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-    /// `gate_proj`, `up_proj`, `down_proj`).
+    /// `gate_proj`, `up_proj`, `down_proj`; Phi-3's `qkv_proj`, `gate_up_proj`). A model maps
+    /// them onto its family's projections ([`crate::config::Family::resolve_targets`]), so the
+    /// default (all seven Llama names) means "every projection" in every family.
     pub target_modules: Vec<String>,
     /// Seed of the initialisation of `A` (Kaiming-uniform, as PEFT does); `B` starts at zero.
     pub seed: u64,
@@ -51,6 +53,16 @@ impl LoraOptions {
         self.target_modules.iter().any(|m| m == module)
     }
 
+    /// These options with `target_modules` in `family`'s own names
+    /// ([`Family::resolve_targets`]): what a model of that family carries.
+    pub fn for_family(&self, family: Family) -> std::result::Result<LoraOptions, String> {
+        self.check()?;
+        Ok(LoraOptions {
+            target_modules: family.resolve_targets(&self.target_modules)?,
+            ..self.clone()
+        })
+    }
+
     /// Checks the options; returns the reason on failure.
     pub fn check(&self) -> std::result::Result<(), String> {
         if self.rank == 0 {
@@ -69,9 +81,9 @@ impl LoraOptions {
             return Err("LoRA target_modules is empty".into());
         }
         for (i, m) in self.target_modules.iter().enumerate() {
-            if !ALL_TARGETS.contains(&m.as_str()) {
+            if !KNOWN_MODULES.contains(&m.as_str()) {
                 return Err(format!(
-                    "unknown LoRA target module {m:?} (expected one of {ALL_TARGETS:?})"
+                    "unknown LoRA target module {m:?} (expected one of {KNOWN_MODULES:?})"
                 ));
             }
             if self.target_modules[..i].contains(m) {
@@ -126,6 +138,8 @@ pub(crate) struct LoraPair {
 pub(crate) struct Linear {
     /// `[out, in]`.
     pub weight: Param,
+    /// `[out]`, added after the matmul (Qwen2's q/k/v); never LoRA-adapted.
+    pub bias: Option<Param>,
     /// The LoRA pair, if this module is targeted.
     pub lora: Option<LoraPair>,
     /// Use [`frozen_linear`] for a frozen weight (else candle's plain matmul).
@@ -164,6 +178,19 @@ impl Linear {
     /// `x W^T`, plus the LoRA update when `lora` is on. `dropout` carries the seed and stream of
     /// this module's dropout mask in training passes.
     pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        lora: bool,
+        dropout: Option<(u64, u64)>,
+    ) -> Result<Tensor> {
+        let y = self.forward_no_bias(x, lora, dropout)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b.tensor()),
+            None => Ok(y),
+        }
+    }
+
+    fn forward_no_bias(
         &self,
         x: &Tensor,
         lora: bool,

@@ -174,8 +174,20 @@ pub fn rope_tables(
         .step_by(2)
         .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
         .collect();
+    rope_tables_from(&inv_freq, seq_len, dtype, device)
+}
+
+/// [`rope_tables`] from given inverse frequencies (e.g. Llama 3's scaled ones,
+/// [`crate::config::LlamaConfig::rope_inv_freq`]): positions as `f32`, the outer product as a
+/// matmul in `f32`, then `sin`/`cos` in `f32` and a cast to `dtype`.
+pub fn rope_tables_from(
+    inv_freq: &[f32],
+    seq_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let inv_freq = Tensor::from_vec(inv_freq.to_vec(), (1, half), device)?;
     let positions = u32::try_from(seq_len)
         .map_err(|_| candle_core::Error::Msg(format!("sequence length {seq_len} too long")))?;
     let t = Tensor::arange(0u32, positions, device)?

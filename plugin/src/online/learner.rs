@@ -240,7 +240,7 @@ pub fn trainer_at(
     adapter: Option<&LoraAdapter>,
     version: &str,
 ) -> crate::Result<Trainer> {
-    let mut trainer = Trainer::from_base(model_dir, config, DType::F32, &Device::Cpu)?;
+    let mut trainer = Trainer::load(model_dir, config, DType::F32)?;
     if let Some(a) = adapter {
         trainer.model_mut().load_adapter(a)?;
     }

@@ -12,22 +12,31 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use leaf_adapters::validate::{validate, Limits, ValidationReport};
-use leaf_adapters::{peft, LlamaConfig};
+use leaf_adapters::{peft, Family, LlamaConfig};
 use mistralrs_core::{
     AdapterPaths, DeviceMapSetting, LocalModelPaths, LoraAdapterPaths, ModelDType, ModelPaths,
     NormalLoaderBuilder, NormalLoaderType, NormalSpecificConfig, Pipeline,
 };
 
 use super::ServeError;
-use crate::speech::tokenizer::{validate_tokenizer_config, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use crate::chat_format::{ChatFormat, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE};
 
-/// A validated Hugging Face Llama model directory.
+/// The tokenizer file of a model directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The single weight file of an unsharded model directory.
+const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded model directory.
+const SHARD_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A validated Hugging Face model directory of a supported family (Llama, Qwen2, Mistral,
+/// Phi-3) with its own chat format.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     dir: PathBuf,
     config: LlamaConfig,
+    weights: Vec<PathBuf>,
     tokenizer: Arc<tokenizers::Tokenizer>,
-    stop_ids: Vec<u32>,
+    chat_format: Arc<ChatFormat>,
 }
 
 fn model_err(path: &Path, reason: impl Into<String>) -> ServeError {
@@ -37,47 +46,72 @@ fn model_err(path: &Path, reason: impl Into<String>) -> ServeError {
     }
 }
 
+/// The weight files: `model.safetensors`, or every shard named by
+/// `model.safetensors.index.json` (plain file names inside `dir`).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ServeError> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(SHARD_INDEX_FILE);
+    if !index.is_file() {
+        return Err(model_err(
+            dir,
+            format!("neither {WEIGHTS_FILE} nor {SHARD_INDEX_FILE} is present"),
+        ));
+    }
+    let text = std::fs::read_to_string(&index)
+        .map_err(|e| model_err(&index, format!("cannot read: {e}")))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| model_err(&index, e.to_string()))?;
+    let map = doc
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| model_err(&index, "weight_map is missing"))?;
+    let mut files: Vec<String> = Vec::new();
+    for v in map.values() {
+        let f = v
+            .as_str()
+            .ok_or_else(|| model_err(&index, "weight_map values must be file names"))?;
+        if f.contains('/') || f.contains('\\') || f == ".." || f.is_empty() {
+            return Err(model_err(
+                &index,
+                format!("shard {f:?} is not a plain file name"),
+            ));
+        }
+        if !files.iter().any(|x| x == f) {
+            files.push(f.to_string());
+        }
+    }
+    files.sort();
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        return Err(model_err(missing, "shard named by the index is missing"));
+    }
+    if paths.is_empty() {
+        return Err(model_err(&index, "weight_map is empty"));
+    }
+    Ok(paths)
+}
+
 impl ModelDir {
-    /// Checks `dir`: `config.json` (a supported Llama config), `model.safetensors`,
-    /// `tokenizer.json` and a `tokenizer_config.json` whose bos/eos tokens are in the vocabulary
-    /// and whose chat template uses `<|im_end|>`.
+    /// Checks `dir`: `config.json` of a supported family, `model.safetensors` (or shards with
+    /// `model.safetensors.index.json`), `tokenizer.json`, and a `tokenizer_config.json` with a
+    /// chat template and stop tokens the vocabulary holds (plus `generation_config.json` when
+    /// present), so that nothing the mistral.rs loader would panic on reaches it.
     pub fn open(dir: &Path) -> Result<Self, ServeError> {
         let dir = dir
             .canonicalize()
             .map_err(|e| model_err(dir, format!("cannot resolve: {e}")))?;
         let config = LlamaConfig::from_path(&dir).map_err(|e| model_err(&dir, e.to_string()))?;
-        let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(model_err(&dir, "model.safetensors is missing"));
-        }
+        let weights = weight_files(&dir)?;
         let tok_path = dir.join(TOKENIZER_FILE);
-        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| model_err(&tok_path, format!("cannot parse: {e}")))?;
-        let cfg_path = dir.join(TOKENIZER_CONFIG_FILE);
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| model_err(&cfg_path, format!("cannot read: {e}")))?;
-        validate_tokenizer_config(&cfg_text, &tokenizer)
-            .map_err(|e| model_err(&cfg_path, e.to_string()))?;
-        let doc: serde_json::Value =
-            serde_json::from_str(&cfg_text).map_err(|e| model_err(&cfg_path, e.to_string()))?;
-        let token_of = |key: &str| -> Option<String> {
-            match doc.get(key)? {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-                _ => None,
-            }
-        };
-        let mut stop_ids = Vec::new();
-        for tok in [token_of("eos_token"), Some("<|im_end|>".to_string())]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(id) = tokenizer.token_to_id(&tok) {
-                if !stop_ids.contains(&id) {
-                    stop_ids.push(id);
-                }
-            }
-        }
+        let tokenizer = Arc::new(
+            tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| model_err(&tok_path, format!("cannot parse: {e}")))?,
+        );
+        let chat_format = ChatFormat::from_dir(&dir, tokenizer.clone())
+            .map_err(|e| model_err(&dir, e.to_string()))?;
         if (tokenizer.get_vocab_size(true)) > config.vocab_size {
             return Err(model_err(
                 &dir,
@@ -91,8 +125,9 @@ impl ModelDir {
         Ok(ModelDir {
             dir,
             config,
-            tokenizer: Arc::new(tokenizer),
-            stop_ids,
+            weights,
+            tokenizer,
+            chat_format: Arc::new(chat_format),
         })
     }
 
@@ -106,14 +141,24 @@ impl ModelDir {
         &self.config
     }
 
+    /// The model's family.
+    pub fn family(&self) -> Family {
+        self.config.family()
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Arc<tokenizers::Tokenizer> {
         &self.tokenizer
     }
 
-    /// The ids that end generation (`eos_token`, then `<|im_end|>` when present).
+    /// The model's chat format: template, stop tokens, prompt ids as the engine computes them.
+    pub fn chat_format(&self) -> &Arc<ChatFormat> {
+        &self.chat_format
+    }
+
+    /// The ids that end generation, as mistral.rs computes them (`eos_token` first).
     pub fn stop_ids(&self) -> &[u32] {
-        &self.stop_ids
+        self.chat_format.stop_ids()
     }
 
     /// Checks a PEFT adapter directory against this base model (see
@@ -125,6 +170,16 @@ impl ModelDir {
     ) -> Result<ValidationReport, ServeError> {
         let adapter = peft::LoraAdapter::load(adapter_dir).map_err(ServeError::Adapter)?;
         validate(&adapter, &self.config, limits).map_err(ServeError::Adapter)
+    }
+}
+
+/// mistral.rs's loader for a family.
+fn loader_type(family: Family) -> NormalLoaderType {
+    match family {
+        Family::Qwen2 => NormalLoaderType::Qwen2,
+        Family::Mistral => NormalLoaderType::Mistral,
+        Family::Phi3 => NormalLoaderType::Phi3,
+        _ => NormalLoaderType::Llama,
     }
 }
 
@@ -205,15 +260,15 @@ fn load_on_this_thread(
         }
     };
     let loader = builder
-        .build(Some(NormalLoaderType::Llama))
+        .build(Some(loader_type(model.family())))
         .map_err(load_err)?;
     let paths: Box<dyn ModelPaths> = Box::new(LocalModelPaths {
         tokenizer_filename: dir.join(TOKENIZER_FILE),
         config_filename: dir.join("config.json"),
         template_filename: Some(dir.join(TOKENIZER_CONFIG_FILE)),
-        filenames: vec![dir.join("model.safetensors")],
+        filenames: model.weights.clone(),
         adapter_paths,
-        gen_conf: None,
+        gen_conf: Some(dir.join(GENERATION_CONFIG_FILE)).filter(|p| p.is_file()),
         preprocessor_config: None,
         processor_config: None,
         chat_template_json_filename: None,

@@ -320,6 +320,7 @@ impl PretrainConfig {
             rope_scaling: None,
             model_type: "llama".into(),
             torch_dtype: "float32".into(),
+            ..LlamaConfig::default()
         }
     }
 }

@@ -21,7 +21,7 @@ pub mod schedule;
 pub mod synthetic;
 pub mod update;
 
-pub use config::{TisConfig, TisMode, TrainConfig};
+pub use config::{TisConfig, TisMode, TrainConfig, TrainDevice};
 pub use schedule::CosineSchedule;
 pub use update::{StepStats, TrainSample, Trainer};
 

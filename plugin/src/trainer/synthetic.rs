@@ -90,6 +90,7 @@ impl BenchShape {
             rope_scaling: None,
             model_type: "llama".into(),
             torch_dtype: "float32".into(),
+            ..LlamaConfig::default()
         }
     }
 

@@ -119,8 +119,13 @@ impl Trainer {
     /// A trainer for a model that carries LoRA with exactly `config.lora`.
     pub fn new(model: LlamaModel, config: TrainConfig) -> Result<Self, TrainError> {
         config.check()?;
+        // The model carries the config's targets in its family's names.
+        let wanted = config
+            .lora
+            .for_family(model.config().family())
+            .map_err(|e| TrainError::Config(format!("lora: {e}")))?;
         match model.trainable() {
-            Trainable::Lora(l) if *l == config.lora => {}
+            Trainable::Lora(l) if *l == wanted => {}
             Trainable::Lora(l) => {
                 return Err(TrainError::Config(format!(
                     "lora: the model's LoRA options {l:?} differ from the config's {:?}",
@@ -175,6 +180,13 @@ impl Trainer {
         };
         let model = LlamaModel::load(dir, &options)?;
         Self::new(model, config)
+    }
+
+    /// [`Trainer::from_base`] on the device the configuration names
+    /// ([`TrainConfig::device`]).
+    pub fn load(dir: &Path, config: TrainConfig, dtype: DType) -> Result<Self, TrainError> {
+        let device = config.device.open()?;
+        Self::from_base(dir, config, dtype, &device)
     }
 
     /// The model being trained.
