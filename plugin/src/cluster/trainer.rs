@@ -20,7 +20,9 @@ use super::progress::{self, TrainerProgress};
 use super::{Cluster, ClusterConfig, ClusterError, StreamSource, StreamedGroup, VersionBoard};
 use crate::advantage::AdvantageEstimator;
 use crate::harvest::SealedGroup;
-use crate::online::{prepare_batch, OnlineConfig, UpdateRecord, VersionHistory};
+use crate::online::{
+    prepare_batch, GroupReceipt, OnlineConfig, SourcedGroup, UpdateRecord, VersionHistory,
+};
 use crate::serving::BASE_VERSION;
 use crate::trainer::Trainer;
 
@@ -274,7 +276,10 @@ impl ClusterTrainer {
         if fresh.is_empty() {
             return Ok(());
         }
-        let groups: Vec<SealedGroup> = fresh.iter().map(|g| g.wire.group.clone()).collect();
+        let groups: Vec<SourcedGroup> = fresh
+            .iter()
+            .map(|g| SourcedGroup::from_sealed(&g.wire.group, GroupReceipt::none()))
+            .collect();
         let learner = self.take_learner()?;
         let (learner, outcome) = blocking(learner, move |l| {
             let prepared = prepare_batch(&groups, l.estimator.as_ref());

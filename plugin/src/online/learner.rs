@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
 use leaf_adapters::LoraAdapter;
 
