@@ -291,7 +291,15 @@ async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
         assert!((0.0..=1.0).contains(r));
         assert_eq!(s.adapter_version, "base");
     }
-    let st = server.status();
+    // The last fork's counter moves just after its sample sealed the group.
+    let mut st = server.status();
+    for _ in 0..200 {
+        if st.forks_usable >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        st = server.status();
+    }
     assert_eq!(st.forks_fired, 1);
     assert_eq!(st.forks_usable, 3);
     assert_eq!(st.groups_sealed, 1);
@@ -339,6 +347,8 @@ async fn hot_swap_under_concurrent_requests_fails_none() -> anyhow::Result<()> {
     let v1 = store.publish(&random_adapter(&m.config, 21, 0.2)?, Default::default())?;
     let mut cfg = ServerConfig::new(&m.dir);
     cfg.store_dir = Some(store_dir);
+    // Many requests in flight on the old engine at once: what the drain must handle.
+    cfg.engine_admission = leaf_plugin::serving::EngineAdmission::Concurrent;
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     assert_eq!(server.current_version(), "base");
     let mut handles = Vec::new();

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use super::progress::{self, TrainerProgress};
 use super::{Cluster, ClusterConfig, ClusterError, StreamSource, StreamedGroup, VersionBoard};
 use crate::advantage::AdvantageEstimator;
-use crate::harvest::SealedGroup;
 use crate::online::{
     prepare_batch, GroupReceipt, OnlineConfig, SourcedGroup, UpdateRecord, VersionHistory,
 };
