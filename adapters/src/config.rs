@@ -159,11 +159,13 @@ impl Family {
                 (true, "gate_proj" | "up_proj") => &["gate_up_proj"],
                 (false, "qkv_proj") => &["q_proj", "k_proj", "v_proj"],
                 (false, "gate_up_proj") => &["gate_proj", "up_proj"],
-                (_, other) => return Err(format!(
+                (_, other) => {
+                    return Err(format!(
                     "LoRA target module {other:?} does not exist in a {} model (its modules: {})",
                     self.model_type(),
                     self.lora_targets().join(", ")
-                )),
+                ))
+                }
             };
             if mapped.is_empty() {
                 wanted.push(t.as_str());

@@ -1569,7 +1569,10 @@ fn merge_model_dir_matches_in_memory_merge() {
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert_eq!(header.metadata().as_ref().unwrap()["format"], "pt");
     // Other files are copied, and the config still parses.
-    assert_eq!(LlamaConfig::from_path(out.path()).unwrap(), base.normalized());
+    assert_eq!(
+        LlamaConfig::from_path(out.path()).unwrap(),
+        base.normalized()
+    );
     assert!(out.path().join("tokenizer.json").is_file());
 
     // Merging into the base directory itself is refused.

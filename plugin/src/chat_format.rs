@@ -217,6 +217,11 @@ impl ChatFormat {
                     .into_vec(),
             };
             for id in ids {
+                if tokenizer.id_to_token(id).is_none() {
+                    return Err(gen_bad(format!(
+                        "eos_token_id {id} is not in the vocabulary"
+                    )));
+                }
                 let s = tokenizer
                     .decode(&[id], false)
                     .map_err(|e| gen_bad(format!("eos_token_id {id} cannot be decoded: {e}")))?;
