@@ -201,17 +201,9 @@ impl ServerConfig {
 }
 
 pub(super) fn check_sampling(temperature: f64, top_p: f64) -> Result<(), ServeError> {
-    if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
-        return Err(ServeError::Request(format!(
-            "temperature {temperature} must be in [0, 100]"
-        )));
-    }
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ServeError::Request(format!(
-            "top_p {top_p} must be in (0, 1]"
-        )));
-    }
-    Ok(())
+    crate::sampling::SamplingParams::new(temperature, top_p)
+        .map(|_| ())
+        .map_err(|e| ServeError::Request(e.to_string()))
 }
 
 /// The device a server runs its model on.
