@@ -183,3 +183,15 @@ pub async fn next_group(
         .ok()
         .flatten()
 }
+
+/// A one-message user request sampled at temperature 1, top-p 1 with a fixed seed.
+pub fn ask(text: &str, max_tokens: usize, seed: u64) -> leaf_plugin::serving::ChatRequest {
+    leaf_plugin::serving::ChatRequest {
+        messages: vec![leaf_plugin::serving::Message::text("user", text)],
+        max_tokens: Some(max_tokens),
+        temperature: Some(1.0),
+        top_p: Some(1.0),
+        seed: Some(seed),
+        ..Default::default()
+    }
+}

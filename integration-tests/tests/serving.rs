@@ -7,29 +7,19 @@ use candle_core::{Device, Tensor, D};
 use leaf_adapters::model::{Batch, Pass};
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{
-    next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model, weight_bytes,
+    ask, next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model,
+    weight_bytes,
 };
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{
     AssemblerConfig, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
 };
 use leaf_plugin::reward::{Metric, RewardOptions};
-use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServeError, ServerConfig};
+use leaf_plugin::serving::{GroupPolicy, ServeError, ServerConfig};
 use mistralrs_core::{
     Constraint, CustomLogitsProcessor, NormalRequest, Request, RequestMessage, Response,
     SamplingParams,
 };
-
-fn ask(text: &str, max_tokens: usize, seed: u64) -> ChatRequest {
-    ChatRequest {
-        messages: vec![Message::text("user", text)],
-        max_tokens: Some(max_tokens),
-        temperature: Some(1.0),
-        top_p: Some(1.0),
-        seed: Some(seed),
-        ..ChatRequest::default()
-    }
-}
 
 /// Log-softmax of `row / t`, then the top-p nucleus renormalised, by a full sort (an
 /// implementation independent of the tap's).

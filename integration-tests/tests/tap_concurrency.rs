@@ -9,20 +9,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use leaf_adapters::model::{Batch, LlamaModel};
-use leaf_integration_tests::{start, tiny_model, trainer_model};
+use leaf_integration_tests::{ask, start, tiny_model, trainer_model};
 use leaf_plugin::harvest::reward::FeedbackOnly;
-use leaf_plugin::serving::{ChatRequest, EngineAdmission, Message, ServerConfig};
-
-fn ask(text: &str, max_tokens: usize, seed: u64) -> ChatRequest {
-    ChatRequest {
-        messages: vec![Message::text("user", text)],
-        max_tokens: Some(max_tokens),
-        temperature: Some(1.0),
-        top_p: Some(1.0),
-        seed: Some(seed),
-        ..ChatRequest::default()
-    }
-}
+use leaf_plugin::serving::{EngineAdmission, ServerConfig};
 
 /// Largest |tap - teacher-forced| log-prob over one reply's tokens.
 fn gap(
