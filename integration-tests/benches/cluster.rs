@@ -5,9 +5,9 @@
 //!   through [`GroupPublisher`] until the stream acknowledged all of them: groups/s;
 //! * transport: a second durable consumer fetching and acking them (no training): the
 //!   stream's ceiling for a trainer, groups/s;
-//! * trainer: [`ClusterTrainer`] on the tiny test model (4 groups per update, one commit per
-//!   update) consuming the same groups: groups/s, and `leaf_cluster_lag_groups` (the backlog)
-//!   before and after.
+//! * trainer: `leaf train --cluster` ([`train_cluster`]) on the tiny test model (4 groups per
+//!   update, a version published and a checkpoint saved every 8 updates) consuming the same
+//!   groups: groups/s, and `leaf_cluster_lag_groups` (the backlog) before and after.
 //!
 //! The ratios (publish / trainer, transport / trainer) say how many replicas' worth of
 //! groups one trainer keeps up with. `cargo bench --workspace --bench cluster` (env
@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::tiny_model;
+use leaf_plugin::cluster::train::train_cluster;
 use leaf_plugin::cluster::{
-    Cluster, ClusterConfig, ClusterTrainer, ClusterTrainerConfig, GroupPublisher, LocalNatsServer,
-    StreamSource, TrainerProgress,
+    Cluster, ClusterConfig, GroupPublisher, LocalNatsServer, StreamOptions, StreamSource,
 };
 use leaf_plugin::harvest::{HarvestedSample, SampleOrigin, SealedGroup};
-use leaf_plugin::online::OnlineConfig;
+use leaf_plugin::online::{TrainJobConfig, TrainerCheckpoint};
 use leaf_plugin::trainer::TrainConfig;
 
 fn env(name: &str, default: usize) -> usize {
@@ -118,38 +118,38 @@ fn main() -> anyhow::Result<()> {
         // The trainer, on the tiny model.
         let mut trainer_source = StreamSource::open(&cluster, Duration::from_millis(200)).await?;
         let lag_before = trainer_source.lag().await?;
-        let learner = OnlineConfig {
-            train: TrainConfig {
-                learning_rate: 1e-3,
-                total_steps: 100_000,
-                lora: LoraOptions {
-                    rank: 4,
-                    alpha: 8.0,
-                    dropout: 0.0,
-                    ..LoraOptions::default()
-                },
-                ..TrainConfig::default()
-            },
-            groups_per_update: 4,
-            publish_every: 1_000_000,
-            ..OnlineConfig::default()
-        };
-        let mut tc = ClusterTrainerConfig::new(learner);
-        tc.fetch_wait_s = 0.2;
-        let stop = Arc::new(AtomicBool::new(false));
         let state = tmp.join("trainer-state");
-        let trainer = ClusterTrainer::open(cfg.clone(), &m.dir, &state, tc, &stop).await?;
+        let mut job = TrainJobConfig::new(&m.dir, &state);
+        job.train = TrainConfig {
+            learning_rate: 1e-3,
+            total_steps: 100_000,
+            lora: LoraOptions {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                ..LoraOptions::default()
+            },
+            ..TrainConfig::default()
+        };
+        job.groups_per_update = 4;
+        job.publish_every = 8;
+        let mut stream = StreamOptions::default();
+        stream.fetch_wait_s = 0.2;
+        let stop = Arc::new(AtomicBool::new(false));
         let t2 = Instant::now();
-        let run = tokio::spawn(trainer.run(stop.clone()));
+        let (job2, cfg2, stop2) = (job.clone(), cfg.clone(), stop.clone());
+        let run = tokio::spawn(async move { train_cluster(&job2, cfg2, &stream, stop2).await });
         let applied = |state: &std::path::Path| {
-            TrainerProgress::read_committed(state)
+            TrainerCheckpoint::in_store(state)
+                .load()
                 .ok()
                 .flatten()
-                .map(|p| p.groups_applied)
+                .map(|p| p.groups_consumed)
                 .unwrap_or(0)
         };
         while applied(&state) < n_train as u64 {
             anyhow::ensure!(t2.elapsed() < Duration::from_secs(600), "the trainer stalled");
+            anyhow::ensure!(!run.is_finished(), "the trainer ended early");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let train_s = t2.elapsed().as_secs_f64();
@@ -172,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             "transport_over_trainer": transport / train,
             "leaf_cluster_lag_groups_before_training": lag_before,
             "leaf_cluster_lag_groups_after": lag_after,
-            "trainer_updates": report.progress_updates,
+            "trainer_updates": report.updates,
             "note": "loopback, tiny model (d=64, 2 layers), CPU; taken under load from other builds",
         }))
     })?;

@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 
 use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::{random_adapter, start, tiny_model, tiny_model_sized, TinyModel};
-use leaf_plugin::cluster::{
-    ClusterConfig, ClusterTrainer, ClusterTrainerConfig, LocalNatsServer, Replica, TrainerProgress,
-    VersionBoard,
-};
+use leaf_plugin::cluster::{ClusterConfig, LocalNatsServer, Replica, StreamOptions, VersionBoard};
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource};
-use leaf_plugin::online::OnlineConfig;
+use leaf_plugin::online::checkpoint::CheckpointState;
+use leaf_plugin::online::{TrainJobConfig, TrainerCheckpoint};
 use leaf_plugin::serving::{
     ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig, BASE_VERSION,
 };
@@ -120,23 +118,23 @@ struct ChildSpec {
     idle_exit_s: f64,
 }
 
-fn learner() -> OnlineConfig {
-    OnlineConfig {
-        train: TrainConfig {
-            learning_rate: 1e-2,
-            total_steps: 1000,
-            lora: LoraOptions {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                ..LoraOptions::default()
-            },
-            ..TrainConfig::default()
+/// The trainer's job: `leaf train --cluster` with a small fast update, a version per update.
+fn job(model: &Path, state: &Path) -> TrainJobConfig {
+    let mut job = TrainJobConfig::new(model, state);
+    job.train = TrainConfig {
+        learning_rate: 1e-2,
+        total_steps: 1000,
+        lora: LoraOptions {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            ..LoraOptions::default()
         },
-        groups_per_update: 1,
-        publish_every: 1,
-        ..OnlineConfig::default()
-    }
+        ..TrainConfig::default()
+    };
+    job.groups_per_update = 1;
+    job.publish_every = 1;
+    job
 }
 
 /// The trainer process: this test binary re-run with [`CHILD_ENV`] set. Without it, a no-op.
@@ -155,18 +153,16 @@ fn trainer_child() {
     let report = rt
         .block_on(async {
             let stop = Arc::new(AtomicBool::new(false));
-            let mut cfg = ClusterTrainerConfig::new(learner());
-            cfg.fetch_wait_s = 0.2;
-            cfg.idle_exit_s = Some(spec.idle_exit_s);
-            let trainer = ClusterTrainer::open(
+            let mut stream = StreamOptions::default();
+            stream.fetch_wait_s = 0.2;
+            stream.idle_exit_s = Some(spec.idle_exit_s);
+            leaf_plugin::cluster::train::train_cluster(
+                &job(&spec.model, &spec.state),
                 cluster_config(&spec.url),
-                &spec.model,
-                &spec.state,
-                cfg,
-                &stop,
+                &stream,
+                stop,
             )
-            .await?;
-            trainer.run(stop).await
+            .await
         })
         .expect("the trainer failed");
     println!("trainer report {}", serde_json::to_string(&report).unwrap());
@@ -192,12 +188,24 @@ fn spawn_trainer(spec: &ChildSpec) -> TrainerProcess {
     )
 }
 
-/// The trainer's committed progress (retried: a commit may prune the step just read).
-fn committed(state: &Path) -> TrainerProgress {
+/// The trainer's last saved checkpoint record (a fresh one before the first save).
+fn committed(state: &Path) -> CheckpointState {
     let mut last = None;
     for _ in 0..20 {
-        match TrainerProgress::read_committed(state) {
-            Ok(p) => return p.unwrap_or_default(),
+        match TrainerCheckpoint::in_store(state).load() {
+            Ok(Some(p)) => return p,
+            Ok(None) => {
+                return CheckpointState {
+                    version: BASE_VERSION.into(),
+                    updates: 0,
+                    groups_consumed: 0,
+                    recent_groups: Default::default(),
+                    good_reward: None,
+                    estimator: String::new(),
+                    base_model: PathBuf::new(),
+                    sessions: 0,
+                }
+            }
             Err(e) => last = Some(e),
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -292,13 +300,17 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     }
     // The trainer promotes versions; both replicas follow.
     assert!(
-        until(|| committed(&spec.state).published.len() >= 2).await,
+        until(|| {
+            let c = committed(&spec.state);
+            c.updates >= 2 && c.version != BASE_VERSION
+        })
+        .await,
         "no versions were published: {:?}",
         committed(&spec.state)
     );
 
     // kill -9 mid-stream: more traffic, then kill once the trainer has taken some of it.
-    let before = committed(&spec.state).groups_applied;
+    let before = committed(&spec.state).groups_consumed;
     let (sa, sb) = (a.server.clone(), b.server.clone());
     let wave = tokio::spawn(async move {
         for i in 0..8u64 {
@@ -308,12 +320,12 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
         anyhow::Ok(())
     });
     assert!(
-        until(|| committed(&spec.state).groups_applied > before).await,
+        until(|| committed(&spec.state).groups_consumed > before).await,
         "the trainer applied nothing of the second wave"
     );
     trainer.0.kill()?; // SIGKILL, while the wave is still arriving
     trainer.0.wait()?;
-    let at_kill = committed(&spec.state).groups_applied;
+    let at_kill = committed(&spec.state).groups_consumed;
     eprintln!("killed the trainer after {at_kill} groups");
     wave.await??;
 
@@ -352,15 +364,15 @@ async fn replicas_follow_one_trainer_that_survives_kill_9() -> anyhow::Result<()
     };
     assert!(status.success(), "the restarted trainer failed: {status}");
     let progress = committed(&spec.state);
-    let distinct: HashSet<&String> = progress.applied.iter().collect();
+    let distinct: HashSet<&String> = progress.recent_groups.iter().collect();
     assert_eq!(
-        progress.groups_applied, in_stream,
-        "groups applied == groups published (none lost)"
+        progress.groups_consumed, in_stream,
+        "groups consumed == groups published (none lost)"
     );
     assert_eq!(
         distinct.len() as u64,
-        progress.groups_applied,
-        "no group applied twice"
+        progress.groups_consumed,
+        "no group consumed twice"
     );
     assert!(progress.updates >= 1);
 

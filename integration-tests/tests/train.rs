@@ -37,7 +37,7 @@ fn train_config() -> TrainConfig {
 
 fn config(model: &Path, groups: &Path, store: &Path) -> OfflineTrainConfig {
     let mut c = OfflineTrainConfig::new(model, groups, store);
-    c.train = train_config();
+    c.job.train = train_config();
     c
 }
 
@@ -60,7 +60,7 @@ fn trains_publishes_every_version_and_resumes_after_the_acked_line() -> anyhow::
 
     // A first session stops after two updates.
     let mut c = config(&m.dir, &groups, &store_dir);
-    c.max_updates = Some(2);
+    c.job.max_updates = Some(2);
     let first = train_offline(&c)?;
     eprintln!("first session {first:?}");
     assert_eq!(first.updates, 2);
@@ -78,7 +78,7 @@ fn trains_publishes_every_version_and_resumes_after_the_acked_line() -> anyhow::
     assert_eq!(state.updates, 2);
 
     // The second session resumes after the last acked line and reads the rest once.
-    c.max_updates = None;
+    c.job.max_updates = None;
     let second = train_offline(&c)?;
     eprintln!("second session {second:?}");
     assert!(second.exhausted);
@@ -128,7 +128,7 @@ fn trains_publishes_every_version_and_resumes_after_the_acked_line() -> anyhow::
 
     // A different estimator does not silently continue this checkpoint.
     let mut grpo = c.clone();
-    grpo.estimator = leaf_plugin::advantage::EstimatorConfig::Grpo;
+    grpo.job.estimator = leaf_plugin::advantage::EstimatorConfig::Grpo;
     let e = train_offline(&grpo).unwrap_err().to_string();
     assert!(e.contains("estimator"), "{e}");
     Ok(())
@@ -149,7 +149,7 @@ fn a_malformed_line_is_an_error_naming_line_and_field_unless_skipped() -> anyhow
     let groups = m.tmp.path().join("groups.jsonl");
     std::fs::write(&groups, rows.join("\n"))?;
     let mut c = config(&m.dir, &groups, &store_dir);
-    c.groups_per_update = 1;
+    c.job.groups_per_update = 1;
     let e = train_offline(&c).unwrap_err().to_string();
     assert!(e.contains("line 3"), "{e}");
     assert!(e.contains("rollouts[0].logprobs"), "{e}");
@@ -265,5 +265,117 @@ fn the_gate_rolls_back_a_regression_and_a_nan_loss_and_promotes_the_rest() -> an
     assert_eq!(learner.good_version(), version);
     assert_eq!(learner.trainer().policy_version(), Some(version.as_str()));
     assert!(!learner.check_due());
+    Ok(())
+}
+
+/// A source that delivers scripted batches of the example groups, a group possibly twice (a
+/// broker's redelivery after its ack deadline), and records every ack with the checkpoint's
+/// `groups_consumed` at that moment.
+struct Redelivering {
+    script: std::collections::VecDeque<Vec<usize>>,
+    groups: Vec<SourcedGroup>,
+    deliveries: std::collections::HashMap<usize, u32>,
+    checkpoint: TrainerCheckpoint,
+    acks: Vec<(Vec<String>, u64)>,
+}
+
+#[async_trait::async_trait]
+impl leaf_plugin::online::GroupSource for Redelivering {
+    async fn next_groups(&mut self, _max: usize) -> leaf_plugin::Result<Vec<SourcedGroup>> {
+        let Some(batch) = self.script.pop_front() else {
+            return Ok(Vec::new());
+        };
+        Ok(batch
+            .into_iter()
+            .map(|i| {
+                let n = self.deliveries.entry(i).or_default();
+                *n += 1;
+                let g = &self.groups[i];
+                SourcedGroup {
+                    id: g.id.clone(),
+                    prompt_ids: g.prompt_ids.clone(),
+                    rollouts: g.rollouts.clone(),
+                    adapter_version: g.adapter_version.clone(),
+                    receipt: GroupReceipt::new(format!("{}#{n}", g.id)),
+                }
+            })
+            .collect())
+    }
+
+    async fn ack(&mut self, receipts: Vec<GroupReceipt>) -> leaf_plugin::Result<()> {
+        let names = receipts
+            .into_iter()
+            .map(|r| r.downcast::<String>().expect("our receipt"))
+            .collect();
+        let consumed = self
+            .checkpoint
+            .load()?
+            .map(|s| s.groups_consumed)
+            .unwrap_or(0);
+        self.acks.push((names, consumed));
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "scripted".into()
+    }
+}
+
+#[tokio::test]
+async fn a_redelivery_before_the_checkpoint_is_acked_with_it_not_before() -> anyhow::Result<()> {
+    let m = tiny_model(23)?;
+    let store_dir = m.tmp.path().join("store");
+    let mut job = leaf_plugin::online::TrainJobConfig::new(&m.dir, &store_dir);
+    job.train = train_config();
+    job.groups_per_update = 2;
+    let sink = StoreSink::new(AdapterStore::open(&store_dir)?);
+    let mut opened = leaf_plugin::online::open_job(&job, &sink, BASE_VERSION)?;
+    let mut file = leaf_plugin::online::JsonlGroupSource::open(
+        &example_groups(),
+        leaf_plugin::online::JsonlSourceOptions::default(),
+    )?;
+    use leaf_plugin::online::GroupSource;
+    let groups = file.next_groups(4).await?;
+    assert_eq!(groups.len(), 4);
+    let mut source = Redelivering {
+        // g0; g0 again while it waits for its batch; g1 completes the batch; later g0 a third
+        // time (after its checkpoint: a duplicate acked at once); g2, g3.
+        script: [vec![0], vec![0], vec![1], vec![0, 2], vec![3]].into(),
+        groups,
+        deliveries: Default::default(),
+        checkpoint: opened.checkpoint.clone(),
+        acks: Vec::new(),
+    };
+    let mut sink = sink;
+    let report = leaf_plugin::online::train_from_source(
+        &mut opened.learner,
+        &mut sink,
+        &mut source,
+        &opened.checkpoint,
+        &mut opened.state,
+        &job.options(),
+    )
+    .await?;
+    eprintln!("{report:?}\nacks {:?}", source.acks);
+    assert_eq!(report.groups_consumed, 4, "{report:?}");
+    assert_eq!(report.groups_duplicate, 2, "{report:?}");
+    let id = |i: usize, n: u32| format!("{}#{n}", source.groups[i].id);
+    // The first ack comes after the checkpoint of the first batch, and holds both deliveries
+    // of g0.
+    let (first, consumed) = &source.acks[0];
+    assert_eq!(
+        *consumed, 2,
+        "acked before the checkpoint: {:?}",
+        source.acks
+    );
+    let mut first = first.clone();
+    first.sort();
+    let mut want = vec![id(0, 1), id(0, 2), id(1, 1)];
+    want.sort();
+    assert_eq!(first, want);
+    // The third delivery is acked at once as an old duplicate; every delivery is acked once.
+    let all: Vec<&String> = source.acks.iter().flat_map(|(a, _)| a).collect();
+    assert_eq!(all.len(), 6, "{:?}", source.acks);
+    assert!(all.contains(&&id(0, 3)));
     Ok(())
 }

@@ -48,6 +48,10 @@ pub enum Error {
     #[cfg(feature = "serve")]
     #[error(transparent)]
     Job(#[from] crate::job::JobError),
+    /// The NATS JetStream cluster (stream, versions, `current`) failed.
+    #[cfg(feature = "cluster")]
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -1,12 +1,16 @@
-//! `leaf train`: offline training from logged groups (see
-//! [`leaf_plugin::online::train::train_offline`]); prints the report as one JSON object.
+//! `leaf train`: training from logged groups (`--groups FILE`, see
+//! [`leaf_plugin::online::train::train_offline`]) or from a cluster's group stream
+//! (`--cluster URL`, see [`leaf_plugin::cluster::train`]); prints the report as one JSON
+//! object.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use leaf_plugin::job::run::Estimator;
-use leaf_plugin::online::train::{train_offline, OfflineTrainConfig};
+use leaf_plugin::online::train::{
+    train_offline, OfflineTrainConfig, SourceTrainReport, TrainJobConfig,
+};
 use leaf_plugin::online::GateConfig;
 use leaf_plugin::reward::Metric;
 use leaf_plugin::trainer::TrainConfig;
@@ -20,9 +24,20 @@ pub struct Args {
     /// JSON-lines groups, one per line:
     /// {"group_id", "prompt_ids": [...], "rollouts": [{"tokens", "logprobs", "reward"}]}.
     #[arg(long)]
-    pub groups: PathBuf,
-    /// The adapter store (created when missing): every version is published there, and its
-    /// `trainer/` directory holds the checkpoint a later `leaf train` resumes from.
+    pub groups: Option<PathBuf>,
+    /// Train on a cluster's group stream instead (NATS JetStream, `nats://HOST:PORT`): the
+    /// replicas of `leaf serve --cluster` feed it, and every version goes to the cluster's
+    /// object store and becomes `current` (the replicas follow). Runs until Ctrl-C.
+    #[cfg(feature = "cluster")]
+    #[arg(long, conflicts_with = "groups")]
+    pub cluster: Option<String>,
+    /// With --cluster: end after this many seconds without a group (default: until Ctrl-C).
+    #[cfg(feature = "cluster")]
+    #[arg(long, requires = "cluster")]
+    pub idle_exit_s: Option<f64>,
+    /// The local state directory (created when missing): its `trainer/` holds the checkpoint
+    /// a later `leaf train` resumes from. With --groups it is also the adapter store every
+    /// version is published to.
     #[arg(long)]
     pub store: PathBuf,
     /// Advantage estimator.
@@ -105,18 +120,32 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             train.total_steps = steps.max(1);
         }
     }
-    let mut config = OfflineTrainConfig::new(&a.model, &a.groups, &a.store);
-    config.estimator = a.estimator.config();
-    config.train = train;
-    config.groups_per_update = a.groups_per_update;
-    config.publish_every = a.publish_every;
-    config.max_updates = a.steps;
-    config.gate.max_drop = a.gate_max_drop;
-    config.gate.samples = a.gate_samples;
-    config.gate.metric = a.gate_metric;
-    config.gate_data = a.gate_data;
-    config.skip_malformed = a.skip_malformed;
-    let report = train_offline(&config)?;
+    let mut job = TrainJobConfig::new(&a.model, &a.store);
+    job.estimator = a.estimator.config();
+    job.train = train;
+    job.groups_per_update = a.groups_per_update;
+    job.publish_every = a.publish_every;
+    job.max_updates = a.steps;
+    job.gate.max_drop = a.gate_max_drop;
+    job.gate.samples = a.gate_samples;
+    job.gate.metric = a.gate_metric;
+    job.gate_data = a.gate_data;
+    #[cfg(feature = "cluster")]
+    let report = match (&a.cluster, &a.groups) {
+        (Some(url), _) => {
+            let cluster = leaf_plugin::cluster::ClusterConfig::new(url);
+            let mut stream = leaf_plugin::cluster::StreamOptions::default();
+            stream.idle_exit_s = a.idle_exit_s;
+            leaf_plugin::cluster::train::run_until_interrupted(&job, cluster, &stream)?
+        }
+        (None, Some(groups)) => train_file(job, groups, a.skip_malformed)?,
+        (None, None) => anyhow::bail!("give --groups FILE or --cluster URL"),
+    };
+    #[cfg(not(feature = "cluster"))]
+    let report = match &a.groups {
+        Some(groups) => train_file(job, groups, a.skip_malformed)?,
+        None => anyhow::bail!("give --groups FILE"),
+    };
     eprintln!(
         "leaf train: {} updates on {} groups ({} trained, {} invalid, {} all-equal, {} \
          already applied), {} versions published, now at {}",
@@ -131,4 +160,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
+}
+
+fn train_file(
+    job: TrainJobConfig,
+    groups: &std::path::Path,
+    skip_malformed: bool,
+) -> anyhow::Result<SourceTrainReport> {
+    let mut config = OfflineTrainConfig::new(&job.model_dir, groups, &job.store);
+    config.job = job;
+    config.skip_malformed = skip_malformed;
+    Ok(train_offline(&config)?)
 }

@@ -28,6 +28,13 @@ pub struct StreamedGroup {
     acker: Acker,
 }
 
+impl StreamedGroup {
+    /// The id, the group, and the acker that acks it later.
+    pub fn into_parts(self) -> (String, WireGroup, Acker) {
+        (self.id, self.wire, self.acker)
+    }
+}
+
 impl std::fmt::Debug for StreamedGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamedGroup")
@@ -122,9 +129,18 @@ impl StreamSource {
 
     /// Acks `groups` and waits for the server to confirm each.
     pub async fn ack(&mut self, groups: Vec<StreamedGroup>) -> Result<(), ClusterError> {
-        let acks = groups.iter().map(|g| g.acker.double_ack());
-        for (g, r) in groups.iter().zip(futures::future::join_all(acks).await) {
-            r.map_err(|e| ClusterError::nats(format!("acking group {}", g.id), e))?;
+        self.ack_each(groups.into_iter().map(|g| (g.id, g.acker)).collect())
+            .await
+    }
+
+    /// Acks messages by their ackers (`(group id, acker)`, the id names a failure).
+    pub(crate) async fn ack_each(
+        &mut self,
+        acks: Vec<(String, Acker)>,
+    ) -> Result<(), ClusterError> {
+        let results = futures::future::join_all(acks.iter().map(|(_, a)| a.double_ack())).await;
+        for ((id, _), r) in acks.iter().zip(results) {
+            r.map_err(|e| ClusterError::nats(format!("acking group {id}"), e))?;
         }
         Ok(())
     }

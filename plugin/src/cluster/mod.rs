@@ -21,15 +21,15 @@
 //!   verify the content hash, hot-swap; a version that fails leaves the last good one serving.
 //! * [`admin`]: [`ClusterAdmin`], promote and rollback of a replica's admin API as a CAS.
 //! * [`consumer`]: [`StreamSource`], the trainer's durable pull consumer.
-//! * [`progress`]: [`TrainerProgress`], the trainer's crash-safe state: adapter, optimizer and
-//!   the ids of the applied groups, committed by one rename.
-//! * [`trainer`]: [`ClusterTrainer`], the trainer loop: consume, update, checkpoint, ack, publish.
+//! * [`train`]: `leaf train --cluster`: the one learner of `leaf train` with the stream as its
+//!   group source ([`StreamGroupSource`]) and the cluster's versions as its sink
+//!   ([`ClusterSink`]).
 //! * [`replica`]: [`Replica`], what `leaf serve --cluster` starts next to the server.
 //! * [`local_server`]: [`LocalNatsServer`], a `nats-server -js` child process for tests and benches.
 //!
-//! Exactly once: a group is acked only after the update that used it is applied and a
-//! checkpoint holding its id is committed; a trainer killed in between gets the group again
-//! and skips it because its id is in the checkpoint.
+//! Exactly once: a group is acked only after the update that used it is applied and the
+//! trainer checkpoint holding its id is saved; a trainer killed in between gets the group
+//! again and skips it because its id is in the checkpoint.
 
 pub mod admin;
 pub mod config;
@@ -37,10 +37,9 @@ pub mod connection;
 pub mod consumer;
 pub mod follower;
 pub mod local_server;
-pub mod progress;
 pub mod publisher;
 pub mod replica;
-pub mod trainer;
+pub mod train;
 pub mod versions;
 pub mod wire;
 
@@ -50,14 +49,11 @@ pub use connection::Cluster;
 pub use consumer::{StreamSource, StreamedGroup};
 pub use follower::{FollowerStatus, VersionFollower};
 pub use local_server::LocalNatsServer;
-pub use progress::TrainerProgress;
 pub use publisher::{GroupPublisher, PublisherStats};
 pub use replica::Replica;
-pub use trainer::{ClusterTrainer, ClusterTrainerConfig, ClusterTrainerReport};
+pub use train::{ClusterSink, StreamGroupSource, StreamOptions};
 pub use versions::{CurrentRecord, VersionBoard};
 pub use wire::WireGroup;
-
-use std::path::PathBuf;
 
 /// What went wrong talking to the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -94,14 +90,6 @@ pub enum ClusterError {
     Conflict {
         /// The revision the update expected.
         expected: u64,
-    },
-    /// The trainer's state directory is unusable.
-    #[error("trainer state {path}: {reason}")]
-    State {
-        /// The file or directory.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
     },
     /// An adapter was refused.
     #[error(transparent)]

@@ -69,7 +69,10 @@ pub use learner::{
     CheckOutcome, Learner, LearnerConfig, ServerSink, StoreSink, UpdateOutcome, VersionSink,
 };
 pub use source::{GroupReceipt, GroupSource, JsonlGroupSource, JsonlSourceOptions, SourcedGroup};
-pub use train::{train_from_source, SourceTrainOptions, SourceTrainReport};
+pub use train::{
+    open_job, train_from_source, OfflineTrainConfig, OpenedJob, SourceTrainOptions,
+    SourceTrainReport, TrainJobConfig,
+};
 
 /// What shutdown does with what the trainer holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

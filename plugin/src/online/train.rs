@@ -8,6 +8,7 @@
 //! whose id the checkpoint remembers (a redelivery after a crash lost its ack) is acked
 //! without being trained on.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use leaf_adapters::store::AdapterStore;
@@ -89,6 +90,9 @@ struct Run<'a> {
     report: SourceTrainReport,
     /// Receipts of groups consumed since the last checkpoint.
     pending: Vec<GroupReceipt>,
+    /// Ids of those groups (a redelivery of one is held with them, not acked before the
+    /// checkpoint that covers it).
+    pending_ids: HashSet<String>,
     /// The weights differ from `state.version` (updates not yet published).
     dirty: bool,
     harvested: u64,
@@ -118,6 +122,7 @@ pub async fn train_from_source(
         checkpoint,
         state,
         pending: Vec::new(),
+        pending_ids: HashSet::new(),
         dirty: false,
         harvested: 0,
     };
@@ -134,7 +139,13 @@ pub async fn train_from_source(
         }
         let mut duplicates = Vec::new();
         for g in got {
-            if run.state.seen(&g.id) {
+            if run.pending_ids.contains(&g.id) || batch.iter().any(|b| b.id == g.id) {
+                // Redelivered while its first delivery waits for a checkpoint (a broker's ack
+                // deadline passed): acked together with it, after the checkpoint.
+                tracing::debug!(group = %g.id, "group redelivered before its checkpoint");
+                run.report.groups_duplicate += 1;
+                run.pending.push(g.receipt);
+            } else if run.state.seen(&g.id) {
                 tracing::info!(group = %g.id, "group already consumed before a restart; acked again");
                 duplicates.push(g.receipt);
             } else {
@@ -143,6 +154,8 @@ pub async fn train_from_source(
         }
         if !duplicates.is_empty() {
             run.report.groups_duplicate += duplicates.len() as u64;
+            metrics::counter!("leaf_train_groups_redelivered_total")
+                .increment(duplicates.len() as u64);
             run.source.ack(duplicates).await?;
         }
         if batch.len() >= options.groups_per_update {
@@ -174,6 +187,7 @@ impl Run<'_> {
         self.harvested += prepared.harvested;
         for g in groups {
             self.state.note_group(&g.id);
+            self.pending_ids.insert(g.id);
             self.pending.push(g.receipt);
         }
         match self
@@ -242,20 +256,21 @@ impl Run<'_> {
         self.checkpoint.save(self.learner.trainer(), self.state)?;
         self.report.checkpoints += 1;
         let receipts = std::mem::take(&mut self.pending);
+        self.pending_ids.clear();
         self.source.ack(receipts).await
     }
 }
 
-/// Everything `leaf train` needs (the `--groups` file source; a cluster trainer builds its
-/// own source and calls [`train_from_source`]).
+/// Everything a training job needs but its source of groups: the learner, the gate, and the
+/// directory of its checkpoint. `leaf train --groups` ([`train_offline`]) and
+/// `leaf train --cluster` (`cluster::train`) differ only in the source and the sink.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct OfflineTrainConfig {
+pub struct TrainJobConfig {
     /// The base model directory.
     pub model_dir: PathBuf,
-    /// The JSON-lines groups file.
-    pub groups: PathBuf,
-    /// The adapter store (created when missing); its `trainer/` holds the checkpoint.
+    /// The local state directory: its `trainer/` holds the checkpoint; for the file source it
+    /// is also the adapter store every version is published to (created when missing).
     pub store: PathBuf,
     /// LEAF or GRPO.
     pub estimator: EstimatorConfig,
@@ -271,18 +286,15 @@ pub struct OfflineTrainConfig {
     pub gate: GateConfig,
     /// The gate's held-out data (recordings directory or prompts file); `None`: unchecked.
     pub gate_data: Option<PathBuf>,
-    /// Log and skip malformed lines instead of stopping at the first.
-    pub skip_malformed: bool,
     /// Written into the adapter's `base_model_name_or_path`.
     pub base_name: String,
 }
 
-impl OfflineTrainConfig {
+impl TrainJobConfig {
     /// Defaults: LEAF, the default update, one group per update, a version per update.
-    pub fn new(model_dir: &Path, groups: &Path, store: &Path) -> Self {
-        OfflineTrainConfig {
+    pub fn new(model_dir: &Path, store: &Path) -> Self {
+        TrainJobConfig {
             model_dir: model_dir.to_path_buf(),
-            groups: groups.to_path_buf(),
             store: store.to_path_buf(),
             estimator: EstimatorConfig::default(),
             train: TrainConfig::default(),
@@ -291,20 +303,78 @@ impl OfflineTrainConfig {
             max_updates: None,
             gate: GateConfig::default(),
             gate_data: None,
-            skip_malformed: false,
             base_name: "leaf-base".into(),
+        }
+    }
+
+    /// The job's trainer checkpoint (`STORE/trainer/`).
+    pub fn checkpoint(&self) -> TrainerCheckpoint {
+        TrainerCheckpoint::in_store(&self.store)
+    }
+
+    /// The loop's options.
+    pub fn options(&self) -> SourceTrainOptions {
+        SourceTrainOptions {
+            groups_per_update: self.groups_per_update,
+            max_updates: self.max_updates,
         }
     }
 }
 
-/// `leaf train`: trains on the groups file, publishing and promoting versions in the store,
-/// resuming from the store's trainer checkpoint (and the file's acked position) when there is
-/// one. Blocks (runs its own async runtime).
-pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainReport> {
-    let store = AdapterStore::open(&config.store)?;
-    let checkpoint = TrainerCheckpoint::in_store(&config.store);
+/// `leaf train --groups FILE`: a [`TrainJobConfig`] and the JSON-lines file it reads.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct OfflineTrainConfig {
+    /// The job.
+    pub job: TrainJobConfig,
+    /// The JSON-lines groups file.
+    pub groups: PathBuf,
+    /// Log and skip malformed lines instead of stopping at the first.
+    pub skip_malformed: bool,
+}
+
+impl OfflineTrainConfig {
+    /// The default job on `model_dir` and `store`, reading `groups`.
+    pub fn new(model_dir: &Path, groups: &Path, store: &Path) -> Self {
+        OfflineTrainConfig {
+            job: TrainJobConfig::new(model_dir, store),
+            groups: groups.to_path_buf(),
+            skip_malformed: false,
+        }
+    }
+}
+
+/// A job's learner at the version it resumes from, and the checkpoint record it keeps.
+pub struct OpenedJob {
+    /// The learner (weights of `state.version`, optimizer restored when the checkpoint had it).
+    pub learner: Learner,
+    /// The checkpoint record (loaded on resume, fresh otherwise).
+    pub state: CheckpointState,
+    /// Where the record is saved.
+    pub checkpoint: TrainerCheckpoint,
+}
+
+impl std::fmt::Debug for OpenedJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedJob")
+            .field("version", &self.state.version)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a job: refuses a checkpoint made with another estimator or base model, loads the
+/// checkpoint's version (or `fresh_version` on a first start) through `sink`, restores the
+/// optimizer, and sets up the gate (measuring the starting version when it is checked and
+/// has no score yet).
+pub fn open_job(
+    job: &TrainJobConfig,
+    sink: &dyn VersionSink,
+    fresh_version: &str,
+) -> crate::Result<OpenedJob> {
+    let checkpoint = job.checkpoint();
     let saved = checkpoint.load()?;
-    let estimator = config.estimator.name().to_string();
+    let estimator = job.estimator.name().to_string();
     if let Some(s) = &saved {
         let bad = |reason: String| OnlineError::Checkpoint {
             path: checkpoint.dir().to_path_buf(),
@@ -317,37 +387,31 @@ pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainRe
             ))
             .into());
         }
-        if s.base_model != config.model_dir {
+        if s.base_model != job.model_dir {
             return Err(bad(format!(
                 "was trained on the base model {}, not {}",
                 s.base_model.display(),
-                config.model_dir.display()
+                job.model_dir.display()
             ))
             .into());
         }
-    }
-    let version = match &saved {
-        Some(s) => s.version.clone(),
-        None => store
-            .current()?
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| BASE_VERSION.to_string()),
-    };
-    if let (Some(s), Ok(Some(current))) = (&saved, store.current()) {
-        if current.as_str() != s.version {
+        if s.version != fresh_version {
             tracing::warn!(
                 checkpoint = %s.version,
-                current = %current,
-                "the store's current version is not the trainer's; training goes on from the \
+                current = %fresh_version,
+                "the current version is not the trainer's; training goes on from the \
                  trainer's checkpoint"
             );
         }
     }
-    let mut sink = StoreSink::new(store);
-    let gate = match &config.gate_data {
+    let version = saved
+        .as_ref()
+        .map(|s| s.version.clone())
+        .unwrap_or_else(|| fresh_version.to_string());
+    let gate = match &job.gate_data {
         Some(path) => PromotionGate::new(
-            open_gate_data(path, &config.model_dir, &config.gate)?,
-            config.gate.max_drop,
+            open_gate_data(path, &job.model_dir, &job.gate)?,
+            job.gate.max_drop,
             saved.as_ref().and_then(|s| s.good_reward),
         ),
         None => {
@@ -358,19 +422,16 @@ pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainRe
             PromotionGate::unchecked()
         }
     };
-    let mut learner_cfg = LearnerConfig::new(
-        config.estimator.clone(),
-        config.train.clone(),
-        config.publish_every,
-    );
-    learner_cfg.base_name = config.base_name.clone();
-    let mut learner = Learner::new(&config.model_dir, learner_cfg, gate, &sink, &version)?;
+    let mut learner_cfg =
+        LearnerConfig::new(job.estimator.clone(), job.train.clone(), job.publish_every);
+    learner_cfg.base_name = job.base_name.clone();
+    let mut learner = Learner::new(&job.model_dir, learner_cfg, gate, sink, &version)?;
     if learner.gate().is_checked() && learner.gate().good_reward().is_none() {
         if let Some(s) = learner.measure_baseline()? {
             tracing::info!(version = %version, reward = s.reward, "gate: the starting version's held-out reward");
         }
     }
-    let mut state = match saved {
+    let state = match saved {
         Some(mut s) => {
             learner.set_updates(s.updates);
             match checkpoint.restore_optimizer(learner.trainer_mut(), &s.version) {
@@ -388,40 +449,55 @@ pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainRe
             s
         }
         None => CheckpointState {
-            version: version.clone(),
+            version,
             updates: 0,
             groups_consumed: 0,
             recent_groups: Default::default(),
             good_reward: None,
             estimator,
-            base_model: config.model_dir.clone(),
+            base_model: job.model_dir.clone(),
             sessions: 1,
         },
     };
+    Ok(OpenedJob {
+        learner,
+        state,
+        checkpoint,
+    })
+}
+
+/// `leaf train --groups FILE`: trains on the groups file, publishing and promoting versions in
+/// the store, resuming from the store's trainer checkpoint (and the file's acked position)
+/// when there is one. Blocks (runs its own async runtime).
+pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainReport> {
+    let job = &config.job;
+    let store = AdapterStore::open(&job.store)?;
+    let current = store
+        .current()?
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| BASE_VERSION.to_string());
+    let mut sink = StoreSink::new(store);
+    let mut opened = open_job(job, &sink, &current)?;
     let mut source = JsonlGroupSource::open(
         &config.groups,
         JsonlSourceOptions {
             skip_malformed: config.skip_malformed,
-            vocab_size: Some(learner.trainer().model().config().vocab_size),
-            cursor_file: Some(checkpoint.cursor_file("jsonl")),
+            vocab_size: Some(opened.learner.trainer().model().config().vocab_size),
+            cursor_file: Some(opened.checkpoint.cursor_file("jsonl")),
             ..JsonlSourceOptions::default()
         },
     )?;
-    let options = SourceTrainOptions {
-        groups_per_update: config.groups_per_update,
-        max_updates: config.max_updates,
-    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| OnlineError::Config(format!("cannot start the async runtime: {e}")))?;
     let mut report = runtime.block_on(train_from_source(
-        &mut learner,
+        &mut opened.learner,
         &mut sink,
         &mut source,
-        &checkpoint,
-        &mut state,
-        &options,
+        &opened.checkpoint,
+        &mut opened.state,
+        &job.options(),
     ))?;
     report.groups_invalid += source.skipped();
     Ok(report)
