@@ -1,7 +1,8 @@
 //! Cluster throughput in one run against a real `nats-server -js` (loopback); prints one JSON
 //! object.
 //!
-//! * publish: synthetic sealed groups (4 members, 16 prompt ids, 16 completion ids each)
+//! * publish: synthetic sealed groups (4 members, 16 prompt ids, 16 completion ids each; the
+//!   members' shares of even ids differ, so every group is informative and trains)
 //!   through [`GroupPublisher`] until the stream acknowledged all of them: groups/s;
 //! * transport: a second durable consumer fetching and acking them (no training): the
 //!   stream's ceiling for a trainer, groups/s;
@@ -38,7 +39,7 @@ fn group(i: usize, vocab: u32) -> SealedGroup {
     let members = (0..4)
         .map(|k| {
             let completion: Vec<u32> = (0..16)
-                .map(|t| ((i * 7 + k * 3 + t) as u32) % vocab)
+                .map(|t| ((i * 7 + k * 3 + t * (k + 1)) as u32) % vocab)
                 .collect();
             let reward = completion.iter().filter(|&&t| t % 2 == 0).count() as f64 / 16.0;
             (
@@ -173,6 +174,7 @@ fn main() -> anyhow::Result<()> {
             "leaf_cluster_lag_groups_before_training": lag_before,
             "leaf_cluster_lag_groups_after": lag_after,
             "trainer_updates": report.updates,
+            "trainer_groups_trained": report.groups_trained,
             "note": "loopback, tiny model (d=64, 2 layers), CPU; taken under load from other builds",
         }))
     })?;
