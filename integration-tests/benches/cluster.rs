@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leaf_adapters::model::LoraOptions;
-use leaf_integration_tests::tiny_model;
+use leaf_integration_tests::{small_lora_train, tiny_model};
 use leaf_plugin::cluster::train::train_cluster;
 use leaf_plugin::cluster::{
     Cluster, ClusterConfig, GroupPublisher, LocalNatsServer, StreamOptions, StreamSource,
@@ -121,17 +121,7 @@ fn main() -> anyhow::Result<()> {
         let lag_before = trainer_source.lag().await?;
         let state = tmp.join("trainer-state");
         let mut job = TrainJobConfig::new(&m.dir, &state);
-        job.train = TrainConfig {
-            learning_rate: 1e-3,
-            total_steps: 100_000,
-            lora: LoraOptions {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                ..LoraOptions::default()
-            },
-            ..TrainConfig::default()
-        };
+        job.train = small_lora_train(1e-3, 100_000);
         job.groups_per_update = 4;
         job.publish_every = 8;
         let mut stream = StreamOptions::default();

@@ -195,3 +195,19 @@ pub fn ask(text: &str, max_tokens: usize, seed: u64) -> leaf_plugin::serving::Ch
         ..Default::default()
     }
 }
+
+/// The small LoRA update the tests train with: rank 4, alpha 8, no dropout, at
+/// `learning_rate` over a schedule of `total_steps`.
+pub fn small_lora_train(learning_rate: f64, total_steps: u64) -> leaf_plugin::trainer::TrainConfig {
+    leaf_plugin::trainer::TrainConfig {
+        learning_rate,
+        total_steps,
+        lora: leaf_adapters::model::LoraOptions {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            ..leaf_adapters::model::LoraOptions::default()
+        },
+        ..leaf_plugin::trainer::TrainConfig::default()
+    }
+}

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leaf_adapters::model::LoraOptions;
-use leaf_integration_tests::{random_adapter, start, tiny_model, tiny_model_sized, TinyModel};
+use leaf_integration_tests::{
+    random_adapter, small_lora_train, start, tiny_model, tiny_model_sized, TinyModel,
+};
 use leaf_plugin::cluster::{ClusterConfig, LocalNatsServer, Replica, StreamOptions, VersionBoard};
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource};
 use leaf_plugin::online::checkpoint::CheckpointState;
@@ -121,17 +123,7 @@ struct ChildSpec {
 /// The trainer's job: `leaf train --cluster` with a small fast update, a version per update.
 fn job(model: &Path, state: &Path) -> TrainJobConfig {
     let mut job = TrainJobConfig::new(model, state);
-    job.train = TrainConfig {
-        learning_rate: 1e-2,
-        total_steps: 1000,
-        lora: LoraOptions {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            ..LoraOptions::default()
-        },
-        ..TrainConfig::default()
-    };
+    job.train = small_lora_train(1e-2, 1000);
     job.groups_per_update = 1;
     job.publish_every = 1;
     job

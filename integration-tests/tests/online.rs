@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use leaf_adapters::model::LoraOptions;
 use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::{start, tiny_model};
+use leaf_integration_tests::{small_lora_train, start, tiny_model};
 use leaf_plugin::harvest::{
     AssemblerConfig, ReferenceReward, RewardContext, RewardSource, SealedGroup,
 };
@@ -58,17 +58,7 @@ fn server_config(m: &leaf_integration_tests::TinyModel) -> ServerConfig {
 
 fn online_config(groups_per_update: usize, shutdown: ShutdownMode) -> OnlineConfig {
     OnlineConfig {
-        train: TrainConfig {
-            learning_rate: 1e-2,
-            total_steps: 10,
-            lora: LoraOptions {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                ..LoraOptions::default()
-            },
-            ..TrainConfig::default()
-        },
+        train: small_lora_train(1e-2, 10),
         groups_per_update,
         publish_every: 1,
         shutdown,

@@ -217,16 +217,8 @@ async fn one_update(
 
 fn lora_train(learning_rate: f64, epochs: usize) -> TrainConfig {
     TrainConfig {
-        learning_rate,
-        total_steps: 10,
         epochs,
-        lora: LoraOptions {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            ..LoraOptions::default()
-        },
-        ..TrainConfig::default()
+        ..leaf_integration_tests::small_lora_train(learning_rate, 10)
     }
 }
 

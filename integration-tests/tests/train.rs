@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use leaf_adapters::model::LoraOptions;
 use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::tiny_model;
+use leaf_integration_tests::{small_lora_train, tiny_model};
 use leaf_plugin::online::checkpoint::{TrainerCheckpoint, STATE_FILE};
 use leaf_plugin::online::train::{train_offline, OfflineTrainConfig};
 use leaf_plugin::online::{
@@ -22,17 +22,7 @@ fn example_groups() -> PathBuf {
 }
 
 fn train_config() -> TrainConfig {
-    TrainConfig {
-        learning_rate: 1e-2,
-        total_steps: 10,
-        lora: LoraOptions {
-            rank: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            ..LoraOptions::default()
-        },
-        ..TrainConfig::default()
-    }
+    small_lora_train(1e-2, 10)
 }
 
 fn config(model: &Path, groups: &Path, store: &Path) -> OfflineTrainConfig {

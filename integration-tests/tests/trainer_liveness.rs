@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leaf_adapters::model::LoraOptions;
-use leaf_integration_tests::{start, tiny_model};
+use leaf_integration_tests::{small_lora_train, start, tiny_model};
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource, TrainerState};
 use leaf_plugin::online::{
     FaultHook, FaultPoint, OnlineConfig, OnlineTrainer, RestartPolicy, TrainerOptions,
@@ -45,17 +45,7 @@ fn online_config(max_restarts: u32) -> OnlineConfig {
     restart.backoff_initial_s = 0.05;
     restart.backoff_max_s = 0.2;
     OnlineConfig {
-        train: TrainConfig {
-            learning_rate: 1e-2,
-            total_steps: 10,
-            lora: LoraOptions {
-                rank: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                ..LoraOptions::default()
-            },
-            ..TrainConfig::default()
-        },
+        train: small_lora_train(1e-2, 10),
         groups_per_update: 1,
         publish_every: 1,
         restart,
