@@ -316,25 +316,25 @@ fn weigh_portable(logits: &[f32], s: Scale, blocks: &mut [BlockMass], store: Opt
                 .zip(blocks.iter_mut())
                 .zip(out.chunks_mut(BLOCK))
             {
-                *mass = weigh_block::<true>(block, s, out);
+                *mass = weigh_block(block, s, out);
             }
         }
         None => {
             // The weights of one block at a time, dropped after their sums.
             let mut local = [0.0f32; BLOCK];
             for (block, mass) in logits.chunks(BLOCK).zip(blocks.iter_mut()) {
-                *mass = weigh_block::<false>(block, s, &mut local);
+                *mass = weigh_block(block, s, &mut local);
             }
         }
     }
 }
 
-/// One block's [`BlockMass`]; with `STORE`, each weight into `out` (same length). Two loops:
+/// One block's [`BlockMass`], each weight into `out` (at least as long). Two loops:
 /// the weights (`f32`, eight lanes wide), then their sums in `f64`, where weights of exactly 1
 /// are split from the others by bit masks, not selects: a select on an accumulator makes LLVM
 /// emit masked stores or branches instead of vector adds.
 #[inline(always)]
-fn weigh_block<const STORE: bool>(block: &[f32], s: Scale, out: &mut [f32]) -> BlockMass {
+fn weigh_block(block: &[f32], s: Scale, out: &mut [f32]) -> BlockMass {
     let w = &mut out[..block.len()];
     for (w, &l) in w.iter_mut().zip(block) {
         *w = weight(l, s);

@@ -23,7 +23,7 @@
 //! weights, eight lanes wide, and their `f64` block sums). For top-p < 1 one more pass over
 //! the stored weights packs the candidates (the weights above a cut no nucleus token is
 //! below), and the histogram, the boundary bin and the draw walk only those. No sort, no
-//! branch that depends on the data in the passes over `V`, and no allocation once a
+//! branch per token in the passes over `V` (so none mispredicted), and no allocation once a
 //! [`Sampler`]'s buffers have grown. On x86-64 the passes run as AVX2 + FMA builds when the
 //! CPU has both (a portable build otherwise, with the same results). Callers on many threads
 //! use [`with_sampler`], one [`Sampler`] per thread, so that nothing serialises unrelated
