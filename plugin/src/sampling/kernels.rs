@@ -215,7 +215,8 @@ unsafe fn walk_avx2(
 
 /// [`scan_max_portable`] with AVX intrinsics (the compiler's own vectorisation of the flag
 /// shuffles lanes). `max_ps(x, m)` is `if x > m { x } else { m }`, exactly the portable
-/// select, and the flag `!(x < inf)` is the portable test, so the results are identical.
+/// select, and the flag `!(x < inf)` is true exactly for NaN or `+inf`, the portable test, so
+/// the results are identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scan_max_avx2(logits: &[f32]) -> MaxScan {
@@ -242,7 +243,7 @@ unsafe fn scan_max_avx2(logits: &[f32]) -> MaxScan {
     }
     let mut bad = flags.iter().any(|f| f.to_bits() != 0);
     for (j, &x) in rest.iter().enumerate() {
-        bad |= !(x < f32::INFINITY);
+        bad |= x.is_nan() | (x == f32::INFINITY);
         lanes[j] = if x > lanes[j] { x } else { lanes[j] };
     }
     let max = lanes
@@ -266,7 +267,7 @@ unsafe fn weigh_avx2(
     weigh_portable(logits, s, blocks, store)
 }
 
-/// The maximum per lane and a flag for NaN or `+inf` (`!(x < inf)`), then the lowest id
+/// The maximum per lane and a flag for NaN or `+inf`, then the lowest id
 /// holding the maximum ([`first_of`]).
 #[inline(always)]
 fn scan_max_portable(logits: &[f32]) -> MaxScan {
@@ -276,12 +277,12 @@ fn scan_max_portable(logits: &[f32]) -> MaxScan {
     for chunk in chunks {
         for j in 0..LANES {
             let x = chunk[j];
-            bad |= !(x < f32::INFINITY);
+            bad |= x.is_nan() | (x == f32::INFINITY);
             m[j] = if x > m[j] { x } else { m[j] };
         }
     }
     for (j, &x) in rest.iter().enumerate() {
-        bad |= !(x < f32::INFINITY);
+        bad |= x.is_nan() | (x == f32::INFINITY);
         m[j] = if x > m[j] { x } else { m[j] };
     }
     let max = m

@@ -410,9 +410,11 @@ mod tests {
         let cut = prefilter_cut(total, top_p, w.len());
         let mut c = Candidates::default();
         c.collect(w, cut);
-        let mut twin = Candidates::default();
-        twin.len = compact_portable(w, cut, &mut vec![0; w.len()], &mut vec![0.0; w.len()]);
-        assert_eq!(c.len, twin.len);
+        // The dispatched packing and the portable one agree.
+        let (mut ids, mut ws) = (vec![0; w.len()], vec![0.0; w.len()]);
+        let k = compact_portable(w, cut, &mut ids, &mut ws);
+        assert_eq!(c.ids(), &ids[..k]);
+        assert_eq!(c.weights(), &ws[..k]);
         histogram(&c, &mut h, &mut s);
         let n = find(&c, &h, total, top_p, &mut m);
         let ids = (0..w.len() as u32)
