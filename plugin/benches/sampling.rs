@@ -6,7 +6,7 @@
 //! Logits are those of the serving bench's tap measurement: uniform in [-10, 10] (a flat
 //! distribution, the hard case for a nucleus: at top-p 0.9 it keeps 11 % of the vocabulary).
 //!
-//! `cargo bench -p leaf-plugin --no-default-features --bench sampling`; a table of
+//! `cargo bench --workspace --bench sampling`; a table of
 //! microseconds per token and the old/new ratio is printed first, then criterion's figures.
 
 use std::hint::black_box;

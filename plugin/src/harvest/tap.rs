@@ -220,7 +220,7 @@ impl SamplingTap {
 
 impl CustomLogitsProcessor for SamplingTap {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> candle_core::Result<Tensor> {
-        let values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let chosen = self
             .step(&values, context)
             .map_err(candle_core::Error::Msg)?;
@@ -230,9 +230,10 @@ impl CustomLogitsProcessor for SamplingTap {
                 values.len()
             )));
         }
-        let mut out = vec![f32::NEG_INFINITY; values.len()];
-        out[chosen as usize] = 0.0;
-        Tensor::from_vec(out, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+        // The answer reuses the logits' buffer: no second row allocated per token.
+        values.fill(f32::NEG_INFINITY);
+        values[chosen as usize] = 0.0;
+        Tensor::from_vec(values, logits.shape(), logits.device())?.to_dtype(logits.dtype())
     }
 }
 

@@ -4,15 +4,18 @@
 //! is mistral.rs's: in that order a token is kept while the mass before it is below
 //! `top_p` times the total; tokens of weight 0 are never kept.
 //!
-//! 1. One pass adds every weight into a histogram whose bins are the top bits of the `f32`
-//!    weight (16 bins per octave; bin order is weight order, and the top bin holds exactly
-//!    the weights equal to 1).
-//! 2. Walking the bins from the top finds the boundary bin: every bin above it is in, every
+//! 1. One branch-free pass collects the candidates: the ids whose weight reaches a cut below
+//!    which no token can be in the nucleus ([`prefilter_cut`]).
+//! 2. One pass over the candidates adds their weights into a histogram whose bins are the top
+//!    bits of the `f32` weight (16 bins per octave; bin order is weight order, and the top bin
+//!    holds exactly the weights equal to 1).
+//! 3. Walking the bins from the top finds the boundary bin: every bin above it is in, every
 //!    bin below it is out.
-//! 3. One pass collects the boundary bin's members, and a quickselect on the mass (expected
-//!    linear, unique keys) finds the last kept key there.
+//! 4. One pass over the candidates collects the boundary bin's members, and a quickselect on
+//!    the mass (expected linear, unique keys) finds the last kept key there.
 //!
-//! The vocabulary is touched twice (histogram, collection); the draw walks it once more.
+//! The vocabulary is touched once (the candidates); the histogram, the collection and the
+//! draw walk only the candidates.
 
 use super::kernels::BlockMass;
 
@@ -31,10 +34,6 @@ pub(super) fn bin_of(w: f32) -> usize {
 }
 
 /// The lowest weight of bin `b`.
-fn bin_floor(b: usize) -> f32 {
-    f32::from_bits((b as u32) << SHIFT)
-}
-
 /// A token of the boundary bin.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Member {
@@ -94,45 +93,168 @@ pub(super) fn prefilter_cut(total: f64, top_p: f64, vocab: usize) -> f32 {
     ((1.0 - top_p) * total / (2.0 * vocab as f64)) as f32
 }
 
-/// Adds the weights of at least `cut` into `hist` (cleared first; [`BINS`] bins). Chunks
-/// without one are skipped after one vectorised test; two interleaved histograms halve the
-/// dependency chains when many weights share a bin.
-pub(super) fn histogram(weights: &[f32], cut: f32, hist: &mut Vec<f64>, spare: &mut Vec<f64>) {
+/// The candidates: the ids of the weights of at least `cut` and those weights, in id order.
+/// The buffers only grow (to the vocabulary), so that no call clears them; `len` says how
+/// many are current.
+#[derive(Debug, Default)]
+pub(super) struct Candidates {
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    len: usize,
+}
+
+impl Candidates {
+    /// Their ids.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids[..self.len]
+    }
+
+    /// Their weights.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights[..self.len]
+    }
+
+    /// Collects the candidates of `weights` above `cut`.
+    pub fn collect(&mut self, weights: &[f32], cut: f32) {
+        if self.ids.len() < weights.len() {
+            self.ids.resize(weights.len(), 0);
+            self.weights.resize(weights.len(), 0.0);
+        }
+        let ids = &mut self.ids[..weights.len()];
+        let ws = &mut self.weights[..weights.len()];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2.
+            self.len = unsafe { compact_avx2(weights, cut, ids, ws) };
+            return;
+        }
+        self.len = compact_portable(weights, cut, ids, ws);
+    }
+}
+
+/// The candidates into `ids` and `ws` (as long as `weights`); returns their number.
+/// Branch-free: every id is written and the count advances by the test, so a flat row of
+/// logits (where about every other weight passes, at random) costs no mispredicted branch;
+/// chunks without a candidate are skipped after one vectorised test (most of a peaked row).
+#[inline(always)]
+fn compact_portable(weights: &[f32], cut: f32, ids: &mut [u32], ws: &mut [f32]) -> usize {
+    const CHUNK: usize = 16;
+    let (chunks, rest) = weights.as_chunks::<CHUNK>();
+    // `n` never passes the id being written, so `ids[n]` is in bounds.
+    let mut n = 0usize;
+    let mut base = 0u32;
+    for chunk in chunks {
+        if chunk.iter().fold(0u32, |a, &w| a | u32::from(w >= cut)) != 0 {
+            for (j, &w) in chunk.iter().enumerate() {
+                ids[n] = base.wrapping_add(j as u32);
+                ws[n] = w;
+                n += usize::from(w >= cut);
+            }
+        }
+        base = base.wrapping_add(CHUNK as u32);
+    }
+    for (j, &w) in rest.iter().enumerate() {
+        ids[n] = base.wrapping_add(j as u32);
+        ws[n] = w;
+        n += usize::from(w >= cut);
+    }
+    n
+}
+
+/// For each 8-bit mask, the positions of its set bits, packed to the front.
+#[cfg(target_arch = "x86_64")]
+static PACK: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut j, mut k) = (0, 0);
+        while j < 8 {
+            if m & (1 << j) != 0 {
+                t[m][k] = j as u32;
+                k += 1;
+            }
+            j += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
+/// [`compact_portable`] with AVX2: eight weights at a time, compared with `cut`, the passing
+/// lanes (ids and weights) packed to the front by a permutation from [`PACK`] and stored
+/// eight wide at the count. The same candidates in the same order; only the slots past the
+/// count differ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn compact_avx2(weights: &[f32], cut: f32, ids: &mut [u32], ws: &mut [f32]) -> usize {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_ps,
+        _mm256_loadu_ps, _mm256_loadu_si256, _mm256_movemask_ps, _mm256_permutevar8x32_epi32,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32, _mm256_storeu_ps,
+        _mm256_storeu_si256, _CMP_GE_OQ,
+    };
+    let (chunks, rest) = weights.as_chunks::<8>();
+    let cutv = _mm256_set1_ps(cut);
+    let mut idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let eight = _mm256_set1_epi32(8);
+    let mut n = 0usize;
+    for chunk in chunks {
+        // SAFETY: `chunk` holds 8 floats.
+        let w = unsafe { _mm256_loadu_ps(chunk.as_ptr()) };
+        let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(w, cutv)) as usize & 0xFF;
+        // SAFETY: a PACK row holds 8 u32.
+        let perm = unsafe { _mm256_loadu_si256(PACK[m].as_ptr().cast::<__m256i>()) };
+        // `n` is at most this chunk's first id, and the chunk is whole: 8 slots from `n` exist.
+        let (id_out, w_out) = (&mut ids[n..n + 8], &mut ws[n..n + 8]);
+        // SAFETY: both slices hold 8 elements.
+        unsafe {
+            _mm256_storeu_si256(
+                id_out.as_mut_ptr().cast::<__m256i>(),
+                _mm256_permutevar8x32_epi32(idx, perm),
+            );
+            _mm256_storeu_ps(
+                w_out.as_mut_ptr(),
+                _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(_mm256_castps_si256(w), perm)),
+            );
+        }
+        n += m.count_ones() as usize;
+        idx = _mm256_add_epi32(idx, eight);
+    }
+    let base = chunks.len() * 8;
+    for (j, &w) in rest.iter().enumerate() {
+        ids[n] = (base + j) as u32;
+        ws[n] = w;
+        n += usize::from(w >= cut);
+    }
+    n
+}
+
+/// Adds the weights of the candidates into `hist` (cleared first; [`BINS`] bins).
+/// Branch-free; two interleaved histograms halve the dependency chains when many weights
+/// share a bin.
+pub(super) fn histogram(cands: &Candidates, hist: &mut Vec<f64>, spare: &mut Vec<f64>) {
     hist.clear();
     hist.resize(BINS, 0.0);
     spare.clear();
     spare.resize(BINS, 0.0);
-    const CHUNK: usize = 16;
-    let (chunks, rest) = weights.as_chunks::<CHUNK>();
-    for chunk in chunks {
-        if !chunk.iter().fold(false, |a, &w| a | (w >= cut)) {
-            continue;
-        }
-        for pair in chunk.as_chunks::<2>().0 {
-            let [a, b] = *pair;
-            if a >= cut {
-                hist[bin_of(a) & (BINS - 1)] += f64::from(a);
-            }
-            if b >= cut {
-                spare[bin_of(b) & (BINS - 1)] += f64::from(b);
-            }
-        }
+    let (pairs, rest) = cands.weights().as_chunks::<2>();
+    for &[a, b] in pairs {
+        hist[bin_of(a) & (BINS - 1)] += f64::from(a);
+        spare[bin_of(b) & (BINS - 1)] += f64::from(b);
     }
     for &w in rest {
-        if w >= cut {
-            hist[bin_of(w) & (BINS - 1)] += f64::from(w);
-        }
+        hist[bin_of(w) & (BINS - 1)] += f64::from(w);
     }
     for (h, s) in hist.iter_mut().zip(spare.iter()) {
         *h += *s;
     }
 }
 
-/// The nucleus at `top_p` of `weights` of total `total`, from their histogram `hist` above
-/// `cut` ([`histogram`]), using `members` as scratch.
+/// The nucleus at `top_p` of `weights` of total `total`, from the histogram `hist` of the
+/// candidates `cands` ([`candidates`] above the [`prefilter_cut`], [`histogram`]), using
+/// `members` as scratch.
 pub(super) fn find(
-    weights: &[f32],
-    cut: f32,
+    cands: &Candidates,
     hist: &[f64],
     total: f64,
     top_p: f64,
@@ -162,7 +284,7 @@ pub(super) fn find(
             mass: BlockMass::default(),
         };
     };
-    collect_bin(weights, boundary, cut, members);
+    collect_bin(cands, boundary, members);
     let (kept, bin_mass) = select(members, remaining);
     let last = members[..kept]
         .iter()
@@ -189,39 +311,31 @@ pub(super) fn find(
     }
 }
 
-/// The tokens of bin `b` of weight at least `cut`, in id order, into `members` (cleared
-/// first).
-pub(super) fn collect_bin(weights: &[f32], b: usize, cut: f32, members: &mut Vec<Member>) {
+/// The candidates of bin `b`, in id order, into `members` (cleared first).
+pub(super) fn collect_bin(cands: &Candidates, b: usize, members: &mut Vec<Member>) {
     members.clear();
-    for_each_in_bin(weights, b, cut, |id, w| {
+    for_each_in_bin(cands, b, |id, w| {
         members.push(Member { w, id });
         true
     });
 }
 
-/// Calls `f(id, w)` for every token of bin `b` of weight at least `cut`, in id order, until
-/// it returns false. Chunks without one are skipped after one vectorised range test.
+/// Calls `f(id, w)` for every candidate of bin `b`, in id order, until it returns false.
+/// Chunks without one are skipped after one vectorised test.
 #[inline]
-pub(super) fn for_each_in_bin(
-    weights: &[f32],
-    b: usize,
-    cut: f32,
-    mut f: impl FnMut(u32, f32) -> bool,
-) {
-    let lo = if bin_floor(b) > cut {
-        bin_floor(b)
-    } else {
-        cut
-    };
-    let hi = bin_floor(b + 1);
+pub(super) fn for_each_in_bin(cands: &Candidates, b: usize, mut f: impl FnMut(u32, f32) -> bool) {
     const CHUNK: usize = 16;
-    for (c, chunk) in weights.chunks(CHUNK).enumerate() {
-        let any = chunk.iter().fold(false, |a, &w| a | (w >= lo && w < hi));
-        if !any {
+    let b = b as u32;
+    let ids = cands.ids();
+    for (c, chunk) in cands.weights().chunks(CHUNK).enumerate() {
+        let any = chunk
+            .iter()
+            .fold(0u32, |a, &w| a | u32::from((w.to_bits() >> SHIFT) == b));
+        if any == 0 {
             continue;
         }
         for (j, &w) in chunk.iter().enumerate() {
-            if w >= lo && w < hi && !f((c * CHUNK + j) as u32, w) {
+            if (w.to_bits() >> SHIFT) == b && !f(ids[c * CHUNK + j], w) {
                 return;
             }
         }
@@ -294,8 +408,15 @@ mod tests {
         let (mut h, mut s, mut m) = (Vec::new(), Vec::new(), Vec::new());
         let total: f64 = w.iter().map(|&x| f64::from(x)).sum();
         let cut = prefilter_cut(total, top_p, w.len());
-        histogram(w, cut, &mut h, &mut s);
-        let n = find(w, cut, &h, total, top_p, &mut m);
+        let mut c = Candidates::default();
+        c.collect(w, cut);
+        // The dispatched packing and the portable one agree.
+        let (mut ids, mut ws) = (vec![0; w.len()], vec![0.0; w.len()]);
+        let k = compact_portable(w, cut, &mut ids, &mut ws);
+        assert_eq!(c.ids(), &ids[..k]);
+        assert_eq!(c.weights(), &ws[..k]);
+        histogram(&c, &mut h, &mut s);
+        let n = find(&c, &h, total, top_p, &mut m);
         let ids = (0..w.len() as u32)
             .filter(|&i| n.contains(w[i as usize], i))
             .collect();

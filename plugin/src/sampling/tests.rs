@@ -327,3 +327,139 @@ fn reentrant_with_sampler_falls_back_to_a_fresh_one() {
     let id = with_sampler(|_| sample(&[0.0, 5.0], &p, &mut ChaCha8Rng::seed_from_u64(1)));
     assert!(id.is_ok());
 }
+
+/// The reference nucleus's order (probability descending, ties by lower id) and the mass
+/// before each position, in `f64`.
+fn reference_order(logits: &[f32], t: f64) -> (Vec<u32>, Vec<f64>, f64) {
+    let z: Vec<f64> = logits.iter().map(|&l| f64::from(l) / t).collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+    let total: f64 = p.iter().sum();
+    let mut ids: Vec<u32> = (0..p.len() as u32).collect();
+    ids.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+    let mut before = Vec::with_capacity(ids.len());
+    let mut cum = 0.0;
+    for &id in &ids {
+        before.push(cum);
+        cum += p[id as usize];
+    }
+    (ids, before, total)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The fast nucleus (packed candidates, histogram, selection) against the sorted
+    /// reference on rows of several blocks, with ties (whole-number logits) or without: the
+    /// same nucleus and the same log-probs within 1e-6. The nuclei may differ only where
+    /// the reference's mass before a boundary token is within rounding of the target (the
+    /// sampler's weights are `f32`), and a draw lands in the nucleus with the log-prob that
+    /// [`Distribution::logprob`] gives it.
+    #[test]
+    fn fast_nucleus_matches_the_sorted_reference(
+        raw in proptest::collection::vec(-12.0f32..12.0, 1..6000),
+        ties in any::<bool>(),
+        t in 0.2f64..3.0,
+        top_p in 0.05f64..0.99,
+        seed in 0u64..1000,
+    ) {
+        let logits: Vec<f32> = if ties {
+            raw.iter().map(|l| l.round()).collect()
+        } else {
+            raw
+        };
+        let p = params(t, top_p);
+        let (kept, lps) = reference(&logits, t, top_p);
+        let ours = kept_ids(&logits, &p);
+        if ours != kept {
+            let (short, long) = if ours.len() < kept.len() { (&ours, &kept) } else { (&kept, &ours) };
+            prop_assert!(short.iter().all(|i| long.binary_search(i).is_ok()), "{ours:?} vs {kept:?}");
+            let (order, before, total) = reference_order(&logits, t);
+            for at in short.len()..long.len() {
+                prop_assert!(long.binary_search(&order[at]).is_ok());
+                prop_assert!(
+                    (before[at] - top_p * total).abs() <= 1e-6 * total,
+                    "position {at}: mass before {} vs target {}", before[at], top_p * total
+                );
+            }
+            return Ok(());
+        }
+        let mut s = Sampler::new();
+        let mut d = s.distribution(&logits, &p).unwrap();
+        for (&id, &want) in kept.iter().zip(&lps) {
+            let got = d.logprob(id);
+            prop_assert!((got - want).abs() <= 1e-6, "id {id}: {got} vs {want}");
+        }
+        let pick = d.draw(&mut ChaCha8Rng::seed_from_u64(seed));
+        prop_assert!(kept.binary_search(&pick.id).is_ok(), "drew {} outside the nucleus", pick.id);
+        prop_assert_eq!(pick.logprob, d.logprob(pick.id));
+    }
+}
+
+/// Draws over a vocabulary of thousands (odd length: the packing's remainder lanes, many
+/// blocks and bins) follow the exact nucleus distribution: chi-square over categories that
+/// are the ten most likely tokens one by one and the rest pooled by id range (so that a draw
+/// biased along the id order inside a bin would show), below the 0.1 % critical value, and a
+/// total variation below 0.01; nothing is drawn outside the nucleus.
+#[test]
+fn draws_at_scale_follow_the_nucleus() {
+    const V: usize = 4099;
+    const RANGES: usize = 20;
+    let mut state = 11u64;
+    let logits: Vec<f32> = (0..V)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 12.0 - 6.0
+        })
+        .collect();
+    for (t, top_p) in [(0.9, 0.8), (1.0, 0.3)] {
+        let (kept, lps) = reference(&logits, t, top_p);
+        let (order, _, _) = reference_order(&logits, t);
+        let heavy: Vec<u32> = order[..10].to_vec();
+        let slot = |id: u32| -> usize {
+            heavy
+                .iter()
+                .position(|&h| h == id)
+                .unwrap_or_else(|| heavy.len() + id as usize * RANGES / V)
+        };
+        let mut probs = vec![0.0; heavy.len() + RANGES];
+        for (&i, &lp) in kept.iter().zip(&lps) {
+            probs[slot(i)] += lp.exp();
+        }
+        let n = 100_000;
+        let mut counts = vec![0usize; probs.len()];
+        let mut rng = ChaCha8Rng::seed_from_u64(2024);
+        let p = params(t, top_p);
+        let mut sampler = Sampler::new();
+        for _ in 0..n {
+            let id = sampler.sample(&logits, &p, &mut rng).unwrap().id;
+            assert!(
+                kept.binary_search(&id).is_ok(),
+                "drew {id} outside the nucleus"
+            );
+            counts[slot(id)] += 1;
+        }
+        let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
+        // Critical values of chi-square at p = 0.001.
+        let critical = match dof {
+            29 => 58.30,
+            28 => 56.89,
+            27 => 55.48,
+            26 => 54.05,
+            25 => 52.62,
+            d => panic!("no critical value for {d} degrees of freedom"),
+        };
+        let chi = chi_square(&counts, &probs);
+        assert!(
+            chi < critical,
+            "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
+        );
+        let tv: f64 = counts
+            .iter()
+            .zip(&probs)
+            .map(|(&c, &q)| (c as f64 / n as f64 - q).abs())
+            .sum::<f64>()
+            / 2.0;
+        assert!(tv < 0.01, "t {t} top_p {top_p}: total variation {tv}");
+    }
+}
