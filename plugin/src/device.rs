@@ -32,8 +32,8 @@ pub enum DeviceError {
     Parse(String),
     /// This binary was built without the device's back-end.
     #[error(
-        "device {device}: this build has no {feature} support; rebuild with \
-         `--features leaf-plugin/{feature}` or use --device cpu"
+        "device {device}: this build has no {feature} support (rebuild with \
+         `--features leaf-plugin/{feature}`, or choose the cpu)"
     )]
     NotCompiled {
         /// The device asked for.
