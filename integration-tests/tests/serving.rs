@@ -10,12 +10,13 @@ use leaf_integration_tests::{
     ask, next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model,
     weight_bytes,
 };
+use leaf_plugin::device::ComputeDevice;
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{
     AssemblerConfig, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
 };
 use leaf_plugin::reward::{Metric, RewardOptions};
-use leaf_plugin::serving::{GroupPolicy, ServeError, ServerConfig};
+use leaf_plugin::serving::{GroupPolicy, LeafServer, ServeError, ServerConfig};
 use mistralrs_core::{
     Constraint, CustomLogitsProcessor, NormalRequest, Request, RequestMessage, Response,
     SamplingParams,
@@ -535,5 +536,55 @@ async fn retired_engines_free_their_memory_over_many_swaps() -> anyhow::Result<(
         "RSS grew by {:.1} MiB (bound {bound:.1})",
         rss1 - rss0
     );
+    Ok(())
+}
+
+/// `ServerConfig::device`: the CPU serves; a device this build has no back-end for is refused
+/// at start, by name and before the model is read; on a build with the back-end and a device
+/// present, the model serves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_its_device_and_refuses_one_this_build_lacks() -> anyhow::Result<()> {
+    let m = tiny_model(5)?;
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.device = "cpu".parse()?;
+    let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
+    let cpu = server.chat(ask("Say one.", 4, 1)).await?;
+    assert!(!cpu.completion_ids.is_empty());
+    server.shutdown(Duration::from_secs(5)).await;
+
+    for device in [ComputeDevice::Cuda(0), ComputeDevice::Metal(0)] {
+        let mut cfg = ServerConfig::new(&m.dir);
+        cfg.device = device;
+        if !device.is_compiled() {
+            // Refused before the model is read: even a directory that is no model gives the
+            // device error.
+            cfg.model_dir = m.tmp.path().join("no-such-model");
+            let err = LeafServer::start(cfg, Arc::new(FeedbackOnly))
+                .await
+                .expect_err("a device without its back-end is refused");
+            let msg = err.to_string();
+            let feature = device.feature().unwrap_or_default();
+            assert!(matches!(err, ServeError::Config(_)), "{msg}");
+            assert!(msg.contains(&device.to_string()), "{msg}");
+            assert!(
+                msg.contains(&format!("--features leaf-plugin/{feature}")),
+                "{msg}"
+            );
+            continue;
+        }
+        if device.open().is_err() {
+            // Built with the back-end, but this machine has no such device.
+            let err = LeafServer::start(cfg, Arc::new(FeedbackOnly))
+                .await
+                .expect_err("a missing device is refused");
+            assert!(err.to_string().contains("cannot open"), "{err}");
+            continue;
+        }
+        let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
+        let reply = server.chat(ask("Say one.", 4, 1)).await?;
+        assert!(!reply.completion_ids.is_empty());
+        assert!(reply.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+        server.shutdown(Duration::from_secs(5)).await;
+    }
     Ok(())
 }

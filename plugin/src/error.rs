@@ -26,6 +26,9 @@ pub enum Error {
     /// A model's chat format (template, stop tokens) could not be read or rendered.
     #[error(transparent)]
     ChatFormat(#[from] crate::chat_format::ChatFormatError),
+    /// A device cannot be named or used (see [`crate::device`]).
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// Training failed.
     #[error(transparent)]
     Train(#[from] crate::trainer::TrainError),

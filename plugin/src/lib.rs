@@ -7,6 +7,7 @@
 pub mod advantage;
 pub mod audio;
 pub mod chat_format;
+pub mod device;
 pub mod error;
 pub mod import;
 pub mod malloc;

@@ -12,6 +12,7 @@ use super::audio::AudioEncoder;
 use super::http::{serve_listener, HttpConfig};
 use super::limits::RequestLimits;
 use super::server::{LeafServer, ServerConfig};
+use crate::device::ComputeDevice;
 use crate::harvest::ReferenceReward;
 use crate::online::{training_group_policy, OnlineConfig, OnlineTrainer};
 use crate::reward::{Metric, RewardOptions};
@@ -22,6 +23,12 @@ pub struct ServeArgs {
     /// The base model directory (config.json, model.safetensors, tokenizer files).
     #[arg(long)]
     pub model: PathBuf,
+    /// Where the model runs: cpu, cuda:N (a build with `--features leaf-plugin/cuda`) or
+    /// metal (`--features leaf-plugin/metal`); overrides the config's `device` [default: cpu].
+    /// The online trainer trains there too unless its config sets `train.device`. A device
+    /// this build has no back-end for is refused at start.
+    #[arg(long, value_name = "cpu|cuda:N|metal")]
+    pub device: Option<ComputeDevice>,
     /// The versioned adapter store; its current version is served at start.
     #[arg(long)]
     pub store: Option<PathBuf>,
@@ -210,6 +217,22 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &PathBuf) -> anyhow::Result<T
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Reads the `--online` config. One that does not set `train.device` trains on
+/// `server_device`, the device the server runs on.
+fn read_online_config(
+    path: &PathBuf,
+    server_device: ComputeDevice,
+) -> anyhow::Result<OnlineConfig> {
+    let v: serde_json::Value = read_json(path)?;
+    let device_given = v.pointer("/train/device").is_some();
+    let mut cfg: OnlineConfig =
+        serde_json::from_value(v).with_context(|| format!("parsing {}", path.display()))?;
+    if !device_given {
+        cfg.train.device = server_device;
+    }
+    Ok(cfg)
+}
+
 /// Runs the server until Ctrl-C, then shuts the trainer and the server down cleanly.
 /// `audio` finds the model's audio encoder (see [`AudioEncoderLoader`]).
 pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCode> {
@@ -231,9 +254,16 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
     if args.store.is_some() {
         config.store_dir = args.store.clone();
     }
+    if let Some(device) = args.device {
+        config.device = device;
+    }
     // A model directory that carries its unit codebook serves audio without --units.
     config.audio_encoder = audio(&args.model, args.units.as_deref())?;
-    let mut online: Option<OnlineConfig> = args.online.as_ref().map(read_json).transpose()?;
+    let mut online: Option<OnlineConfig> = args
+        .online
+        .as_ref()
+        .map(|p| read_online_config(p, config.device))
+        .transpose()?;
     if let Some(cfg) = online.as_mut() {
         if args.gate_data.is_some() {
             cfg.gate_data = args.gate_data.clone();
@@ -347,8 +377,9 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
             adapter_control: None,
         };
         eprintln!(
-            "leaf: serving {} on http://{} (version {}, restarts {})",
+            "leaf: serving {} on {} at http://{} (version {}, restarts {})",
             server.model().dir().display(),
+            server.config().device,
             args.listen,
             server.current_version(),
             super::restart::restarts()
@@ -410,6 +441,37 @@ mod tests {
         use clap::Parser as _;
         let argv = ["leaf"].iter().chain(args).copied();
         Cli::try_parse_from(argv).map(|c| c.serve)
+    }
+
+    #[test]
+    fn the_device_flag_is_parsed_documented_and_followed_by_the_trainer() {
+        let a = parse(&["--model", "m", "--device", "cuda:1"]).unwrap();
+        assert_eq!(a.device, Some(ComputeDevice::Cuda(1)));
+        assert_eq!(parse(&["--model", "m"]).unwrap().device, None);
+        let e = parse(&["--model", "m", "--device", "gpu"]).unwrap_err();
+        assert!(e.to_string().contains("expected cpu, cuda"), "{e}");
+        let help = {
+            use clap::CommandFactory as _;
+            Cli::command().render_long_help().to_string()
+        };
+        assert!(help.contains("--device <cpu|cuda:N|metal>"), "{help}");
+        assert!(help.contains("leaf-plugin/cuda"), "{help}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("online.json");
+        std::fs::write(&plain, r#"{"publish_every": 2, "train": {"kl_beta": 0.1}}"#).unwrap();
+        let cfg = read_online_config(&plain, ComputeDevice::Cuda(1)).unwrap();
+        assert_eq!(cfg.train.device, ComputeDevice::Cuda(1));
+        assert_eq!(cfg.train.kl_beta, 0.1);
+        assert_eq!(cfg.publish_every, 2);
+        let pinned = dir.path().join("pinned.json");
+        std::fs::write(&pinned, r#"{"train": {"device": "cpu"}}"#).unwrap();
+        let cfg = read_online_config(&pinned, ComputeDevice::Cuda(1)).unwrap();
+        assert_eq!(cfg.train.device, ComputeDevice::Cpu);
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"train": {"device": "tpu"}}"#).unwrap();
+        let e = read_online_config(&bad, ComputeDevice::Cpu).unwrap_err();
+        assert!(format!("{e:#}").contains("tpu"), "{e:#}");
     }
 
     #[test]

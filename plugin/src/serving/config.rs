@@ -1,9 +1,7 @@
 //! [`ServerConfig`]: everything [`LeafServer::start`] needs, the sampling defaults and the
-//! device.
+//! device (a [`ComputeDevice`], the trainer's type).
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use leaf_adapters::validate::Limits;
@@ -15,6 +13,7 @@ use super::limits::RequestLimits;
 #[cfg(doc)]
 use super::server::LeafServer;
 use super::ServeError;
+use crate::device::ComputeDevice;
 use crate::harvest::reward::RewardRange;
 use crate::harvest::AssemblerConfig;
 
@@ -80,10 +79,11 @@ pub struct ServerConfig {
     /// parts are refused.
     #[serde(skip)]
     pub audio_encoder: Option<Arc<dyn AudioEncoder>>,
-    /// Where the model runs: `cpu` (the default), `cuda:N` (a `cuda` build) or `metal` (a
-    /// `metal` build).
+    /// Where the model runs: `cpu` (the default), `cuda:N` (a build with the `cuda`
+    /// feature) or `metal:N` (the `metal` feature). [`LeafServer::start`] opens it first and
+    /// refuses a device this build cannot use; every version is loaded onto it.
     #[serde(default)]
-    pub device: ServeDevice,
+    pub device: ComputeDevice,
     /// Most sequences the scheduler batches. Default 16.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
@@ -145,7 +145,7 @@ impl ServerConfig {
             model_dir: model_dir.into(),
             store_dir: None,
             audio_encoder: None,
-            device: ServeDevice::Cpu,
+            device: ComputeDevice::Cpu,
             max_batch: default_batch(),
             engine_admission: EngineAdmission::default(),
             sampling: SamplingDefaults::default(),
@@ -206,98 +206,23 @@ pub(super) fn check_sampling(temperature: f64, top_p: f64) -> Result<(), ServeEr
         .map_err(|e| ServeError::Request(e.to_string()))
 }
 
-/// The device a server runs its model on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-#[non_exhaustive]
-pub enum ServeDevice {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// CUDA device `N` (needs the `cuda` feature).
-    Cuda(usize),
-    /// The Metal device (needs the `metal` feature).
-    Metal,
-}
-
-impl ServeDevice {
-    /// The candle device; an error naming the device when this build cannot use it.
-    pub fn to_candle(self) -> Result<candle_core::Device, ServeError> {
-        let unavailable = |e: candle_core::Error| ServeError::Config(format!("device {self}: {e}"));
-        match self {
-            ServeDevice::Cpu => Ok(candle_core::Device::Cpu),
-            ServeDevice::Cuda(n) => candle_core::Device::new_cuda(n).map_err(unavailable),
-            ServeDevice::Metal => candle_core::Device::new_metal(0).map_err(unavailable),
-        }
-    }
-}
-
-impl fmt::Display for ServeDevice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServeDevice::Cpu => f.write_str("cpu"),
-            ServeDevice::Cuda(n) => write!(f, "cuda:{n}"),
-            ServeDevice::Metal => f.write_str("metal"),
-        }
-    }
-}
-
-impl FromStr for ServeDevice {
-    type Err = ServeError;
-
-    fn from_str(s: &str) -> Result<Self, ServeError> {
-        let bad = || ServeError::Config(format!("device {s:?} is not cpu, cuda, cuda:N or metal"));
-        match s.trim() {
-            "cpu" => Ok(ServeDevice::Cpu),
-            "cuda" => Ok(ServeDevice::Cuda(0)),
-            "metal" => Ok(ServeDevice::Metal),
-            other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(ServeDevice::Cuda).map_err(|_| bad()),
-                None => Err(bad()),
-            },
-        }
-    }
-}
-
-impl TryFrom<String> for ServeDevice {
-    type Error = ServeError;
-
-    fn try_from(s: String) -> Result<Self, ServeError> {
-        s.parse()
-    }
-}
-
-impl From<ServeDevice> for String {
-    fn from(d: ServeDevice) -> String {
-        d.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn devices_parse_and_print() {
-        for (text, dev) in [
-            ("cpu", ServeDevice::Cpu),
-            ("cuda:1", ServeDevice::Cuda(1)),
-            ("metal", ServeDevice::Metal),
-        ] {
-            assert_eq!(text.parse::<ServeDevice>().unwrap(), dev);
-            assert_eq!(dev.to_string(), text);
-        }
-        assert_eq!("cuda".parse::<ServeDevice>().unwrap(), ServeDevice::Cuda(0));
-        for bad in ["gpu", "cuda:x", "cuda:-1", ""] {
-            let e = bad.parse::<ServeDevice>().unwrap_err().to_string();
-            assert!(e.contains("device"), "{e}");
-        }
+    fn the_device_comes_from_json_and_defaults_to_the_cpu() {
         let c: ServerConfig =
             serde_json::from_str(r#"{"model_dir": "m", "device": "cuda:2"}"#).unwrap();
-        assert_eq!(c.device, ServeDevice::Cuda(2));
-        assert!(
-            serde_json::from_str::<ServerConfig>(r#"{"model_dir": "m", "device": "tpu"}"#).is_err()
-        );
-        assert_eq!(ServerConfig::new("m").device, ServeDevice::Cpu);
+        assert_eq!(c.device, ComputeDevice::Cuda(2));
+        let c: ServerConfig =
+            serde_json::from_str(r#"{"model_dir": "m", "device": "metal"}"#).unwrap();
+        assert_eq!(c.device, ComputeDevice::Metal(0));
+        let e = serde_json::from_str::<ServerConfig>(r#"{"model_dir": "m", "device": "tpu"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("tpu"), "{e}");
+        assert_eq!(ServerConfig::new("m").device, ComputeDevice::Cpu);
+        let c: ServerConfig = serde_json::from_str(r#"{"model_dir": "m"}"#).unwrap();
+        assert_eq!(c.device, ComputeDevice::Cpu);
     }
 }

@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -115,8 +116,9 @@ struct AppState {
     control: Option<Arc<dyn AdapterControl>>,
 }
 
-/// An API error: a status and a JSON body.
-#[derive(Debug)]
+/// An API error: a status and a JSON body `{"error": {"message", "type"}}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{status} {kind}: {message}")]
 pub struct ApiError {
     status: StatusCode,
     kind: &'static str,
@@ -131,6 +133,21 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// The HTTP status the route answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body's `error.type` (`invalid_request_error`, `limit_exceeded`, ...).
+    pub fn kind(&self) -> &str {
+        self.kind
+    }
+
+    /// The body's `error.message`: what was wrong, naming the field or the limit.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -142,6 +159,12 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        ApiError::new(r.status(), "invalid_request_error", r.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
         ApiError::new(r.status(), "invalid_request_error", r.body_text())
     }
 }
@@ -579,15 +602,60 @@ fn to_request(body: ChatBody) -> Result<ChatRequest, ApiError> {
     })
 }
 
+/// Turns the body of `POST /v1/chat/completions` into a checked [`ChatRequest`], or into the
+/// 4xx error the route answers with: exactly what the route runs on every body it reads.
+///
+/// * Malformed JSON is a 400 and a well-formed body of the wrong shape (a missing or
+///   mistyped field, a number out of its type's range) a 422, as axum's `Json` extractor
+///   answers; unknown fields are ignored.
+/// * An `input_audio` part that is not `wav` or not valid base64 is a 400 naming the part.
+/// * The server-side caps ([`RequestLimits::check_request`]): 413, or 400 for `max_tokens`;
+///   a WAV part whose header cannot be read is a 400.
+/// * What the request gets wrong on its own ([`ChatRequest::check`]: no messages, an unknown
+///   role, temperature, top-p, `max_tokens` 0, `top_logprobs`): 400.
+///
+/// It never panics, whatever the bytes (`plugin/tests/fuzz_inputs.rs`). The `leaf.reference`
+/// is kept: whether it counts is the route's decision (see the module docs).
+pub fn parse_chat_request(body: &[u8], limits: &RequestLimits) -> Result<ChatRequest, ApiError> {
+    let Json(body) = Json::<ChatBody>::from_bytes(body)?;
+    let req = to_request(body)?;
+    limits.check_request(&req)?;
+    req.check()?;
+    Ok(req)
+}
+
+/// Whether the request says its body is JSON (`application/json` or `application/*+json`),
+/// as axum's `Json` extractor demands; a 415 otherwise.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| mime.trim().to_ascii_lowercase())
+        .is_some_and(|mime| {
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "Expected request with `Content-Type: application/json`",
+        ))
+    }
+}
+
 async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<ChatBody>, JsonRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let token = reward_token_presented(&state, &headers)?;
-    let Json(body) = body?;
-    let mut req = to_request(body)?;
-    state.server.config().request_limits.check_request(&req)?;
+    require_json(&headers)?;
+    let body = body?;
+    let mut req = parse_chat_request(&body, &state.server.config().request_limits)?;
     let reference_used = req.reference.is_some() && (token || state.trust_client_references);
     if req.reference.is_some() && !reference_used {
         req.reference = None;

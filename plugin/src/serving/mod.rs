@@ -85,11 +85,10 @@ mod status;
 mod swap;
 
 pub use audio::{AudioEncodeError, AudioEncoder, AudioPrompt};
-pub use model::{load_pipeline, ModelDir};
+pub use model::{load_pipeline, load_pipeline_on, ModelDir};
 pub use server::{
     rss_bytes, thread_count, ChatReply, ChatRequest, EngineAdmission, GroupPolicy, LeafServer,
-    Message, Part, SamplingDefaults, ServeDevice, ServerConfig, ServerStatus, SwapReport,
-    BASE_VERSION,
+    Message, Part, SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
 };
 
 use std::path::PathBuf;
@@ -159,4 +158,10 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+impl From<crate::device::DeviceError> for ServeError {
+    fn from(e: crate::device::DeviceError) -> Self {
+        ServeError::Config(e.to_string())
+    }
 }

@@ -186,20 +186,32 @@ fn loader_type(family: Family) -> NormalLoaderType {
 /// A loaded pipeline, ready for `add_model`.
 pub type SharedPipeline = Arc<tokio::sync::Mutex<dyn Pipeline>>;
 
-/// Loads the base model plus `adapter_dir` (a validated PEFT directory) on a brand-new thread
-/// with the thread-local LoRA list cleared before and after. Blocks the calling thread; call it
-/// from `spawn_blocking` (or use [`load_pipeline_async`]).
+/// [`load_pipeline_on`] the CPU.
 pub fn load_pipeline(
     model: &ModelDir,
     adapter_dir: Option<&Path>,
 ) -> Result<SharedPipeline, ServeError> {
+    load_pipeline_on(model, adapter_dir, &Device::Cpu)
+}
+
+/// Loads the base model plus `adapter_dir` (a validated PEFT directory) onto `device` (every
+/// layer there, in f32), on a brand-new thread with the thread-local LoRA list cleared before
+/// and after. Blocks the calling thread; call it from `spawn_blocking` (or use
+/// [`load_pipeline_async`]). `device` comes from
+/// [`ComputeDevice::open`](crate::device::ComputeDevice::open).
+pub fn load_pipeline_on(
+    model: &ModelDir,
+    adapter_dir: Option<&Path>,
+    device: &Device,
+) -> Result<SharedPipeline, ServeError> {
     let model = model.clone();
     let adapter_dir = adapter_dir.map(Path::to_path_buf);
+    let device = device.clone();
     let handle = std::thread::Builder::new()
         .name("leaf-load".into())
         .spawn(move || {
             mistralrs_quant::clear_applied_loras();
-            let result = load_on_this_thread(&model, adapter_dir.as_deref());
+            let result = load_on_this_thread(&model, adapter_dir.as_deref(), &device);
             mistralrs_quant::clear_applied_loras();
             result
         })
@@ -217,15 +229,17 @@ pub fn load_pipeline(
     }
 }
 
-/// [`load_pipeline`] from async code (runs on the blocking pool, which only waits for the
+/// [`load_pipeline_on`] from async code (runs on the blocking pool, which only waits for the
 /// fresh loader thread).
 pub async fn load_pipeline_async(
     model: &ModelDir,
     adapter_dir: Option<&Path>,
+    device: &Device,
 ) -> Result<SharedPipeline, ServeError> {
     let model = model.clone();
     let adapter_dir = adapter_dir.map(Path::to_path_buf);
-    tokio::task::spawn_blocking(move || load_pipeline(&model, adapter_dir.as_deref()))
+    let device = device.clone();
+    tokio::task::spawn_blocking(move || load_pipeline_on(&model, adapter_dir.as_deref(), &device))
         .await
         .map_err(|e| ServeError::Load(format!("the loader task failed: {e}")))?
 }
@@ -233,6 +247,7 @@ pub async fn load_pipeline_async(
 fn load_on_this_thread(
     model: &ModelDir,
     adapter_dir: Option<&Path>,
+    device: &Device,
 ) -> Result<SharedPipeline, ServeError> {
     let dir = model.dir();
     let load_err = |e: anyhow::Error| ServeError::Load(format!("{}: {e:#}", dir.display()));
@@ -277,8 +292,9 @@ fn load_on_this_thread(
         .load_model_from_path(
             &paths,
             &ModelDType::F32,
-            &Device::Cpu,
+            device,
             true,
+            // No layer map: every layer on `device`.
             DeviceMapSetting::dummy(),
             None,
             None,

@@ -73,6 +73,49 @@ pub struct ChatRequest {
     pub task: Option<String>,
 }
 
+/// Most alternatives per position a request may ask for with `logprobs`.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl ChatRequest {
+    /// Checks what a request can get wrong on its own, before the server's defaults apply:
+    /// at least one message, each with the role `system`, `user` or `assistant`; a given
+    /// temperature finite in [0, [`crate::sampling::MAX_TEMPERATURE`]]; a given `top_p` in
+    /// (0, 1]; a given `max_tokens` positive; `top_logprobs` at most [`MAX_TOP_LOGPROBS`]. The
+    /// error ([`ServeError::Request`]) names the field. [`LeafServer::chat`] runs it first; the
+    /// server-side caps are [`super::limits::RequestLimits::check_request`]'s.
+    pub fn check(&self) -> Result<(), ServeError> {
+        let bad = |m: String| Err(ServeError::Request(m));
+        if self.messages.is_empty() {
+            return bad("messages is empty".into());
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return bad(format!(
+                    "messages[{i}].role {:?} is not system, user or assistant",
+                    m.role
+                ));
+            }
+        }
+        // Each value on its own: the other one is given a setting that is always valid.
+        if let Some(t) = self.temperature {
+            check_sampling(t, 1.0)?;
+        }
+        if let Some(p) = self.top_p {
+            check_sampling(1.0, p)?;
+        }
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens must be positive".into());
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!(
+                "top_logprobs {} must be at most {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The answer to a chat request.
 #[derive(Debug, Clone)]
 pub struct ChatReply {
@@ -103,19 +146,11 @@ impl LeafServer {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ServeError::ShuttingDown);
         }
+        req.check()?;
+        // The defaults were checked at start (`ServerConfig::check`).
         let temperature = req.temperature.unwrap_or(self.config.sampling.temperature);
         let top_p = req.top_p.unwrap_or(self.config.sampling.top_p);
-        check_sampling(temperature, top_p)?;
         let max_tokens = req.max_tokens.unwrap_or(self.config.sampling.max_tokens);
-        if max_tokens == 0 {
-            return Err(ServeError::Request("max_tokens must be positive".into()));
-        }
-        if req.top_logprobs > 20 {
-            return Err(ServeError::Request(format!(
-                "top_logprobs {} must be at most 20",
-                req.top_logprobs
-            )));
-        }
         let messages = self.encode_audio(std::mem::take(&mut req.messages)).await?;
         let messages = self.to_engine_messages(&messages)?;
         let seed = req.seed.unwrap_or_else(|| self.next_seed());
@@ -222,17 +257,9 @@ impl LeafServer {
         &self,
         messages: &[Message],
     ) -> Result<Vec<IndexMap<String, MessageContent>>, ServeError> {
-        if messages.is_empty() {
-            return Err(ServeError::Request("messages is empty".into()));
-        }
+        // `ChatRequest::check` refused empty conversations and unknown roles before.
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(ServeError::Request(format!(
-                    "messages[{i}].role {:?} is not system, user or assistant",
-                    m.role
-                )));
-            }
             let content = match m.content.as_slice() {
                 [Part::Text(t)] => Either::Left(t.clone()),
                 parts => {

@@ -22,7 +22,7 @@ use super::model::{load_pipeline_async, ModelDir};
 use super::ServeError;
 use crate::harvest::{GroupAssembler, RewardSource, SealedGroup};
 
-pub use super::config::{EngineAdmission, SamplingDefaults, ServeDevice, ServerConfig};
+pub use super::config::{EngineAdmission, SamplingDefaults, ServerConfig};
 pub use super::group_policy::GroupPolicy;
 pub use super::request::{ChatReply, ChatRequest, Message, Part};
 pub use super::status::{rss_bytes, thread_count, ServerStatus};
@@ -58,6 +58,8 @@ pub(super) struct Counters {
 pub struct LeafServer {
     pub(super) mistral: Arc<MistralRs>,
     pub(super) model: ModelDir,
+    /// The opened [`ServerConfig::device`]; every version is loaded onto it.
+    pub(super) device: candle_core::Device,
     pub(super) config: ServerConfig,
     pub(super) store: Option<AdapterStore>,
     pub(super) current: RwLock<Arc<Slot>>,
@@ -98,17 +100,10 @@ impl LeafServer {
         reward: Arc<dyn RewardSource>,
     ) -> Result<(Arc<LeafServer>, crossbeam_channel::Receiver<SealedGroup>), ServeError> {
         config.check()?;
+        // First, before anything is read or loaded: a build without the device's back-end
+        // (or a GPU that is not there) is refused by name.
+        let device = config.device.open()?;
         let model = ModelDir::open(&config.model_dir)?;
-        if config.device != ServeDevice::Cpu {
-            // Resolving it first gives "not compiled with cuda" as the error on a CPU build.
-            config.device.to_candle()?;
-            // TODO(model.rs owner): pass `config.device` to `load_pipeline`, which still loads
-            // on the CPU; until then a GPU device is refused rather than silently ignored.
-            return Err(ServeError::Config(format!(
-                "device {}: the model loader does not take a device yet; use cpu",
-                config.device
-            )));
-        }
         let store = match &config.store_dir {
             Some(dir) => {
                 let mut store = AdapterStore::open(dir).map_err(ServeError::Adapter)?;
@@ -127,7 +122,7 @@ impl LeafServer {
             Ok(_) => (BASE_VERSION.to_string(), None),
             Err(e) => return Err(ServeError::Adapter(e)),
         };
-        let pipeline = load_pipeline_async(&model, adapter_dir.as_deref()).await?;
+        let pipeline = load_pipeline_async(&model, adapter_dir.as_deref(), &device).await?;
         let engine_id = "policy@0".to_string();
         let mistral = MistralRsBuilder::new(pipeline, scheduler(config.max_batch), false, None)
             .with_model_id(engine_id.clone())
@@ -138,6 +133,7 @@ impl LeafServer {
         let server = Arc::new(LeafServer {
             mistral,
             model,
+            device,
             store,
             current: RwLock::new(Arc::new(Slot {
                 engine_id,

@@ -234,7 +234,7 @@ impl LeafServer {
         }
         let t0 = Instant::now();
         let pipeline: SharedPipeline =
-            load_pipeline_async(&self.model, adapter_dir.as_deref()).await?;
+            load_pipeline_async(&self.model, adapter_dir.as_deref(), &self.device).await?;
         let load_ms = ms(t0);
         fault_point("swap-loaded");
         let t1 = Instant::now();

@@ -1,13 +1,10 @@
 //! Every knob of the update, with the LEAF spec's defaults.
 
-use std::fmt;
-use std::str::FromStr;
-
-use candle_core::Device;
 use leaf_adapters::model::LoraOptions;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::device::ComputeDevice;
 
 /// When to apply truncated importance weighting (TIS) against the behaviour log-probs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,87 +36,6 @@ impl Default for TisConfig {
             mode: TisMode::Stale,
             cap: 2.0,
         }
-    }
-}
-
-/// Where the trainer runs: `cpu`, `cuda` / `cuda:N` (a build with the `cuda` feature) or
-/// `metal` / `metal:N` (the `metal` feature). Written as that string in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum TrainDevice {
-    /// The CPU (default).
-    #[default]
-    Cpu,
-    /// CUDA device `N`.
-    Cuda(usize),
-    /// Metal device `N`.
-    Metal(usize),
-}
-
-impl TrainDevice {
-    /// Opens the device; a build without the matching feature, or a missing device, is a
-    /// [`TrainError::Config`] naming it.
-    pub fn open(self) -> Result<Device, TrainError> {
-        let opened = match self {
-            TrainDevice::Cpu => return Ok(Device::Cpu),
-            TrainDevice::Cuda(n) => Device::new_cuda(n),
-            TrainDevice::Metal(n) => Device::new_metal(n),
-        };
-        opened.map_err(|e| {
-            let feature = if matches!(self, TrainDevice::Cuda(_)) {
-                "cuda"
-            } else {
-                "metal"
-            };
-            TrainError::Config(format!(
-                "device {self}: {e} (is this a build with the `{feature}` feature?)"
-            ))
-        })
-    }
-}
-
-impl fmt::Display for TrainDevice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TrainDevice::Cpu => write!(f, "cpu"),
-            TrainDevice::Cuda(n) => write!(f, "cuda:{n}"),
-            TrainDevice::Metal(n) => write!(f, "metal:{n}"),
-        }
-    }
-}
-
-impl FromStr for TrainDevice {
-    type Err = TrainError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            TrainError::Config(format!(
-                "device {s:?}: expected cpu, cuda, cuda:N, metal or metal:N"
-            ))
-        };
-        let (kind, index) = match s.split_once(':') {
-            Some((k, n)) => (k, n.parse::<usize>().map_err(|_| bad())?),
-            None => (s, 0),
-        };
-        match kind {
-            "cpu" if !s.contains(':') => Ok(TrainDevice::Cpu),
-            "cuda" => Ok(TrainDevice::Cuda(index)),
-            "metal" => Ok(TrainDevice::Metal(index)),
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl Serialize for TrainDevice {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for TrainDevice {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -164,9 +80,10 @@ pub struct TrainConfig {
     pub lora: LoraOptions,
     /// Seed of the dropout masks of training passes.
     pub seed: u64,
-    /// Where the model trains ([`Trainer::load`](super::Trainer::load) opens it). Default
-    /// `cpu`.
-    pub device: TrainDevice,
+    /// Where the model trains ([`Trainer::load`](super::Trainer::load) opens it): `cpu`,
+    /// `cuda:N` or `metal:N`, the same [`ComputeDevice`] as the server's. Default `cpu`;
+    /// `leaf serve --online` trains on the server's device unless this is given.
+    pub device: ComputeDevice,
 }
 
 impl Default for TrainConfig {
@@ -188,7 +105,7 @@ impl Default for TrainConfig {
             tis: TisConfig::default(),
             lora: LoraOptions::default(),
             seed: 0,
-            device: TrainDevice::Cpu,
+            device: ComputeDevice::Cpu,
         }
     }
 }
@@ -318,33 +235,20 @@ mod tests {
     }
 
     #[test]
-    fn devices_parse_print_and_open() {
-        for (text, dev) in [
-            ("cpu", TrainDevice::Cpu),
-            ("cuda", TrainDevice::Cuda(0)),
-            ("cuda:1", TrainDevice::Cuda(1)),
-            ("metal:0", TrainDevice::Metal(0)),
-        ] {
-            assert_eq!(text.parse::<TrainDevice>().unwrap(), dev);
-        }
-        assert_eq!(TrainDevice::Cuda(2).to_string(), "cuda:2");
-        for bad in ["gpu", "cuda:x", "cpu:1", ""] {
-            let err = bad.parse::<TrainDevice>().unwrap_err().to_string();
-            assert!(err.contains("device"), "{err}");
-        }
+    fn the_device_is_a_string_and_a_missing_back_end_is_a_config_error() {
         let c: TrainConfig = serde_json::from_str(r#"{"device": "cuda:3"}"#).unwrap();
-        assert_eq!(c.device, TrainDevice::Cuda(3));
+        assert_eq!(c.device, ComputeDevice::Cuda(3));
         assert_eq!(
             serde_json::to_value(&c).unwrap()["device"],
             serde_json::json!("cuda:3")
         );
         assert!(serde_json::from_str::<TrainConfig>(r#"{"device": "tpu"}"#).is_err());
-        assert!(TrainDevice::Cpu.open().unwrap().is_cpu());
-        #[cfg(not(feature = "cuda"))]
-        {
-            let err = TrainDevice::Cuda(0).open().unwrap_err().to_string();
-            assert!(err.contains("cuda"), "{err}");
-        }
+        let err = TrainError::from(crate::device::DeviceError::NotCompiled {
+            device: ComputeDevice::Cuda(0),
+            feature: "cuda",
+        });
+        assert!(matches!(err, TrainError::Config(_)), "{err}");
+        assert!(err.to_string().contains("leaf-plugin/cuda"), "{err}");
     }
 
     #[test]

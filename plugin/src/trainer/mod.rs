@@ -21,7 +21,7 @@ pub mod schedule;
 pub mod synthetic;
 pub mod update;
 
-pub use config::{TisConfig, TisMode, TrainConfig, TrainDevice};
+pub use config::{TisConfig, TisMode, TrainConfig};
 pub use schedule::CosineSchedule;
 pub use update::{StepStats, TrainSample, Trainer};
 
@@ -62,6 +62,12 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<crate::device::DeviceError> for TrainError {
+    fn from(e: crate::device::DeviceError) -> Self {
+        TrainError::Config(e.to_string())
+    }
 }
 
 #[cfg(test)]
