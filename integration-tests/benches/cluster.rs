@@ -18,7 +18,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::{small_lora_train, tiny_model};
 use leaf_plugin::cluster::train::train_cluster;
 use leaf_plugin::cluster::{
@@ -26,7 +25,6 @@ use leaf_plugin::cluster::{
 };
 use leaf_plugin::harvest::{HarvestedSample, SampleOrigin, SealedGroup};
 use leaf_plugin::online::{TrainJobConfig, TrainerCheckpoint};
-use leaf_plugin::trainer::TrainConfig;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -11,7 +11,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::{
     random_adapter, small_lora_train, start, tiny_model, tiny_model_sized, TinyModel,
 };
@@ -22,7 +21,6 @@ use leaf_plugin::online::{TrainJobConfig, TrainerCheckpoint};
 use leaf_plugin::serving::{
     ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig, BASE_VERSION,
 };
-use leaf_plugin::trainer::TrainConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment variable that turns `trainer_child` into the trainer process.

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use leaf_adapters::model::LoraOptions;
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{small_lora_train, start, tiny_model};
 use leaf_plugin::harvest::{
@@ -12,7 +11,6 @@ use leaf_plugin::harvest::{
 use leaf_plugin::online::{training_group_policy, OnlineConfig, OnlineTrainer, ShutdownMode};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServerConfig, BASE_VERSION};
-use leaf_plugin::trainer::TrainConfig;
 
 /// Rewards the share of even ids in the completion: varies within a group, so the
 /// advantages (and the update) are not zero.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use leaf_adapters::model::{Batch, LoraOptions};
+use leaf_adapters::model::Batch;
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{next_group, start, trainer_model};
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource, SealedGroup};

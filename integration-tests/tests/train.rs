@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use leaf_adapters::model::LoraOptions;
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{small_lora_train, tiny_model};
 use leaf_plugin::online::checkpoint::{TrainerCheckpoint, STATE_FILE};

@@ -6,14 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leaf_adapters::model::LoraOptions;
 use leaf_integration_tests::{small_lora_train, start, tiny_model};
 use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource, TrainerState};
 use leaf_plugin::online::{
     FaultHook, FaultPoint, OnlineConfig, OnlineTrainer, RestartPolicy, TrainerOptions,
 };
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig};
-use leaf_plugin::trainer::TrainConfig;
 
 struct EvenIds;
 

@@ -66,6 +66,10 @@ pub struct Args {
     /// rollouts / K replays each prompt more than once).
     #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
     pub prompts: usize,
+    /// Augmented renderings (speed, gain, noise, masks) of each prompt's audio; replays after
+    /// the first send them in turn, so a replayed recording sounds different (0: none).
+    #[arg(long, default_value_t = RunConfig::default().traffic_augment)]
+    pub augment_traffic: usize,
     /// Examples per task family of the base model's pass@K (cached per model).
     #[arg(long, default_value_t = RunConfig::default().ceiling_samples)]
     pub ceiling_samples: usize,
@@ -119,6 +123,7 @@ impl Args {
             kl_beta: self.kl_beta,
             epochs: self.epochs,
             traffic_prompts: self.prompts,
+            traffic_augment: self.augment_traffic,
             ceiling_samples: self.ceiling_samples,
             clients: self.clients,
             temperature: self.temperature,

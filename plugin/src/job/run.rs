@@ -172,6 +172,10 @@ pub struct RunConfig {
     pub top_p: f64,
     /// Distinct training prompts in the traffic (replayed cyclically).
     pub traffic_prompts: usize,
+    /// Augmented renderings of each traffic prompt's audio: replays after the first send
+    /// them in turn (0: every replay sends the same audio).
+    #[serde(default)]
+    pub traffic_augment: usize,
     /// How held-out checks and the base/final evaluations decode (the report also holds the
     /// base and final evaluations under the other decoding).
     pub eval_decoding: EvalDecoding,
@@ -232,6 +236,7 @@ impl Default for RunConfig {
             temperature: 1.0,
             top_p: 1.0,
             traffic_prompts: 512,
+            traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,
             eval_samples: 8,
             final_eval_samples: 100,
@@ -837,6 +842,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         &heard,
         config.traffic_prompts,
         config.seed,
+        config.traffic_augment,
     )?);
 
     // 2. The base model's evaluation.

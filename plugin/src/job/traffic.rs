@@ -21,7 +21,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::serving::{ChatRequest, LeafServer, Message, Part};
-use crate::speech::prepare::example_seed;
+use crate::speech::augment::{AugmentConfig, Augmenter};
+use crate::speech::prepare::{example_seed, ExampleEncoder};
 use crate::speech::pretrain::load_encoder;
 use crate::speech::tasks::{generate, Corpus, Split, TaskConfig, TaskKind};
 
@@ -38,16 +39,30 @@ pub struct TrafficItem {
     pub reference: String,
     /// The unit ids of the audio.
     pub units: Vec<u32>,
+    /// Unit ids of augmented renderings of the same audio (speed, gain, noise, masks), one per
+    /// variant; empty without traffic augmentation. Replay `r >= 1` of the prompt sends
+    /// variant `(r - 1) % len`, so the same recording comes back sounding different.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub augmented: Vec<Vec<u32>>,
 }
 
 impl TrafficItem {
-    /// The chat request of this item (audio, then instruction; reference and task attached).
-    pub fn request(&self, config: &TrafficConfig, seed: u64) -> ChatRequest {
+    /// The units replay `replay` (0 for the first time the prompt is sent) sends.
+    pub fn units_for(&self, replay: u64) -> &[u32] {
+        match (replay, self.augmented.len() as u64) {
+            (0, _) | (_, 0) => &self.units,
+            (r, n) => &self.augmented[((r - 1) % n) as usize],
+        }
+    }
+
+    /// The chat request of replay `replay` of this item (audio, then instruction; reference
+    /// and task attached).
+    pub fn request(&self, config: &TrafficConfig, seed: u64, replay: u64) -> ChatRequest {
         ChatRequest {
             messages: vec![Message {
                 role: "user".into(),
                 content: vec![
-                    Part::Units(self.units.clone()),
+                    Part::Units(self.units_for(replay).to_vec()),
                     Part::Text(self.instruction.clone()),
                 ],
             }],
@@ -63,15 +78,17 @@ impl TrafficItem {
 }
 
 /// Generates `n` training-split examples, task kinds drawn uniformly from [`TaskKind::ALL`]
-/// (seeded), and encodes their audio with the codebook of the model in `model_dir` (no
-/// augmentation). Answers of the long kinds need up to
-/// [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
+/// (seeded), and encodes their audio with the codebook of the model in `model_dir`, clean,
+/// plus `augment_variants` augmented renderings of each (the pretraining augmentation,
+/// [`AugmentConfig::default`], each variant with its own seed). Answers of the long kinds need
+/// up to [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
 /// [`TrafficConfig::max_tokens`] cuts them short.
 pub fn prepare(
     model_dir: &Path,
     corpus: &Corpus,
     n: usize,
     seed: u64,
+    augment_variants: usize,
 ) -> crate::Result<Vec<TrafficItem>> {
     if n == 0 {
         return Err(JobError::Config("the traffic needs at least one prompt".into()).into());
@@ -86,14 +103,35 @@ pub fn prepare(
         &TaskConfig::default(),
     )?;
     let encoded = encoder.encode_all(corpus, &examples, seed, 0)?;
+    let mut augmented: Vec<Vec<Vec<u32>>> = vec![Vec::new(); examples.len()];
+    if augment_variants > 0 {
+        let augmenting = ExampleEncoder::new(
+            encoder.unit_encoder().clone(),
+            encoder.tokenizer().clone(),
+            Some(Augmenter::new(AugmentConfig::default())?),
+        )?;
+        for v in 0..augment_variants as u64 {
+            let variant_seed = example_seed(seed ^ 0xA06_0E47, v);
+            for (out, enc) in augmented.iter_mut().zip(augmenting.encode_all(
+                corpus,
+                &examples,
+                variant_seed,
+                0,
+            )?) {
+                out.push(enc.units);
+            }
+        }
+    }
     Ok(examples
         .into_iter()
         .zip(encoded)
-        .map(|(e, enc)| TrafficItem {
+        .zip(augmented)
+        .map(|((e, enc), augmented)| TrafficItem {
             kind: e.kind,
             instruction: e.instruction,
             reference: e.reference,
             units: enc.units,
+            augmented,
         })
         .collect())
 }
@@ -157,8 +195,9 @@ pub async fn replay(
                     continue;
                 }
                 let i = cursor.fetch_add(1, Ordering::SeqCst);
-                let item = &items[(i % items.len() as u64) as usize];
-                let req = item.request(&config, example_seed(config.seed, i));
+                let n = items.len() as u64;
+                let item = &items[(i % n) as usize];
+                let req = item.request(&config, example_seed(config.seed, i), i / n);
                 match server.chat(req).await {
                     Ok(_) => stats.requests += 1,
                     Err(e) => {
@@ -182,4 +221,44 @@ pub async fn replay(
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(augmented: Vec<Vec<u32>>) -> TrafficItem {
+        TrafficItem {
+            kind: TaskKind::Recognition,
+            instruction: "Transcribe the audio.".into(),
+            reference: "one".into(),
+            units: vec![1, 2, 3],
+            augmented,
+        }
+    }
+
+    #[test]
+    fn replays_after_the_first_cycle_through_the_augmented_variants() {
+        let plain = item(Vec::new());
+        for r in 0..4 {
+            assert_eq!(plain.units_for(r), &[1, 2, 3]);
+        }
+        let aug = item(vec![vec![7], vec![8, 9]]);
+        let sent: Vec<&[u32]> = (0..5).map(|r| aug.units_for(r)).collect();
+        assert_eq!(sent, [&[1, 2, 3][..], &[7], &[8, 9], &[7], &[8, 9]]);
+        let config = TrafficConfig {
+            clients: 1,
+            max_tokens: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_pending_groups: 1,
+            seed: 0,
+        };
+        let req = aug.request(&config, 5, 2);
+        assert_eq!(req.messages[0].content[0], Part::Units(vec![8, 9]));
+        // Items written before augmentation existed still load.
+        let old = r#"{"kind":"recognition","instruction":"x","reference":"one","units":[4]}"#;
+        let parsed: TrafficItem = serde_json::from_str(old).unwrap();
+        assert!(parsed.augmented.is_empty());
+    }
 }
