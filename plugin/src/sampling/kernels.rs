@@ -241,19 +241,8 @@ unsafe fn scan_max_avx2(logits: &[f32]) -> MaxScan {
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
         _mm256_storeu_ps(flags.as_mut_ptr(), flag);
     }
-    let mut bad = flags.iter().any(|f| f.to_bits() != 0);
-    for (j, &x) in rest.iter().enumerate() {
-        bad |= x.is_nan() | (x == f32::INFINITY);
-        lanes[j] = if x > lanes[j] { x } else { lanes[j] };
-    }
-    let max = lanes
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
-    MaxScan {
-        max,
-        arg: first_of(logits, max),
-        bad,
-    }
+    let bad = flags.iter().any(|f| f.to_bits() != 0);
+    finish_max_scan(logits, rest, lanes, bad)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -281,11 +270,24 @@ fn scan_max_portable(logits: &[f32]) -> MaxScan {
             m[j] = if x > m[j] { x } else { m[j] };
         }
     }
+    finish_max_scan(logits, rest, m, bad)
+}
+
+/// The end of both max scans: folds the tail `rest` (fewer than [`LANES`] values) into the
+/// per-lane maxima `lanes` and the NaN/`+inf` flag `bad`, then reduces the lanes with the
+/// same select and finds the lowest id holding the maximum ([`first_of`]).
+#[inline(always)]
+fn finish_max_scan(
+    logits: &[f32],
+    rest: &[f32],
+    mut lanes: [f32; LANES],
+    mut bad: bool,
+) -> MaxScan {
     for (j, &x) in rest.iter().enumerate() {
         bad |= x.is_nan() | (x == f32::INFINITY);
-        m[j] = if x > m[j] { x } else { m[j] };
+        lanes[j] = if x > lanes[j] { x } else { lanes[j] };
     }
-    let max = m
+    let max = lanes
         .iter()
         .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
     MaxScan {
