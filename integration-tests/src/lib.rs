@@ -211,3 +211,20 @@ pub fn small_lora_train(learning_rate: f64, total_steps: u64) -> leaf_plugin::tr
         ..leaf_plugin::trainer::TrainConfig::default()
     }
 }
+
+/// Rewards the share of even ids in the completion: varies within a group, so the advantages
+/// (and the update) are not zero.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvenIds;
+
+#[async_trait::async_trait]
+impl RewardSource for EvenIds {
+    fn name(&self) -> &str {
+        "even-ids"
+    }
+
+    async fn score(&self, ctx: leaf_plugin::harvest::RewardContext<'_>) -> Option<f64> {
+        let n = ctx.completion_ids.len().max(1) as f64;
+        Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
+    }
+}

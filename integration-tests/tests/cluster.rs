@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leaf_integration_tests::{
-    random_adapter, small_lora_train, start, tiny_model, tiny_model_sized, TinyModel,
+    random_adapter, small_lora_train, start, tiny_model, tiny_model_sized, EvenIds, TinyModel,
 };
 use leaf_plugin::cluster::{ClusterConfig, LocalNatsServer, Replica, StreamOptions, VersionBoard};
-use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource};
+use leaf_plugin::harvest::AssemblerConfig;
 use leaf_plugin::online::checkpoint::CheckpointState;
 use leaf_plugin::online::{TrainJobConfig, TrainerCheckpoint};
 use leaf_plugin::serving::{
@@ -28,21 +28,6 @@ const CHILD_ENV: &str = "LEAF_CLUSTER_TEST_TRAINER";
 
 /// Longest any single wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(90);
-
-/// Rewards the share of even ids: varies within a group, so updates are not zero.
-struct EvenIds;
-
-#[async_trait::async_trait]
-impl RewardSource for EvenIds {
-    fn name(&self) -> &str {
-        "even-ids"
-    }
-
-    async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
-        let n = ctx.completion_ids.len().max(1) as f64;
-        Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
-    }
-}
 
 fn ask(text: &str, seed: u64) -> ChatRequest {
     ChatRequest {

@@ -4,29 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::{small_lora_train, start, tiny_model};
-use leaf_plugin::harvest::{
-    AssemblerConfig, ReferenceReward, RewardContext, RewardSource, SealedGroup,
-};
+use leaf_integration_tests::{small_lora_train, start, tiny_model, EvenIds};
+use leaf_plugin::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
 use leaf_plugin::online::{training_group_policy, OnlineConfig, OnlineTrainer, ShutdownMode};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServerConfig, BASE_VERSION};
-
-/// Rewards the share of even ids in the completion: varies within a group, so the
-/// advantages (and the update) are not zero.
-struct EvenIds;
-
-#[async_trait::async_trait]
-impl RewardSource for EvenIds {
-    fn name(&self) -> &str {
-        "even-ids"
-    }
-
-    async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
-        let n = ctx.completion_ids.len().max(1) as f64;
-        Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
-    }
-}
 
 fn ask(text: &str, reference: &str, seed: u64) -> ChatRequest {
     ChatRequest {

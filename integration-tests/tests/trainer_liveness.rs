@@ -6,26 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leaf_integration_tests::{small_lora_train, start, tiny_model};
-use leaf_plugin::harvest::{AssemblerConfig, RewardContext, RewardSource, TrainerState};
+use leaf_integration_tests::{small_lora_train, start, tiny_model, EvenIds};
+use leaf_plugin::harvest::{AssemblerConfig, TrainerState};
 use leaf_plugin::online::{
     FaultHook, FaultPoint, OnlineConfig, OnlineTrainer, RestartPolicy, TrainerOptions,
 };
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, LeafServer, Message, ServerConfig};
-
-struct EvenIds;
-
-#[async_trait::async_trait]
-impl RewardSource for EvenIds {
-    fn name(&self) -> &str {
-        "even-ids"
-    }
-
-    async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
-        let n = ctx.completion_ids.len().max(1) as f64;
-        Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
-    }
-}
 
 fn ask(n: u64) -> ChatRequest {
     ChatRequest {
