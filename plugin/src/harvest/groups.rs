@@ -121,8 +121,13 @@ impl SealedGroup {
     /// The validated training group: each member's ids, behaviour log-probs and reward, with
     /// the request, prompt and adapter version that produced it.
     pub fn to_group(&self) -> Result<Group, GroupError> {
-        let rollouts = self
-            .members
+        Group::new(self.id.clone(), self.rollouts())
+    }
+
+    /// The members as rollouts (ids, log-probs, reward) with the request, prompt and adapter
+    /// version of each, in member order.
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        self.members
             .iter()
             .map(|(s, r)| Rollout {
                 tokens: s.completion_ids.clone(),
@@ -134,8 +139,7 @@ impl SealedGroup {
                     adapter_version: s.adapter_version.clone(),
                 }),
             })
-            .collect();
-        Group::new(self.id.clone(), rollouts)
+            .collect()
     }
 }
 

@@ -17,8 +17,6 @@ pub struct PreparedBatch {
     /// One sample per harvested response of an informative group, with its per-token
     /// advantages, behaviour log-probs and the adapter version that served it.
     pub samples: Vec<TrainSample>,
-    /// The reward of each sample, in the same order.
-    pub rewards: Vec<f64>,
     /// Fork counts of the estimator over the batch (zero for GRPO).
     pub forks: ForkStats,
     /// Groups that became samples.
@@ -138,7 +136,6 @@ pub fn prepare_batch(batch: &[SourcedGroup], estimator: &dyn AdvantageEstimator)
             continue;
         }
         for (i, (r, a)) in sourced.rollouts.iter().zip(adv.per_token).enumerate() {
-            out.rewards.push(r.reward);
             out.samples.push(TrainSample {
                 prompt: sourced.prompt_ids.clone(),
                 completion: r.tokens.clone(),

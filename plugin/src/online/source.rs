@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OnlineError;
 use crate::harvest::SealedGroup;
-use crate::rollout::{Group, GroupError, Rollout, RolloutMeta};
+use crate::rollout::{Group, GroupError, Rollout};
 
 /// An opaque acknowledgement token: what a [`GroupSource`] needs back to ack one group (a
 /// line number, a broker message handle). Only the source that made it looks inside.
@@ -91,20 +91,7 @@ impl SourcedGroup {
         SourcedGroup {
             id: group.id.clone(),
             prompt_ids: first.map(|s| s.prompt_ids.clone()).unwrap_or_default(),
-            rollouts: group
-                .members
-                .iter()
-                .map(|(s, r)| Rollout {
-                    tokens: s.completion_ids.clone(),
-                    logprobs: s.logprobs.clone(),
-                    reward: *r,
-                    meta: Some(RolloutMeta {
-                        request_id: s.request_id.clone(),
-                        prompt_id: s.prompt_key.clone(),
-                        adapter_version: s.adapter_version.clone(),
-                    }),
-                })
-                .collect(),
+            rollouts: group.rollouts(),
             adapter_version: version,
             receipt,
         }
