@@ -47,6 +47,8 @@ fn tiny_config(seed: u64) -> PretrainConfig {
         units: 16,
         kmeans_iters: 5,
         eval_samples: 3,
+        // Take 5 is kept for the traffic; pretraining sees takes 6-7.
+        traffic_takes: 1,
         ..PretrainConfig::default()
     }
 }
@@ -91,7 +93,8 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     assert_eq!(on_disk.holdout_speaker.as_deref(), Some("jackson"));
     assert_eq!(on_disk.train_speakers, vec!["george".to_string()]);
     // George's takes 5-7 of ten digits.
-    assert_eq!(on_disk.train_clips, 30);
+    // george (jackson is held out), takes 6-7 (take 5 is kept for the traffic), ten digits.
+    assert_eq!(on_disk.train_clips, 20);
     assert!(report.first_loss.is_finite() && report.final_loss.is_finite());
     assert!(report.tokens > report.answer_tokens && report.answer_tokens > 0);
     let eval = report.eval.as_ref().unwrap();
@@ -192,6 +195,16 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("nobody"), "{e}");
+
+    // Every training take (5-7) kept for the traffic: nothing left to pretrain on, said so.
+    let cfg = PretrainConfig {
+        traffic_takes: 3,
+        ..tiny_config(0)
+    };
+    let e = pretrain(&cfg, &data, &tmp.path().join("m3"), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no training takes (8 and up)"), "{e}");
 
     // `leaf eval` prints one JSON object with the same figures.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_leaf"))

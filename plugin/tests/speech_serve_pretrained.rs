@@ -96,6 +96,7 @@ fn mistralrs_serves_a_pretrained_directory() {
         steps: 200,
         max_seconds: 0.0,
         batch_size: 8,
+        traffic_takes: 2,
         augment: None,
         shape: ModelShape {
             layers: 1,

@@ -8,7 +8,7 @@ use leaf_plugin::speech::pretrain::{
     default_data_dir, pretrain, Holdout, PretrainConfig, ProgressBar, DEFAULT_AUGMENT_PROB,
     DEFAULT_BATCH_SIZE, DEFAULT_EVAL_SAMPLES, DEFAULT_MAX_SECONDS, DEFAULT_STEPS, MODEL_INFO_FILE,
 };
-use leaf_plugin::speech::tasks::TaskKind;
+use leaf_plugin::speech::tasks::{TaskKind, DEFAULT_TRAFFIC_TAKES};
 
 /// Arguments of `leaf pretrain`.
 #[derive(clap::Args, Debug)]
@@ -33,6 +33,10 @@ pub struct Args {
     /// `none`.
     #[arg(long, default_value = "auto")]
     pub holdout_speaker: String,
+    /// Training takes kept for the live traffic of `leaf run` and never pretrained on (takes
+    /// 5 to 5+N-1); 0 pretrains on every training take.
+    #[arg(long, default_value_t = DEFAULT_TRAFFIC_TAKES)]
+    pub traffic_takes: u32,
     /// Examples per step.
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
@@ -87,6 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_seconds: a.max_seconds,
         seed: a.seed,
         holdout: Holdout::parse(&a.holdout_speaker),
+        traffic_takes: a.traffic_takes,
         batch_size: a.batch_size,
         lr: a.lr,
         augment: if a.no_augment {

@@ -54,7 +54,7 @@ use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
 use crate::speech::eval::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::speech::prepare::ExampleEncoder;
 use crate::speech::pretrain::{default_data_dir, ensure_default_model, load_encoder};
-use crate::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
+use crate::speech::tasks::{is_traffic_take, Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
 use crate::trainer::TrainConfig;
 
 /// File of the saved run state inside the output directory.
@@ -714,13 +714,19 @@ impl RunLearner<'_> {
     }
 }
 
-/// The speaker that the model in `dir` left out of pretraining (from its `leaf_model.json`),
-/// when the recordings hold that speaker; `None` for other models.
-fn unheard_speaker(dir: &Path, corpus: &Corpus) -> Option<String> {
-    let report = crate::speech::pretrain::PretrainReport::load(dir).ok()?;
-    report
-        .holdout_speaker
-        .filter(|s| corpus.speakers().iter().any(|x| x == s))
+/// What the pretraining of the model in `dir` left out (from its `leaf_model.json`): the
+/// speaker it never heard, when the recordings hold that speaker, and the training takes it
+/// kept for the traffic. Nothing for other models.
+fn left_out_of_pretraining(dir: &Path, corpus: &Corpus) -> (Option<String>, u32) {
+    match crate::speech::pretrain::PretrainReport::load(dir) {
+        Ok(report) => (
+            report
+                .holdout_speaker
+                .filter(|s| corpus.speakers().iter().any(|x| x == s)),
+            report.config.traffic_takes,
+        ),
+        Err(_) => (None, 0),
+    }
 }
 
 /// User + system CPU seconds of this process so far (`None` where it cannot be read).
@@ -834,12 +840,15 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     corpus.preload()?;
     let encoder = load_encoder(&model_dir)?;
     // The speaker the base model never heard in pretraining hears nothing in the traffic
-    // either; the base and final evaluations report it on its own.
-    let holdout = unheard_speaker(&model_dir, &corpus);
+    // either; the base and final evaluations report it on its own. A model that kept training
+    // takes out of pretraining for the traffic gets exactly those: audio it never trained on.
+    let (holdout, traffic_takes) = left_out_of_pretraining(&model_dir, &corpus);
     let heard = corpus.filter(|c| Some(c.speaker.as_str()) != holdout.as_deref());
+    let traffic_corpus =
+        heard.filter(|c| traffic_takes == 0 || is_traffic_take(c.take, traffic_takes));
     let items = Arc::new(traffic::prepare(
         &model_dir,
-        &heard,
+        &traffic_corpus,
         config.traffic_prompts,
         config.seed,
         config.traffic_augment,

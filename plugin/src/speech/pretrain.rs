@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 use super::augment::{AugmentConfig, Augmenter};
 use super::eval::{candle, evaluate, Decoding, EvalConfig, EvalReport};
 use super::prepare::{example_seed, EncodedExample, ExampleEncoder};
-use super::tasks::{generate, Corpus, Example, Split, TaskConfig, TaskKind, DEFAULT_DATA_DIR};
+use super::tasks::{
+    generate, Corpus, Example, Split, TaskConfig, TaskKind, DEFAULT_DATA_DIR, FIRST_TRAIN_TAKE,
+};
 use super::tokenizer::SpeechTokenizer;
 use super::units::{fit_corpus, Codebook, KMeansConfig, UnitEncoder, CODEBOOK_FILE};
 use super::SpeechError;
@@ -210,6 +212,11 @@ pub struct PretrainConfig {
     pub seed: u64,
     /// The speaker left out of training.
     pub holdout: Holdout,
+    /// Training takes kept for the live traffic and never pretrained on (the first N takes
+    /// after the test split, [`super::tasks::is_traffic_take`]); 0 pretrains on all of them.
+    /// Reports written before this setting existed read as 0.
+    #[serde(default)]
+    pub traffic_takes: u32,
     /// The decoder's shape.
     pub shape: ModelShape,
     /// Number of units in the codebook.
@@ -244,6 +251,7 @@ impl Default for PretrainConfig {
             grad_clip: 1.0,
             seed: 0,
             holdout: Holdout::Auto,
+            traffic_takes: super::tasks::DEFAULT_TRAFFIC_TAKES,
             shape: ModelShape::default(),
             units: super::units::DEFAULT_UNITS,
             kmeans_iters: 30,
@@ -477,7 +485,8 @@ pub struct PretrainReport {
     pub train_speakers: Vec<String>,
     /// The speaker left out of training.
     pub holdout_speaker: Option<String>,
-    /// Training clips (takes 5 and up of the training speakers).
+    /// Training clips (takes 5 and up of the training speakers, less the ones kept for the
+    /// traffic: [`PretrainConfig::traffic_takes`]).
     pub train_clips: usize,
     /// Test-split evaluation (greedy), when it ran.
     pub eval: Option<EvalReport>,
@@ -578,12 +587,18 @@ pub fn pretrain(
     corpus.preload()?;
     let speakers = corpus.speakers();
     let holdout = config.holdout.resolve(&speakers)?;
-    let train = corpus
-        .filter(|c| c.split() == Split::Train && Some(c.speaker.as_str()) != holdout.as_deref());
+    let train = corpus.filter(|c| {
+        c.split() == Split::Train
+            && !super::tasks::is_traffic_take(c.take, config.traffic_takes)
+            && Some(c.speaker.as_str()) != holdout.as_deref()
+    });
     if train.is_empty() {
         return Err(SpeechError::Data {
             path: data.to_path_buf(),
-            reason: "no training takes (5 and up) outside the held-out speaker".into(),
+            reason: format!(
+                "no training takes ({} and up) outside the held-out speaker",
+                FIRST_TRAIN_TAKE + config.traffic_takes
+            ),
         }
         .into());
     }
@@ -836,7 +851,26 @@ pub fn model_card(r: &PretrainReport) -> String {
             "held-out speaker",
             r.holdout_speaker.clone().unwrap_or_else(|| "none".into()),
         ),
-        ("training clips (takes 5+)", r.train_clips.to_string()),
+        (
+            "training clips",
+            format!(
+                "{} (takes {}+)",
+                r.train_clips,
+                FIRST_TRAIN_TAKE + r.config.traffic_takes
+            ),
+        ),
+        (
+            "takes kept for the traffic",
+            if r.config.traffic_takes == 0 {
+                "none".into()
+            } else {
+                format!(
+                    "{}-{}",
+                    FIRST_TRAIN_TAKE,
+                    FIRST_TRAIN_TAKE + r.config.traffic_takes - 1
+                )
+            },
+        ),
     ] {
         out.push_str(&format!("| {k} | {v} |\n"));
     }

@@ -9,8 +9,9 @@
 //! branch: transcribe a spoken code of 5-10 digits (`asr_long`), translate it into German
 //! (`ast_long`), and step-by-step arithmetic over 3-5 digits with the working written out
 //! (`arith`, "seven plus five is twelve, minus three is nine"). Takes 0-4 are the test split, the
-//! dataset's own convention; everything else is training data. Generation is deterministic given
-//! a seed.
+//! dataset's own convention; everything else is training data, of which the embedded default
+//! model keeps takes 5-14 for the live traffic and pretrains on 15 and up
+//! ([`DEFAULT_TRAFFIC_TAKES`]). Generation is deterministic given a seed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,18 @@ pub const DEFAULT_DATA_DIR: &str = "../shared/data/fsdd/recordings";
 
 /// Takes below this number are the test split.
 pub const FIRST_TRAIN_TAKE: u32 = 5;
+
+/// Training takes that the embedded default model keeps for the live traffic
+/// (`FIRST_TRAIN_TAKE..FIRST_TRAIN_TAKE + DEFAULT_TRAFFIC_TAKES`): pretraining never sees
+/// them, so the traffic that `leaf run` replays is audio the model never trained on, as a
+/// served model's traffic is.
+pub const DEFAULT_TRAFFIC_TAKES: u32 = 10;
+
+/// Whether `take` is one of the first `traffic_takes` training takes, the ones kept for the
+/// traffic (none when `traffic_takes` is 0).
+pub fn is_traffic_take(take: u32, traffic_takes: u32) -> bool {
+    (FIRST_TRAIN_TAKE..FIRST_TRAIN_TAKE.saturating_add(traffic_takes)).contains(&take)
+}
 
 /// Which half of the data a clip belongs to (decided by its take).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -941,6 +954,16 @@ mod tests {
         }
         let err = "asr2".parse::<TaskFamily>().unwrap_err().to_string();
         assert!(err.contains("asr_long") && err.contains("arith"), "{err}");
+    }
+
+    #[test]
+    fn traffic_takes_are_the_first_training_takes() {
+        assert!(!is_traffic_take(4, 10));
+        assert!(is_traffic_take(5, 10));
+        assert!(is_traffic_take(14, 10));
+        assert!(!is_traffic_take(15, 10));
+        assert!(!is_traffic_take(5, 0));
+        assert!(!is_traffic_take(u32::MAX, u32::MAX));
     }
 
     #[test]
