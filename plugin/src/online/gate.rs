@@ -519,6 +519,18 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_needs_a_registered_directory_check() {
+        // No lib test registers one (the `leaf` binary does).
+        let dir = tempfile::tempdir().unwrap();
+        let e = open_gate_data(dir.path(), dir.path(), &GateConfig::default())
+            .err()
+            .expect("a directory without a directory check")
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        assert!(e.contains("JSON-lines file"), "{e}");
+    }
+
+    #[test]
     fn a_fixed_check_is_described() {
         let g = PromotionGate::new(Box::new(Fixed(vec![0.5])), 0.1, None);
         assert!(g.is_checked());
