@@ -228,3 +228,27 @@ impl RewardSource for EvenIds {
         Some(ctx.completion_ids.iter().filter(|&&t| t % 2 == 0).count() as f64 / n)
     }
 }
+
+/// Resident set size of this process in bytes, from `/proc/self/status` (`VmRSS`; Linux,
+/// `None` elsewhere).
+pub fn rss_bytes() -> Option<u64> {
+    let kib: u64 = proc_status_field("VmRSS:")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Number of threads of this process, from `/proc/self/status` (Linux; `None` elsewhere).
+pub fn thread_count() -> Option<u64> {
+    proc_status_field("Threads:")?.trim().parse().ok()
+}
+
+fn proc_status_field(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::to_string)
+}

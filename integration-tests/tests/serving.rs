@@ -481,7 +481,7 @@ async fn a_dropped_client_cancels_without_disturbing_others() -> anyhow::Result<
 }
 
 fn rss_mib() -> f64 {
-    leaf_plugin::serving::rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
+    leaf_integration_tests::rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,7 +496,7 @@ async fn retired_engines_free_their_memory_over_many_swaps() -> anyhow::Result<(
     let mut cfg = ServerConfig::new(&m.dir);
     cfg.store_dir = Some(store_dir);
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
-    let threads0 = leaf_plugin::serving::thread_count().unwrap_or(0);
+    let threads0 = leaf_integration_tests::thread_count().unwrap_or(0);
     // Warm up (first swaps allocate caches that stay).
     for v in [&a, &b] {
         server.promote(v.as_str()).await?;
@@ -511,7 +511,7 @@ async fn retired_engines_free_their_memory_over_many_swaps() -> anyhow::Result<(
         server.chat(ask("Check.", 4, i)).await?;
     }
     let rss1 = rss_mib();
-    let threads1 = leaf_plugin::serving::thread_count().unwrap_or(0);
+    let threads1 = leaf_integration_tests::thread_count().unwrap_or(0);
     let st = server.status();
     eprintln!(
         "RSS {rss0:.1} MiB -> {rss1:.1} MiB over {swaps} swaps; threads {threads0} -> {threads1}; \

@@ -591,6 +591,7 @@ mod tests {
         assert!(strftime("%Q", t).is_err());
     }
 
+    #[cfg(feature = "speech")]
     #[test]
     fn the_speech_workloads_chatml_renders_like_its_own_renderer() {
         use crate::speech::tokenizer::{ChatMessage, SpeechTokenizer};
@@ -615,6 +616,7 @@ mod tests {
         assert_eq!(format.stop_ids(), [tok.ids().eos, tok.ids().im_end]);
     }
 
+    #[cfg(feature = "speech")]
     #[test]
     fn bad_configs_are_errors_not_panics() {
         use crate::speech::tokenizer::SpeechTokenizer;

@@ -15,9 +15,11 @@ pub enum Error {
     #[error(transparent)]
     Reward(#[from] crate::reward::RewardError),
     /// Audio could not be decoded or featurised.
+    #[cfg(feature = "speech")]
     #[error(transparent)]
     Audio(#[from] crate::audio::AudioError),
     /// The speech workload (units, tokenizer, tasks) failed.
+    #[cfg(feature = "speech")]
     #[error(transparent)]
     Speech(#[from] crate::speech::SpeechError),
     /// Importing a model (GGUF) failed.
@@ -48,7 +50,7 @@ pub enum Error {
     #[error(transparent)]
     Online(#[from] crate::online::OnlineError),
     /// The main job (`leaf run`, `leaf compare`) failed.
-    #[cfg(feature = "serve")]
+    #[cfg(all(feature = "serve", feature = "speech"))]
     #[error(transparent)]
     Job(#[from] crate::job::JobError),
     /// The NATS JetStream cluster (stream, versions, `current`) failed.

@@ -14,5 +14,6 @@ struct Cli {
 fn main() -> anyhow::Result<std::process::ExitCode> {
     // As `leaf` does.
     leaf_plugin::malloc::keep_freed_memory();
+    leaf_plugin::online::gate::set_directory_check(leaf_plugin::job::held_out::open_recordings);
     leaf_plugin::serving::cli::run(Cli::parse().serve, leaf_plugin::speech::serve_audio_encoder)
 }

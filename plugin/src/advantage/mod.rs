@@ -83,6 +83,35 @@ impl EstimatorConfig {
     }
 }
 
+/// The advantage estimator by name, as the command line picks it (`--estimator leaf|grpo`),
+/// with each one's default settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Estimator {
+    /// LEAF span advantages (the paper's defaults: fork budget 2, both terms).
+    Leaf,
+    /// GRPO's per-response advantage.
+    Grpo,
+}
+
+impl Estimator {
+    /// `"leaf"` or `"grpo"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::Leaf => "leaf",
+            Estimator::Grpo => "grpo",
+        }
+    }
+
+    /// The estimator's configuration.
+    pub fn config(self) -> EstimatorConfig {
+        match self {
+            Estimator::Leaf => EstimatorConfig::Leaf(LeafConfig::default()),
+            Estimator::Grpo => EstimatorConfig::Grpo,
+        }
+    }
+}
+
 /// Mean of `values`, summed in order (deterministic) as offsets from the first value, so
 /// that equal values give exactly that value (and equal rewards exactly zero advantages).
 pub(crate) fn mean(mut values: impl ExactSizeIterator<Item = f64>) -> f64 {

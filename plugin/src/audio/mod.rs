@@ -27,8 +27,7 @@ pub use wav::{decode_wav, read_wav, wav_seconds, write_wav_pcm16, Audio, DEFAULT
 /// The sample rate every feature is computed at.
 pub const SAMPLE_RATE: u32 = 16_000;
 
-/// The lowest and highest input sample rates accepted (Hz).
-pub const SAMPLE_RATE_RANGE: (u32, u32) = (1_000, 384_000);
+pub use crate::wav_header::SAMPLE_RATE_RANGE;
 
 /// Bad audio, or a front-end configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -88,4 +87,15 @@ pub enum AudioError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+impl From<crate::wav_header::WavHeaderError> for AudioError {
+    fn from(e: crate::wav_header::WavHeaderError) -> Self {
+        use crate::wav_header::WavHeaderError as H;
+        match e {
+            H::NotWav(m) => AudioError::NotWav(m),
+            H::Unsupported(m) => AudioError::Unsupported(m),
+            H::SampleRate(r) => AudioError::SampleRate(r),
+        }
+    }
 }

@@ -4,7 +4,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use super::{AudioError, SAMPLE_RATE_RANGE};
+use super::AudioError;
 
 /// Default limit on the duration of decoded audio, in seconds.
 pub const DEFAULT_MAX_SECONDS: f64 = 30.0;
@@ -18,7 +18,7 @@ pub struct Audio {
 
 impl Audio {
     /// Wraps mono samples, checking that there is at least one, that all are finite and that
-    /// the rate is within [`SAMPLE_RATE_RANGE`].
+    /// the rate is within [`super::SAMPLE_RATE_RANGE`].
     pub fn new(samples: Vec<f32>, sample_rate: u32) -> Result<Self, AudioError> {
         check_rate(sample_rate)?;
         if samples.is_empty() {
@@ -77,34 +77,17 @@ impl Audio {
 }
 
 pub(crate) fn check_rate(rate: u32) -> Result<(), AudioError> {
-    if rate < SAMPLE_RATE_RANGE.0 || rate > SAMPLE_RATE_RANGE.1 {
-        return Err(AudioError::SampleRate(rate));
-    }
-    Ok(())
+    Ok(crate::wav_header::check_rate(rate)?)
 }
 
 fn hound_error(e: hound::Error) -> AudioError {
-    match e {
-        hound::Error::FormatError(msg) => AudioError::NotWav(msg.to_string()),
-        hound::Error::Unsupported => AudioError::Unsupported("hound does not decode it".into()),
-        hound::Error::TooWide => AudioError::Unsupported("sample wider than 32 bits".into()),
-        hound::Error::InvalidSampleFormat => {
-            AudioError::Unsupported("sample format does not match the header".into())
-        }
-        hound::Error::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            AudioError::NotWav(format!("truncated header: {io}"))
-        }
-        other => AudioError::NotWav(other.to_string()),
-    }
+    crate::wav_header::hound_error(e).into()
 }
 
 /// Duration in seconds of a WAV file held in memory, read from its header only (no sample is
-/// decoded): what a server checks before it spends any work on the audio.
+/// decoded); [`crate::wav_header::wav_seconds`] with this module's error.
 pub fn wav_seconds(bytes: &[u8]) -> Result<f64, AudioError> {
-    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(hound_error)?;
-    let spec = reader.spec();
-    check_rate(spec.sample_rate)?;
-    Ok(f64::from(reader.duration()) / f64::from(spec.sample_rate))
+    Ok(crate::wav_header::wav_seconds(bytes)?)
 }
 
 /// Decodes a WAV file held in memory to mono `f32` audio.

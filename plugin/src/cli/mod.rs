@@ -1,19 +1,23 @@
-//! One module per `leaf` subcommand; each exposes `Args` (clap) and `run`.
+//! One module per `leaf` subcommand; each exposes `Args` (clap) and `run`. Those of the
+//! spoken-digit workload (units, pretrain, eval, run, compare) need the `speech` feature.
 
 pub mod adapter;
 pub mod advantages;
 pub mod bench_train;
-#[cfg(feature = "serve")]
+#[cfg(all(feature = "serve", feature = "speech"))]
 pub mod compare;
+#[cfg(feature = "speech")]
 pub mod eval;
 pub mod jsonl;
 pub mod model;
+#[cfg(feature = "speech")]
 pub mod pretrain;
 pub mod reward;
-#[cfg(feature = "serve")]
+#[cfg(all(feature = "serve", feature = "speech"))]
 pub mod run;
 #[cfg(feature = "serve")]
 pub mod train;
+#[cfg(feature = "speech")]
 pub mod units;
 
 /// Logs go to stderr (stdout carries the JSON results); `RUST_LOG` filters them.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use leaf_plugin::job::run::Estimator;
+use leaf_plugin::advantage::Estimator;
 use leaf_plugin::online::train::{
     train_offline, OfflineTrainConfig, SourceTrainReport, TrainJobConfig,
 };

@@ -109,6 +109,7 @@ impl RewardSource for ReferenceReward {
 /// reference rewards of one group are on the same scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RewardRange {
     /// Lowest accepted reward. Default 0.
     pub min: f64,

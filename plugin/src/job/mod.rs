@@ -6,13 +6,14 @@
 //! with an adapter store in the output directory, replays the spoken-digit training tasks as
 //! live traffic through it ([`traffic`]), trains a LoRA adapter on the harvested groups on a
 //! learner thread, gates every new adapter on a held-out check before promoting (hot-swapping)
-//! it, and writes `report.json` ([`report`]) and `reward_curve.png` ([`plot`]).
+//! it ([`held_out`]), and writes `report.json` ([`report`]) and `reward_curve.png` ([`plot`]).
 //! [`compare::compare`] repeats runs for both estimators and several seeds and writes a table
 //! and a figure.
 
 pub mod ceiling;
 pub mod compare;
 pub mod eval_cache;
+pub mod held_out;
 pub mod plot;
 pub mod report;
 pub mod run;

@@ -35,15 +35,15 @@ use serde::{Deserialize, Serialize};
 
 use super::ceiling::{pass_at_k, Ceiling};
 use super::eval_cache::EvalCache;
+use super::held_out::RecordingsCheck;
 use super::report::{
     heldout_exact, heldout_reward, mean, write_json, CurvePoint, Diagnostics, FamilyPoint,
     ForkSummary, GroupPolicyStats, OtherDecoding, RunEvent, RunReport,
 };
 use super::traffic::{self, TrafficConfig};
 use super::JobError;
-use crate::advantage::{EstimatorConfig, ForkStats, LeafConfig};
+use crate::advantage::ForkStats;
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
-use crate::online::gate::RecordingsCheck;
 use crate::online::{
     CheckOutcome, GroupReceipt, Learner, LearnerConfig, Phase, PhaseTimes, PromotionGate,
     RollbackReason, ServerSink, SourcedGroup, TimedReward, UpdateOutcome, UpdateRecord,
@@ -70,33 +70,8 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Directory of the adapter store inside the output directory.
 pub const STORE_DIR: &str = "store";
 
-/// The advantage estimator of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Estimator {
-    /// LEAF span advantages (the paper's defaults: fork budget 2, both terms).
-    Leaf,
-    /// GRPO's per-response advantage.
-    Grpo,
-}
-
-impl Estimator {
-    /// `"leaf"` or `"grpo"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Estimator::Leaf => "leaf",
-            Estimator::Grpo => "grpo",
-        }
-    }
-
-    /// The estimator's configuration.
-    pub fn config(self) -> EstimatorConfig {
-        match self {
-            Estimator::Leaf => EstimatorConfig::Leaf(LeafConfig::default()),
-            Estimator::Grpo => EstimatorConfig::Grpo,
-        }
-    }
-}
+/// The advantage estimator of a run (defined with the estimators; `leaf train` uses it too).
+pub use crate::advantage::Estimator;
 
 /// How the held-out checks and the base/final evaluations decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

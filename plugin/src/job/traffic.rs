@@ -138,6 +138,7 @@ pub fn prepare(
 
 /// How the clients behave.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct TrafficConfig {
     /// Concurrent clients.
     pub clients: usize,

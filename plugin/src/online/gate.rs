@@ -10,13 +10,16 @@
 //! * without a check, the candidate is promoted **unchecked** (counted in
 //!   `leaf_promotions_unchecked_total`; `leaf serve --online` warns about it at start).
 //!
-//! Held-out checks: [`RecordingsCheck`] (the spoken-digit tasks on a directory of recordings,
-//! what `leaf run` uses) and [`PromptsCheck`] (a JSON-lines file of prompt ids with reference
-//! answers, scored with a [`Metric`]). [`GateData::open`] picks one from a path.
+//! Held-out checks: [`PromptsCheck`] (a JSON-lines file of prompt ids with reference answers,
+//! scored with a [`Metric`]) here, and a workload's own check of a directory, registered with
+//! [`set_directory_check`] (the spoken-digit recordings check of the `speech` feature, what
+//! `leaf run` uses, is `job::held_out::RecordingsCheck`). [`open_gate_data`] picks one from a
+//! path.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use leaf_adapters::model::LlamaModel;
 use rand::SeedableRng;
@@ -24,9 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OnlineError;
 use crate::reward::{Metric, RewardOptions};
-use crate::speech::eval::{evaluate, generate_completions, Decoding, EvalConfig, EvalReport};
-use crate::speech::prepare::ExampleEncoder;
-use crate::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
+use crate::trainer::generate::{generate_completions, Decoding};
 
 /// Reward and exact match of one task family (or one slice of the held-out set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -52,41 +53,6 @@ pub struct HeldOutScore {
     pub seconds: f64,
 }
 
-impl HeldOutScore {
-    /// The score of a spoken-digit evaluation: per family, BLEU / 100 and exact match of the
-    /// in-speaker group; `reward` and `exact_match` are their means over families.
-    pub fn of_eval(eval: &EvalReport) -> Self {
-        let tasks: BTreeMap<String, TaskScore> = eval
-            .in_speaker
-            .tasks
-            .iter()
-            .map(|(k, f)| {
-                (
-                    k.clone(),
-                    TaskScore {
-                        reward: f.bleu / 100.0,
-                        exact_match: f.exact_match,
-                    },
-                )
-            })
-            .collect();
-        let mean = |f: fn(&TaskScore) -> f64| {
-            if tasks.is_empty() {
-                0.0
-            } else {
-                tasks.values().map(f).sum::<f64>() / tasks.len() as f64
-            }
-        };
-        HeldOutScore {
-            reward: mean(|t| t.reward),
-            exact_match: mean(|t| t.exact_match),
-            examples: eval.in_speaker.examples,
-            tasks,
-            seconds: eval.seconds,
-        }
-    }
-}
-
 /// A held-out evaluation of a candidate model.
 pub trait HeldOutCheck: Send {
     /// Scores `model` (the trainer's model, LoRA on).
@@ -94,6 +60,10 @@ pub trait HeldOutCheck: Send {
     /// What is checked, for logs and the status (`recordings DIR (48 examples)`).
     fn describe(&self) -> String;
 }
+
+/// Default of [`GateConfig::max_new_tokens`]: the spoken-digit tasks' answer cap (their
+/// longest reference and its stop token fit).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
 
 /// Settings of the gate (the `gate` object of the online config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,7 +76,7 @@ pub struct GateConfig {
     /// Held-out examples per task family (recordings) or prompts (a JSON-lines file) per
     /// check. Default 8.
     pub samples: usize,
-    /// Most new tokens per held-out answer. Default the spoken-digit tasks' answer cap.
+    /// Most new tokens per held-out answer. Default [`DEFAULT_MAX_NEW_TOKENS`].
     pub max_new_tokens: usize,
     /// Seed of the held-out examples. Default 0.
     pub seed: u64,
@@ -119,7 +89,7 @@ impl Default for GateConfig {
         GateConfig {
             max_drop: 0.15,
             samples: 8,
-            max_new_tokens: MAX_ANSWER_TOKENS,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
             seed: 0,
             metric: Metric::Bleu,
         }
@@ -303,48 +273,6 @@ impl PromotionGate {
     }
 }
 
-/// The spoken-digit tasks on recordings: what `leaf run` checks, and `--gate-data DIR` for a
-/// directory of recordings.
-pub struct RecordingsCheck {
-    encoder: ExampleEncoder,
-    corpus: Corpus,
-    config: EvalConfig,
-    label: String,
-}
-
-impl RecordingsCheck {
-    /// A check of `config` on `corpus`, prompts built by `encoder`.
-    pub fn new(encoder: ExampleEncoder, corpus: Corpus, config: EvalConfig, label: String) -> Self {
-        RecordingsCheck {
-            encoder,
-            corpus,
-            config,
-            label,
-        }
-    }
-
-    /// The evaluation settings.
-    pub fn config(&self) -> &EvalConfig {
-        &self.config
-    }
-}
-
-impl HeldOutCheck for RecordingsCheck {
-    fn evaluate(&mut self, model: &LlamaModel) -> crate::Result<HeldOutScore> {
-        let eval = evaluate(model, &self.encoder, &self.corpus, &self.config)?;
-        Ok(HeldOutScore::of_eval(&eval))
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "{} ({} examples per family, {} families)",
-            self.label,
-            self.config.samples,
-            self.config.families.len()
-        )
-    }
-}
-
 /// One held-out prompt of a [`PromptsCheck`] file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -513,9 +441,24 @@ impl HeldOutCheck for PromptsCheck {
     }
 }
 
+/// Opens a directory of held-out data for the model in `model_dir` (`--gate-data DIR`).
+pub type DirectoryCheckOpener =
+    fn(dir: &Path, model_dir: &Path, config: &GateConfig) -> crate::Result<Box<dyn HeldOutCheck>>;
+
+static DIRECTORY_CHECK: OnceLock<DirectoryCheckOpener> = OnceLock::new();
+
+/// Registers what a directory given as `--gate-data` (or `gate_data`) is: a workload's own
+/// held-out data. Once per process: false (and nothing changed) when one is already set.
+/// `leaf` registers the spoken-digit recordings check (`job::held_out::open_recordings`,
+/// feature `speech`); without one, a directory is refused and only prompts files work.
+pub fn set_directory_check(open: DirectoryCheckOpener) -> bool {
+    DIRECTORY_CHECK.set(open).is_ok()
+}
+
 /// Opens `--gate-data PATH` for the model in `model_dir`: a file is a [`PromptsCheck`]
-/// JSON-lines file, a directory is recordings for a [`RecordingsCheck`] (the model directory
-/// must hold the unit codebook and speech tokenizer).
+/// JSON-lines file, a directory goes to the opener registered with [`set_directory_check`]
+/// (in `leaf`: recordings for the spoken-digit check; the model directory must then hold the
+/// unit codebook and speech tokenizer).
 pub fn open_gate_data(
     path: &Path,
     model_dir: &Path,
@@ -526,29 +469,16 @@ pub fn open_gate_data(
     if meta.is_file() {
         return Ok(Box::new(PromptsCheck::open(path, model_dir, config)?));
     }
-    let encoder = crate::speech::pretrain::load_encoder(model_dir).map_err(|e| {
-        OnlineError::Gate(format!(
-            "recordings in {} need the model's unit codebook and speech tokenizer: {e}",
+    match DIRECTORY_CHECK.get() {
+        Some(open) => open(path, model_dir, config),
+        None => Err(OnlineError::Gate(format!(
+            "{} is a directory, and this program knows no held-out check of a directory \
+             (leaf's spoken-digit recordings check needs the `speech` feature); give a \
+             JSON-lines file of prompts with references",
             path.display()
         ))
-    })?;
-    let mut corpus = Corpus::open(path)?;
-    corpus.preload()?;
-    let eval = EvalConfig {
-        families: TaskFamily::ALL.to_vec(),
-        split: Split::Test,
-        samples: config.samples,
-        seed: config.seed,
-        decoding: Decoding::Greedy,
-        max_new_tokens: config.max_new_tokens,
-        ..EvalConfig::default()
-    };
-    Ok(Box::new(RecordingsCheck::new(
-        encoder,
-        corpus,
-        eval,
-        format!("recordings {}", path.display()),
-    )))
+        .into()),
+    }
 }
 
 #[cfg(test)]
@@ -586,6 +516,18 @@ mod tests {
         assert!(c.check().unwrap_err().to_string().contains("max_drop"));
         let c: Result<GateConfig, _> = serde_json::from_str(r#"{"max_dorp": 1}"#);
         assert!(c.unwrap_err().to_string().contains("max_dorp"));
+    }
+
+    #[test]
+    fn a_directory_needs_a_registered_directory_check() {
+        // No lib test registers one (the `leaf` binary does).
+        let dir = tempfile::tempdir().unwrap();
+        let e = open_gate_data(dir.path(), dir.path(), &GateConfig::default())
+            .err()
+            .expect("a directory without a directory check")
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        assert!(e.contains("JSON-lines file"), "{e}");
     }
 
     #[test]

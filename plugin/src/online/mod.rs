@@ -129,8 +129,9 @@ pub struct OnlineConfig {
     pub base_name: String,
     /// The promotion gate's settings.
     pub gate: GateConfig,
-    /// The gate's held-out data: a directory of recordings or a JSON-lines file of prompts
-    /// with references (see [`open_gate_data`]). Without it candidates are promoted
+    /// The gate's held-out data: a JSON-lines file of prompts with references, or a directory
+    /// that the registered directory check reads (in `leaf`: spoken-digit recordings; see
+    /// [`open_gate_data`]). Without it candidates are promoted
     /// unchecked. `leaf serve --gate-data` overrides it.
     pub gate_data: Option<PathBuf>,
     /// How a crashed trainer is restarted.

@@ -284,7 +284,8 @@ pub struct TrainJobConfig {
     pub max_updates: Option<u64>,
     /// The gate's settings.
     pub gate: GateConfig,
-    /// The gate's held-out data (recordings directory or prompts file); `None`: unchecked.
+    /// The gate's held-out data (a prompts file, or a directory for the registered directory
+    /// check: recordings in `leaf`; see [`super::gate::open_gate_data`]); `None`: unchecked.
     pub gate_data: Option<PathBuf>,
     /// Written into the adapter's `base_model_name_or_path`.
     pub base_name: String,

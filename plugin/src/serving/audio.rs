@@ -1,8 +1,8 @@
 //! [`AudioEncoder`]: the seam between serving and a speech front-end. Serving hands it the
 //! bytes of an audio part (a WAV file) and puts what comes back into the prompt; it knows
-//! nothing else about audio. The unit codebook of the spoken-digit workload
-//! (`crate::speech::UnitEncoder`) is one implementation; a model that reads audio another way
-//! brings its own.
+//! nothing else about audio. The unit codebook of the spoken-digit workload (the `speech`
+//! feature's `UnitEncoder`) is one implementation; a model that reads audio another way brings
+//! its own.
 
 use std::fmt;
 

@@ -206,7 +206,7 @@ fn read_token_file(path: &Path) -> anyhow::Result<String> {
 
 /// Finds a model's [`AudioEncoder`]: from the `--units` file when given, else from what the
 /// model directory carries (`units.json` for the spoken-digit front-end); `None` when the model
-/// has none. `leaf` passes `crate::speech::serve_audio_encoder`; serving itself knows no
+/// has none. `leaf` passes the `speech` feature's `serve_audio_encoder`; serving itself knows no
 /// front-end.
 pub type AudioEncoderLoader =
     fn(model_dir: &Path, units: Option<&Path>) -> anyhow::Result<Option<Arc<dyn AudioEncoder>>>;

@@ -21,6 +21,7 @@ use crate::harvest::AssemblerConfig;
 /// tokens).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SamplingDefaults {
     /// Temperature.
     pub temperature: f64,
@@ -67,6 +68,7 @@ pub enum EngineAdmission {
 /// Everything [`LeafServer::start`] needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// The base model directory.
     pub model_dir: PathBuf,
@@ -74,7 +76,7 @@ pub struct ServerConfig {
     #[serde(default)]
     pub store_dir: Option<PathBuf>,
     /// What turns audio parts into prompt content (for example the spoken-digit unit
-    /// codebook, `crate::speech::UnitEncoder`). Not part of the JSON form: set it in code
+    /// codebook of the `speech` feature, `UnitEncoder`). Not part of the JSON form: set it in code
     /// (`leaf serve` uses the model directory's `units.json`, or `--units`). Without one, audio
     /// parts are refused.
     #[serde(skip)]

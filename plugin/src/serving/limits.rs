@@ -83,7 +83,7 @@ pub enum LimitError {
         /// Part index.
         part: usize,
         /// What the WAV reader said.
-        source: crate::audio::AudioError,
+        source: crate::wav_header::WavHeaderError,
     },
 }
 
@@ -198,7 +198,7 @@ impl RequestLimits {
         }
         let mut seconds = 0.0;
         for (message, part, wav) in wavs {
-            seconds += crate::audio::wav_seconds(wav).map_err(|source| LimitError::Audio {
+            seconds += crate::wav_header::wav_seconds(wav).map_err(|source| LimitError::Audio {
                 message,
                 part,
                 source,
@@ -221,12 +221,11 @@ impl RequestLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audio::{write_wav_pcm16, Audio};
     use crate::serving::Message;
 
     fn wav(seconds: f64) -> Part {
         let n = (seconds * 8000.0) as usize;
-        Part::Wav(write_wav_pcm16(&Audio::new(vec![0.1; n], 8000).unwrap()).unwrap())
+        Part::Wav(crate::wav_header::pcm16_silence(n, 8000))
     }
 
     fn request(parts: Vec<Part>) -> ChatRequest {

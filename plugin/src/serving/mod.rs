@@ -87,8 +87,8 @@ mod swap;
 pub use audio::{AudioEncodeError, AudioEncoder, AudioPrompt};
 pub use model::{load_pipeline, load_pipeline_on, ModelDir};
 pub use server::{
-    rss_bytes, thread_count, ChatReply, ChatRequest, EngineAdmission, GroupPolicy, LeafServer,
-    Message, Part, SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
+    ChatReply, ChatRequest, EngineAdmission, GroupPolicy, LeafServer, Message, Part,
+    SamplingDefaults, ServerConfig, ServerStatus, SwapReport, BASE_VERSION,
 };
 
 use std::path::PathBuf;

@@ -25,7 +25,7 @@ use crate::harvest::{GroupAssembler, RewardSource, SealedGroup};
 pub use super::config::{EngineAdmission, SamplingDefaults, ServerConfig};
 pub use super::group_policy::GroupPolicy;
 pub use super::request::{ChatReply, ChatRequest, Message, Part};
-pub use super::status::{rss_bytes, thread_count, ServerStatus};
+pub use super::status::ServerStatus;
 pub use super::swap::SwapReport;
 
 /// The version label of the base model (no adapter).
@@ -176,8 +176,12 @@ impl LeafServer {
         Ok((server, rx))
     }
 
-    /// The underlying mistral.rs instance (read-only uses: listing models, metadata).
-    /// Removing models through it bypasses the plugin's guarantees; use the plugin's methods.
+    /// The underlying mistral.rs instance, for leaf's own bare-engine comparisons (feature
+    /// `bare-engine`, which only leaf's tests and benches turn on). Requests sent through it
+    /// bypass the tap, the request limits and the swap bookkeeping; removing models through it
+    /// breaks the plugin's guarantees. Not part of the supported API.
+    #[cfg(feature = "bare-engine")]
+    #[doc(hidden)]
     pub fn mistral(&self) -> &Arc<MistralRs> {
         &self.mistral
     }

@@ -67,23 +67,6 @@ pub struct ServerStatus {
     pub trainer: crate::harvest::TrainerStatus,
 }
 
-/// Resident set size of this process in bytes (Linux; `None` elsewhere).
-pub fn rss_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(0) as u64)
-}
-
-/// Number of threads of this process (Linux; `None` elsewhere).
-pub fn thread_count() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 impl LeafServer {
     /// The server's counters.
     pub fn status(&self) -> ServerStatus {

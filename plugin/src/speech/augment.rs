@@ -11,6 +11,7 @@ use crate::audio::{resample, Audio, Features};
 /// What to perturb and by how much.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct AugmentConfig {
     /// Probability of a speed change.
     pub speed_prob: f64,

@@ -23,6 +23,7 @@ pub enum TisMode {
 /// `w = min(exp(logp_old - logp_behaviour), cap)`, multiplying the policy-gradient term.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TisConfig {
     /// When to weight. Default [`TisMode::Stale`].
     pub mode: TisMode,

@@ -8,6 +8,8 @@
 //! * [`update`]: [`Trainer::step`] over a batch of [`TrainSample`]s, with truncated importance
 //!   weighting for samples served by an older adapter version.
 //! * [`checkpoint`]: Adam's moments and the step counters on disk, for resuming a run.
+//! * [`generate`]: answers from the trainer's model, tokens picked as the serving tap picks
+//!   them (held-out checks, evaluation).
 //! * [`synthetic`]: random models and samples of a given shape, for benchmarks.
 //!
 //! The reference policy is the same [`LlamaModel`](leaf_adapters::model::LlamaModel) with LoRA
@@ -15,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
