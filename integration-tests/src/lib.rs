@@ -19,6 +19,43 @@ use leaf_plugin::harvest::{RewardSource, SealedGroup};
 use leaf_plugin::serving::{LeafServer, ServerConfig};
 use leaf_plugin::speech::SpeechTokenizer;
 
+/// The file name of SmolLM2-135M-Instruct's GGUF in the cache of `scripts/fetch-smollm2.sh`.
+pub const SMOLLM2_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where `scripts/fetch-smollm2.sh` keeps its files: `$LEAF_SMOLLM2_CACHE`, else
+/// `~/.cache/leaf/smollm2`.
+pub fn smollm2_cache_dir() -> Result<PathBuf> {
+    Ok(match std::env::var_os("LEAF_SMOLLM2_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/leaf/smollm2"),
+    })
+}
+
+/// The SmolLM2 GGUF file when it is already on this machine (`$LEAF_SMOLLM2_GGUF`, else the
+/// script's cache), without fetching anything; otherwise why not.
+pub fn smollm2_gguf_present() -> std::result::Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("LEAF_SMOLLM2_GGUF") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("LEAF_SMOLLM2_GGUF={} is not a file", p.display()))
+        };
+    }
+    let file = smollm2_cache_dir()
+        .map_err(|e| e.to_string())?
+        .join(SMOLLM2_GGUF_NAME);
+    if file.is_file() {
+        Ok(file)
+    } else {
+        Err(format!(
+            "{} is missing (fetch it with scripts/fetch-smollm2.sh, or set LEAF_SMOLLM2_GGUF)",
+            file.display()
+        ))
+    }
+}
+
 /// Factor applied to the random LM head (peaked next-token distributions).
 pub const HEAD_SCALE: f64 = 60.0;
 /// LoRA rank of the test adapters.
