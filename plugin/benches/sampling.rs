@@ -18,8 +18,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use leaf_plugin::sampling::device::{self, DeviceDistribution};
 use leaf_plugin::sampling::{Sampler, SamplingParams};
 use rand::SeedableRng;
@@ -298,8 +298,8 @@ fn bench(c: &mut Criterion) {
             BenchmarkId::new(format!("device_code_on_cpu/top_p={top_p}"), 152_064),
             |b| {
                 b.iter(|| {
-                    let mut d = DeviceDistribution::new(black_box(&tensor), &params)
-                        .expect("device");
+                    let mut d =
+                        DeviceDistribution::new(black_box(&tensor), &params).expect("device");
                     let pick = d.draw(&mut rng).expect("draw");
                     device::one_hot(pick.id, &tensor).expect("one-hot")
                 })

@@ -34,8 +34,8 @@ use mistralrs_core::CustomLogitsProcessor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-pub use crate::sampling::GREEDY_TEMPERATURE;
 use crate::sampling::device::{self, DeviceDistribution, DeviceSamplingError};
+pub use crate::sampling::GREEDY_TEMPERATURE;
 use crate::sampling::{with_sampler, SamplingParams};
 
 /// Where the tap samples a row of logits.
@@ -494,7 +494,9 @@ mod tests {
         let mut state = 0x5EED ^ i;
         (0..vocab)
             .map(|j| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 if j % 97 == 5 {
                     f32::NEG_INFINITY
                 } else {
@@ -560,7 +562,10 @@ mod tests {
                 }
                 context.push(d);
             }
-            let (rh, rd) = (host.take_record(steps as usize), dev.take_record(steps as usize));
+            let (rh, rd) = (
+                host.take_record(steps as usize),
+                dev.take_record(steps as usize),
+            );
             assert_eq!(rd.prompt, vec![4, 5]);
             assert_eq!(rd.tokens.len(), rh.tokens.len());
             assert_eq!(rd.logprobs.len(), rh.logprobs.len());
@@ -569,7 +574,10 @@ mod tests {
             for (i, (&tok, &lp)) in rd.tokens.iter().zip(&rd.logprobs).enumerate() {
                 let row = step_row(V, i as u64);
                 let want = with_sampler(|s| s.distribution(&row, &params).unwrap().logprob(tok));
-                assert!(want > f64::NEG_INFINITY, "step {i}: drew {tok} outside the nucleus");
+                assert!(
+                    want > f64::NEG_INFINITY,
+                    "step {i}: drew {tok} outside the nucleus"
+                );
                 assert!((lp - want).abs() <= 1e-5, "step {i}: {lp} vs host {want}");
             }
             for (a, b) in rh.top.iter().zip(&rd.top) {

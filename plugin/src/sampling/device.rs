@@ -484,10 +484,7 @@ impl DeviceDistribution {
         let weights = match tie_end {
             None => self.x.ge(f64::from(at))?.where_cond(&self.w, &zeros)?,
             Some(end) => {
-                let tie_w = self
-                    .ids
-                    .lt(f64::from(end))?
-                    .where_cond(&self.w, &zeros)?;
+                let tie_w = self.ids.lt(f64::from(end))?.where_cond(&self.w, &zeros)?;
                 let tie_w = self.x.eq(f64::from(at))?.where_cond(&tie_w, &zeros)?;
                 self.x.gt(f64::from(at))?.where_cond(&self.w, &tie_w)?
             }
@@ -629,7 +626,10 @@ impl DeviceDistribution {
         let mut found = Vec::with_capacity(2 * k);
         for _ in 0..k {
             let m = a.max_keepdim(0)?;
-            let id = a.broadcast_eq(&m)?.where_cond(&cand, &big)?.min_keepdim(0)?;
+            let id = a
+                .broadcast_eq(&m)?
+                .where_cond(&cand, &big)?
+                .min_keepdim(0)?;
             let taken = self.ids.broadcast_eq(&id)?;
             cand = taken.where_cond(&big, &cand)?;
             a = taken.where_cond(&ninf, &a)?;

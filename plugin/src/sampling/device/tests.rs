@@ -186,8 +186,11 @@ fn ties_at_the_cut_take_the_lower_ids() {
     let (host, _) = host_kept(&logits, &params(1.0, 0.3));
     assert_eq!(device_kept(&logits, &mut d), host);
     // Hand-checked small rows, as the host's tests.
-    for (top_p, want) in [(0.25, vec![0, 1, 2]), (0.3, vec![0, 1, 2]), (0.31, vec![0, 1, 2, 3])]
-    {
+    for (top_p, want) in [
+        (0.25, vec![0, 1, 2]),
+        (0.3, vec![0, 1, 2]),
+        (0.31, vec![0, 1, 2, 3]),
+    ] {
         let logits = [0.0f32; 10];
         let mut d = DeviceDistribution::new(&row(&logits), &params(1.0, top_p)).unwrap();
         assert_eq!(device_kept(&logits, &mut d), want, "top_p {top_p}");
@@ -242,7 +245,11 @@ fn greedy_validation_and_top_match_the_host() {
         }
     }
     let p = params(1.0, 1.0);
-    let err = |l: &[f32]| DeviceDistribution::new(&row(l), &p).unwrap_err().to_string();
+    let err = |l: &[f32]| {
+        DeviceDistribution::new(&row(l), &p)
+            .unwrap_err()
+            .to_string()
+    };
     assert_eq!(err(&[0.0, f32::NAN][..]), "logit 1 is NaN");
     assert_eq!(err(&[0.0, 1.0, f32::INFINITY][..]), "logit 2 is inf");
     assert_eq!(err(&[f32::NEG_INFINITY; 3][..]), "every logit is -inf");
@@ -262,18 +269,32 @@ fn reads_bf16_rows_of_any_shape() {
         .unwrap()
         .reshape((1, 1000))
         .unwrap();
-    let back: Vec<f32> = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+    let back: Vec<f32> = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let p = params(0.7, 0.9);
     let mut d = DeviceDistribution::new(&t, &p).unwrap();
     assert_eq!(device_kept(&back, &mut d), host_kept(&back, &p).0);
     let hot = one_hot(7, &t).unwrap();
-    assert_eq!((hot.dims(), hot.dtype()), (&[1usize, 1000][..], DType::BF16));
+    assert_eq!(
+        (hot.dims(), hot.dtype()),
+        (&[1usize, 1000][..], DType::BF16)
+    );
 }
 
 #[test]
 fn one_hot_is_zero_at_the_id_and_minus_inf_elsewhere() {
     let like = Tensor::zeros((1, 700), DType::F32, &Device::Cpu).unwrap();
-    let v: Vec<f32> = one_hot(513, &like).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let v: Vec<f32> = one_hot(513, &like)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(v.len(), 700);
     assert_eq!(v[513], 0.0);
     assert_eq!(v.iter().filter(|&&x| x == f32::NEG_INFINITY).count(), 699);
@@ -336,7 +357,10 @@ fn draws_at_scale_follow_the_nucleus() {
         let mut d = DeviceDistribution::new(&row(&logits), &params(t, top_p)).unwrap();
         for _ in 0..n {
             let id = d.draw(&mut rng).unwrap().id;
-            assert!(kept.binary_search(&id).is_ok(), "drew {id} outside the nucleus");
+            assert!(
+                kept.binary_search(&id).is_ok(),
+                "drew {id} outside the nucleus"
+            );
             counts[slot(id)] += 1;
         }
         let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
@@ -368,10 +392,7 @@ fn same_uniform_same_token_without_a_nucleus() {
     let p = params(0.8, 1.0);
     let mut d = DeviceDistribution::new(&row(&logits), &p).unwrap();
     let mut host = Sampler::new();
-    let (mut r1, mut r2) = (
-        ChaCha8Rng::seed_from_u64(77),
-        ChaCha8Rng::seed_from_u64(77),
-    );
+    let (mut r1, mut r2) = (ChaCha8Rng::seed_from_u64(77), ChaCha8Rng::seed_from_u64(77));
     for _ in 0..200 {
         let a = host.sample(&logits, &p, &mut r1).unwrap();
         let b = d.draw(&mut r2).unwrap();
