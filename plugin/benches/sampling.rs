@@ -8,11 +8,19 @@
 //!
 //! `cargo bench --workspace --bench sampling`; a table of
 //! microseconds per token and the old/new ratio is printed first, then criterion's figures.
+//!
+//! The device sampler (`leaf_plugin::sampling::device`, what the tap runs for logits on a
+//! GPU) is also timed here on the CPU device at 152k, next to the host kernel in the same
+//! run: a CPU figure of the device code (candle's CPU ops, one thread), not a GPU figure. It
+//! prints the search rounds and host copies per token, which are what a GPU pays for in
+//! synchronisations.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use leaf_plugin::sampling::device::{self, DeviceDistribution};
 use leaf_plugin::sampling::{Sampler, SamplingParams};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -226,6 +234,36 @@ fn bench(c: &mut Criterion) {
             );
         }
     }
+    println!("device code on the CPU device (not a GPU figure), vocab 152064:");
+    println!("top_p  host_us  device_us  device/host  rounds  copies");
+    let v = 152_064;
+    let row = logits(v);
+    let tensor = Tensor::new(row.as_slice(), &Device::Cpu).expect("tensor");
+    for &top_p in &TOP_PS {
+        let params = SamplingParams::new(1.0, top_p).expect("params");
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut sampler = Sampler::new();
+        let t_host = micros_per_call(Duration::from_millis(400), || {
+            black_box(
+                sampler
+                    .sample(black_box(&row), &params, &mut rng)
+                    .expect("sample"),
+            );
+        });
+        let mut work = Default::default();
+        let t_dev = micros_per_call(Duration::from_millis(2000), || {
+            let mut d = DeviceDistribution::new(black_box(&tensor), &params).expect("device");
+            let pick = d.draw(&mut rng).expect("draw");
+            black_box(device::one_hot(pick.id, &tensor).expect("one-hot"));
+            work = d.work();
+        });
+        println!(
+            "{top_p:<5}  {t_host:<8.1} {t_dev:<10.1} {:<11.1}  {:<6}  {}",
+            t_dev / t_host,
+            work.rounds,
+            work.copies
+        );
+    }
     let mut group = c.benchmark_group("sampling");
     group
         .sample_size(20)
@@ -250,6 +288,23 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| old.sample(black_box(&row), 1.0, top_p, &mut rng))
             });
         }
+    }
+    let row = logits(152_064);
+    let tensor = Tensor::new(row.as_slice(), &Device::Cpu).expect("tensor");
+    for &top_p in &TOP_PS {
+        let params = SamplingParams::new(1.0, top_p).expect("params");
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        group.bench_function(
+            BenchmarkId::new(format!("device_code_on_cpu/top_p={top_p}"), 152_064),
+            |b| {
+                b.iter(|| {
+                    let mut d =
+                        DeviceDistribution::new(black_box(&tensor), &params).expect("device");
+                    let pick = d.draw(&mut rng).expect("draw");
+                    device::one_hot(pick.id, &tensor).expect("one-hot")
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -15,7 +15,7 @@ pub mod tap;
 pub use groups::{AssemblerConfig, AssemblerStats, GroupAssembler, SealedGroup};
 pub use liveness::{TrainerLiveness, TrainerState, TrainerStatus};
 pub use reward::{ReferenceReward, RewardContext, RewardSource};
-pub use tap::{SamplingTap, TapConfig, TapRecord};
+pub use tap::{SamplerPlacement, SamplingTap, TapConfig, TapRecord};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -18,6 +18,12 @@
 //!
 //! The sampling buffers are per thread ([`crate::sampling::with_sampler`]) and the tap's own
 //! lock is per request, so the engine's threads never wait on one another through the tap.
+//!
+//! Where the row is sampled ([`SamplerPlacement`]): logits on the CPU go through the host
+//! kernels; logits on an accelerator (a `cuda` or `metal` build) are sampled on their device
+//! by [`crate::sampling::device`] (the same rules; only a few small vectors reach the host)
+//! and the one-hot answer is built there. A row the device search cannot settle is sampled
+//! on the host instead (counted in `leaf_tap_device_fallbacks_total`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -28,8 +34,23 @@ use mistralrs_core::CustomLogitsProcessor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::sampling::device::{self, DeviceDistribution, DeviceSamplingError};
 pub use crate::sampling::GREEDY_TEMPERATURE;
 use crate::sampling::{with_sampler, SamplingParams};
+
+/// Where the tap samples a row of logits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SamplerPlacement {
+    /// On the logits' device when it is an accelerator, with the host kernels when the
+    /// logits are on the CPU (faster there). The default.
+    #[default]
+    Auto,
+    /// Always copy the row to the host and use the host kernels.
+    Host,
+    /// Always use the device sampler, also for logits on the CPU (for tests and benches).
+    Device,
+}
 
 /// How the tap samples.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +114,7 @@ struct TapState {
 pub struct SamplingTap {
     config: TapConfig,
     params: SamplingParams,
+    placement: SamplerPlacement,
     cancel: AtomicBool,
     state: Mutex<TapState>,
 }
@@ -101,6 +123,7 @@ impl std::fmt::Debug for SamplingTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SamplingTap")
             .field("config", &self.config)
+            .field("placement", &self.placement)
             .field("cancelled", &self.is_cancelled())
             .finish_non_exhaustive()
     }
@@ -124,8 +147,20 @@ impl SamplingTap {
                 record: TapRecord::default(),
             }),
             params,
+            placement: SamplerPlacement::Auto,
             config,
         })
+    }
+
+    /// The same tap sampling where `placement` says ([`SamplerPlacement::Auto`] by default).
+    pub fn with_placement(mut self, placement: SamplerPlacement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Where the tap samples.
+    pub fn placement(&self) -> SamplerPlacement {
+        self.placement
     }
 
     /// The configuration.
@@ -199,27 +234,95 @@ impl SamplingTap {
             let top = (cfg.top_logprobs > 0).then(|| dist.top(cfg.top_logprobs));
             Ok((chosen, logprob, top))
         })?;
-        let now = now_unix_ms();
-        let rec = &mut st.record;
-        if rec.first_call_unix_ms.is_none() {
-            rec.prompt = context.to_vec();
-            rec.first_call_unix_ms = Some(now);
-        }
-        rec.last_call_unix_ms = Some(now);
-        if let Some(top) = top {
-            rec.top.push(top);
-        }
-        if forced && rec.forced_from.is_none() {
-            rec.forced_from = Some(rec.tokens.len());
-        }
-        rec.tokens.push(chosen);
-        rec.logprobs.push(logprob);
+        record(st, context, forced, chosen, logprob, top);
         Ok(chosen)
     }
+
+    /// [`SamplingTap::step`] on the logits' device ([`crate::sampling::device`]): the same
+    /// choices, RNG use and record. Nothing is recorded or drawn when it fails.
+    fn step_device(&self, logits: &Tensor, context: &[u32]) -> Result<u32, DeviceSamplingError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let cfg = &self.config;
+        let forced = self.cancel.load(Ordering::SeqCst);
+        let mut dist = DeviceDistribution::new(logits, &self.params)?;
+        let (chosen, logprob) = if forced {
+            (cfg.stop_token, dist.full_logprob(cfg.stop_token)?)
+        } else if !cfg.forced.is_empty() {
+            let pos = st.record.tokens.len();
+            let c = cfg.forced.get(pos).copied().unwrap_or(cfg.stop_token);
+            if c as usize >= dist.vocab() {
+                return Err(candle_core::Error::Msg(format!(
+                    "forced id {c} is outside the vocabulary of {}",
+                    dist.vocab()
+                ))
+                .into());
+            }
+            (c, dist.logprob(c)?)
+        } else {
+            let pick = dist.draw(&mut st.rng)?;
+            (pick.id, pick.logprob)
+        };
+        let top = if cfg.top_logprobs > 0 {
+            Some(dist.top(cfg.top_logprobs)?)
+        } else {
+            None
+        };
+        record(st, context, forced, chosen, logprob, top);
+        Ok(chosen)
+    }
+
+    /// Whether `logits` are sampled on their device.
+    fn on_device(&self, logits: &Tensor) -> bool {
+        match self.placement {
+            SamplerPlacement::Auto => !logits.device().is_cpu(),
+            SamplerPlacement::Host => false,
+            SamplerPlacement::Device => true,
+        }
+    }
+}
+
+/// Appends one call's choice to the record (the prompt and times on the first call).
+fn record(
+    st: &mut TapState,
+    context: &[u32],
+    forced: bool,
+    chosen: u32,
+    logprob: f64,
+    top: Option<Vec<(u32, f64)>>,
+) {
+    let now = now_unix_ms();
+    let rec = &mut st.record;
+    if rec.first_call_unix_ms.is_none() {
+        rec.prompt = context.to_vec();
+        rec.first_call_unix_ms = Some(now);
+    }
+    rec.last_call_unix_ms = Some(now);
+    if let Some(top) = top {
+        rec.top.push(top);
+    }
+    if forced && rec.forced_from.is_none() {
+        rec.forced_from = Some(rec.tokens.len());
+    }
+    rec.tokens.push(chosen);
+    rec.logprobs.push(logprob);
 }
 
 impl CustomLogitsProcessor for SamplingTap {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> candle_core::Result<Tensor> {
+        if self.on_device(logits) {
+            match self.step_device(logits, context) {
+                Ok(chosen) => {
+                    return device::one_hot(chosen, logits)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()));
+                }
+                Err(e) if e.use_host_instead() => {
+                    metrics::counter!("leaf_tap_device_fallbacks_total").increment(1);
+                    tracing::debug!(reason = %e, "tap: sampling this row on the host");
+                }
+                Err(e) => return Err(candle_core::Error::Msg(e.to_string())),
+            }
+        }
         let mut values: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let chosen = self
             .step(&values, context)
@@ -384,6 +487,176 @@ mod tests {
         let logits = Tensor::new(&[0.0f32, 4.0, 1.0], &candle_core::Device::Cpu).unwrap();
         let out: Vec<f32> = tap.apply(&logits, &[0]).unwrap().to_vec1().unwrap();
         assert_eq!(out, vec![f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY]);
+    }
+
+    /// A row for step `i` of the device-path tests: uniform in [-6, 6], some masked.
+    fn step_row(vocab: usize, i: u64) -> Vec<f32> {
+        let mut state = 0x5EED ^ i;
+        (0..vocab)
+            .map(|j| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if j % 97 == 5 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 12.0 - 6.0
+                }
+            })
+            .collect()
+    }
+
+    /// The chosen id of a one-hot answer (and its checks: the input's shape and dtype, one
+    /// 0, the rest -inf).
+    fn hot_id(out: &Tensor, like: &Tensor) -> u32 {
+        assert_eq!(out.dims(), like.dims());
+        assert_eq!(out.dtype(), like.dtype());
+        let v: Vec<f32> = out
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(v.iter().filter(|&&x| x == 0.0).count(), 1);
+        assert_eq!(
+            v.iter().filter(|&&x| x == f32::NEG_INFINITY).count(),
+            v.len() - 1
+        );
+        v.iter().position(|&x| x == 0.0).unwrap() as u32
+    }
+
+    /// The tap forced onto the device sampler (on the CPU device) records what the host path
+    /// records: the same shape, every log-prob the host kernel's for the token drawn (within
+    /// 1e-5), the same top alternatives, and the same tokens where both walk the ids in
+    /// order (top-p 1, greedy); its answer is a valid one-hot row.
+    #[test]
+    fn device_path_records_as_the_host_path() {
+        const V: usize = 3001;
+        for (t, top_p, k) in [(1.0, 1.0, 0), (0.8, 0.9, 3), (0.0, 1.0, 2), (0.7, 0.5, 1)] {
+            let config = TapConfig {
+                top_logprobs: k,
+                seed: 11,
+                ..cfg(t, top_p)
+            };
+            let host = SamplingTap::new(config.clone())
+                .unwrap()
+                .with_placement(SamplerPlacement::Host);
+            let dev = SamplingTap::new(config)
+                .unwrap()
+                .with_placement(SamplerPlacement::Device);
+            assert_eq!(dev.placement(), SamplerPlacement::Device);
+            let params = SamplingParams::new(t, top_p).unwrap();
+            let mut context = vec![4u32, 5];
+            let steps = 12;
+            for i in 0..steps {
+                let row = step_row(V, i);
+                let like = Tensor::new(row.as_slice(), &candle_core::Device::Cpu)
+                    .unwrap()
+                    .reshape((1, V))
+                    .unwrap();
+                let h = hot_id(&host.apply(&like, &context).unwrap(), &like);
+                let d = hot_id(&dev.apply(&like, &context).unwrap(), &like);
+                if top_p >= 1.0 {
+                    assert_eq!(h, d, "t {t} step {i}");
+                }
+                context.push(d);
+            }
+            let (rh, rd) = (
+                host.take_record(steps as usize),
+                dev.take_record(steps as usize),
+            );
+            assert_eq!(rd.prompt, vec![4, 5]);
+            assert_eq!(rd.tokens.len(), rh.tokens.len());
+            assert_eq!(rd.logprobs.len(), rh.logprobs.len());
+            assert_eq!(rd.top.len(), rh.top.len());
+            assert_eq!(rd.forced_from, None);
+            for (i, (&tok, &lp)) in rd.tokens.iter().zip(&rd.logprobs).enumerate() {
+                let row = step_row(V, i as u64);
+                let want = with_sampler(|s| s.distribution(&row, &params).unwrap().logprob(tok));
+                assert!(
+                    want > f64::NEG_INFINITY,
+                    "step {i}: drew {tok} outside the nucleus"
+                );
+                assert!((lp - want).abs() <= 1e-5, "step {i}: {lp} vs host {want}");
+            }
+            for (a, b) in rh.top.iter().zip(&rd.top) {
+                assert_eq!(a.len(), k);
+                assert_eq!(
+                    a.iter().map(|x| x.0).collect::<Vec<_>>(),
+                    b.iter().map(|x| x.0).collect::<Vec<_>>()
+                );
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x.1 - y.1).abs() <= 1e-5, "{x:?} vs {y:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn device_path_replays_and_cancels_as_the_host_path() {
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let like = Tensor::new(logits.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let tap = SamplingTap::new(TapConfig {
+            forced: vec![1, 3],
+            stop_token: 2,
+            ..cfg(1.0, 0.79)
+        })
+        .unwrap()
+        .with_placement(SamplerPlacement::Device);
+        for want in [1, 3, 2] {
+            assert_eq!(hot_id(&tap.apply(&like, &[0]).unwrap(), &like), want);
+        }
+        let rec = tap.take_record(3);
+        assert!((rec.logprobs[0] - 0.375f64.ln()).abs() < 1e-6);
+        assert_eq!(rec.logprobs[1], f64::NEG_INFINITY);
+        assert_eq!(rec.logprobs[2], f64::NEG_INFINITY);
+
+        let tap = SamplingTap::new(TapConfig {
+            stop_token: 3,
+            ..cfg(1.0, 1.0)
+        })
+        .unwrap()
+        .with_placement(SamplerPlacement::Device);
+        tap.apply(&like, &[9]).unwrap();
+        tap.cancel();
+        assert_eq!(hot_id(&tap.apply(&like, &[9, 0]).unwrap(), &like), 3);
+        let rec = tap.take_record(2);
+        assert_eq!(rec.forced_from, Some(1));
+        assert!((rec.logprobs[1] - 0.05f64.ln()).abs() < 1e-6);
+        // Bad logits are errors naming the logit, as on the host path.
+        let bad = Tensor::new(&[0.0f32, f32::NAN], &candle_core::Device::Cpu).unwrap();
+        let err = tap.apply(&bad, &[0]).unwrap_err().to_string();
+        assert!(err.contains("logit 1 is NaN"), "{err}");
+    }
+
+    /// A row the device search gives up on is sampled on the host: a valid token of the
+    /// nucleus with the host's log-prob.
+    #[test]
+    fn device_path_falls_back_to_the_host() {
+        let logits: Vec<f32> = (0..149).map(|k| -(2f32.powi(-k))).collect();
+        let like = Tensor::new(logits.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let params = SamplingParams::new(1.0, 0.05).unwrap();
+        let tap = SamplingTap::new(cfg(1.0, 0.05))
+            .unwrap()
+            .with_placement(SamplerPlacement::Device);
+        for _ in 0..5 {
+            tap.apply(&like, &[0]).unwrap();
+        }
+        let rec = tap.take_record(5);
+        // When the device settles the cut it orders the weight-1 ties by logit, the host by
+        // id: compare with a host-kept token of the same f32 weight.
+        let w = |i: u32| f64::from(logits[i as usize]).exp() as f32;
+        for (&tok, &lp) in rec.tokens.iter().zip(&rec.logprobs) {
+            let want = with_sampler(|s| {
+                let mut d = s.distribution(&logits, &params).unwrap();
+                (0..logits.len() as u32)
+                    .filter(|&i| w(i) == w(tok))
+                    .map(|i| d.logprob(i))
+                    .fold(f64::NEG_INFINITY, f64::max)
+            });
+            assert!((lp - want).abs() <= 1e-5, "{tok}: {lp} vs {want}");
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! use [`with_sampler`], one [`Sampler`] per thread, so that nothing serialises unrelated
 //! requests.
 
+pub mod device;
 mod kernels;
 mod nucleus;
 

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 /// a full sort (probability descending, ties by lower id, kept while the mass before is
 /// below `top_p`; top-p 1 keeps every token of positive probability), and each kept id's
 /// log-prob renormalised. Returns the kept ids (sorted) and their log-probs.
-fn reference(logits: &[f32], t: f64, top_p: f64) -> (Vec<u32>, Vec<f64>) {
+pub(super) fn reference(logits: &[f32], t: f64, top_p: f64) -> (Vec<u32>, Vec<f64>) {
     let z: Vec<f64> = logits.iter().map(|&l| f64::from(l) / t).collect();
     let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let arg = z.iter().position(|&v| v == m).unwrap();
@@ -156,7 +156,7 @@ proptest! {
 
 /// Pearson's chi-square of `counts` against probabilities `p` (zero-probability categories
 /// must have zero counts).
-fn chi_square(counts: &[usize], p: &[f64]) -> f64 {
+pub(super) fn chi_square(counts: &[usize], p: &[f64]) -> f64 {
     let n: usize = counts.iter().sum();
     counts
         .iter()
@@ -330,7 +330,7 @@ fn reentrant_with_sampler_falls_back_to_a_fresh_one() {
 
 /// The reference nucleus's order (probability descending, ties by lower id) and the mass
 /// before each position, in `f64`.
-fn reference_order(logits: &[f32], t: f64) -> (Vec<u32>, Vec<f64>, f64) {
+pub(super) fn reference_order(logits: &[f32], t: f64) -> (Vec<u32>, Vec<f64>, f64) {
     let z: Vec<f64> = logits.iter().map(|&l| f64::from(l) / t).collect();
     let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let p: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
