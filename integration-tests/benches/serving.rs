@@ -36,14 +36,14 @@ use candle_core::Tensor;
 use either::Either;
 use indexmap::IndexMap;
 use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::{random_adapter, smollm2_gguf_present, tiny_model_sized};
+use leaf_integration_tests::{random_adapter, smollm2_gguf_present, tiny_model_sized, BareRequest};
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{SamplingTap, TapConfig};
 use leaf_plugin::import::import_gguf;
 use leaf_plugin::serving::{ChatRequest, LeafServer, Message, ServerConfig};
 use mistralrs_core::{
-    ChatCompletionResponse, Constraint, CustomLogitsProcessor, MessageContent, NormalRequest,
-    Request, RequestMessage, Response, SamplingParams,
+    ChatCompletionResponse, CustomLogitsProcessor, MessageContent, Request, RequestMessage,
+    Response, SamplingParams,
 };
 use serde_json::{json, Value};
 
@@ -212,23 +212,14 @@ async fn bare_one(
     params.temperature = Some(TEMPERATURE);
     params.top_p = Some(TOP_P);
     params.max_len = Some(max_tokens);
-    let req = NormalRequest {
+    let req = BareRequest {
         messages: chat_message(&text),
-        sampling_params: params,
-        response: tx,
+        params,
+        processors: processor.map(|p| vec![p]),
         return_logprobs: false,
-        is_streaming: false,
-        id: mistral.next_request_id(),
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: processor.map(|p| vec![p]),
-        return_raw_logits: false,
-        web_search_options: None,
         model_id: Some(engine.clone()),
-        truncate_sequence: false,
-    };
+    }
+    .build(mistral.next_request_id(), tx);
     mistral
         .get_sender(Some(&engine))
         .map_err(|e| anyhow::anyhow!("sender: {e}"))?

@@ -289,3 +289,44 @@ fn proc_status_field(name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(name))
         .map(str::to_string)
 }
+
+/// The parts of a plain mistral.rs request that the bare-engine tests and benches vary.
+pub struct BareRequest {
+    /// The prompt (chat messages, text or token ids).
+    pub messages: mistralrs_core::RequestMessage,
+    /// mistral.rs's own sampling settings.
+    pub params: mistralrs_core::SamplingParams,
+    /// Logits processors (a tap or an observer), if any.
+    pub processors: Option<Vec<Arc<dyn mistralrs_core::CustomLogitsProcessor>>>,
+    /// Whether mistral.rs should return its (log10) log-probs.
+    pub return_logprobs: bool,
+    /// The engine to send it to (`None`: the default engine).
+    pub model_id: Option<String>,
+}
+
+impl BareRequest {
+    /// The request: not streamed, no tools, no constraint, no suffix, answering on `response`.
+    pub fn build(
+        self,
+        id: usize,
+        response: tokio::sync::mpsc::Sender<mistralrs_core::Response>,
+    ) -> mistralrs_core::NormalRequest {
+        mistralrs_core::NormalRequest {
+            messages: self.messages,
+            sampling_params: self.params,
+            response,
+            return_logprobs: self.return_logprobs,
+            is_streaming: false,
+            id,
+            constraint: mistralrs_core::Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: self.processors,
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: self.model_id,
+            truncate_sequence: false,
+        }
+    }
+}

@@ -24,13 +24,13 @@ use leaf_adapters::config::RopeScaling;
 use leaf_adapters::model::{checkpoint, LlamaModel, LoraOptions, ModelOptions, Pass, Trainable};
 use leaf_adapters::store::AdapterStore;
 use leaf_adapters::{merge, Family, LlamaConfig, LoraAdapter};
+use leaf_integration_tests::BareRequest;
 use leaf_plugin::chat_format::{ChatFormat, ChatTurn};
 use leaf_plugin::serving::{load_pipeline, ModelDir};
 use leaf_plugin::trainer::{TrainConfig, TrainSample, Trainer};
 use mistralrs_core::{
-    Constraint, CustomLogitsProcessor, DefaultSchedulerMethod, MessageContent, MistralRs,
-    MistralRsBuilder, NormalRequest, Request, RequestMessage, Response, SamplingParams,
-    SchedulerConfig,
+    CustomLogitsProcessor, DefaultSchedulerMethod, MessageContent, MistralRs, MistralRsBuilder,
+    Request, RequestMessage, Response, SamplingParams, SchedulerConfig,
 };
 use serde_json::json;
 
@@ -359,23 +359,14 @@ async fn observe(
     let mut params = SamplingParams::neutral();
     params.temperature = Some(0.0);
     params.max_len = Some(max_len);
-    let req = NormalRequest {
+    let req = BareRequest {
         messages: message,
-        sampling_params: params,
-        response: tx,
+        params,
+        processors: Some(vec![observer.clone()]),
         return_logprobs: false,
-        is_streaming: false,
-        id: mistral.next_request_id(),
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: Some(vec![observer.clone()]),
-        return_raw_logits: false,
-        web_search_options: None,
         model_id: None,
-        truncate_sequence: false,
-    };
+    }
+    .build(mistral.next_request_id(), tx);
     mistral
         .get_sender(None)
         .map_err(|e| anyhow::anyhow!("{e}"))?

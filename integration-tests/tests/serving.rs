@@ -8,7 +8,7 @@ use leaf_adapters::model::{Batch, Pass};
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{
     ask, next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model,
-    weight_bytes,
+    weight_bytes, BareRequest,
 };
 use leaf_plugin::device::ComputeDevice;
 use leaf_plugin::harvest::reward::FeedbackOnly;
@@ -17,10 +17,7 @@ use leaf_plugin::harvest::{
 };
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{GroupPolicy, LeafServer, ServeError, ServerConfig};
-use mistralrs_core::{
-    Constraint, CustomLogitsProcessor, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams,
-};
+use mistralrs_core::{CustomLogitsProcessor, Request, RequestMessage, Response, SamplingParams};
 
 /// Log-softmax of `row / t`, then the top-p nucleus renormalised, by a full sort (an
 /// implementation independent of the tap's).
@@ -150,23 +147,14 @@ async fn send_raw(
 ) -> anyhow::Result<mistralrs_core::CompletionResponse> {
     let engine = server.status().engine_id;
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let req = NormalRequest {
+    let req = BareRequest {
         messages: RequestMessage::CompletionTokens(prompt),
-        sampling_params: params,
-        response: tx,
+        params,
+        processors: Some(vec![processor]),
         return_logprobs,
-        is_streaming: false,
-        id: server.mistral().next_request_id(),
-        constraint: Constraint::None,
-        suffix: None,
-        tools: None,
-        tool_choice: None,
-        logits_processors: Some(vec![processor]),
-        return_raw_logits: false,
-        web_search_options: None,
         model_id: Some(engine.clone()),
-        truncate_sequence: false,
-    };
+    }
+    .build(server.mistral().next_request_id(), tx);
     server
         .mistral()
         .get_sender(Some(&engine))

@@ -1,7 +1,8 @@
 //! Token sampling: the one implementation of temperature, top-p and greedy decoding that the
 //! serving tap ([`crate::harvest::tap`], `serve` feature) and the evaluator
-//! ([`crate::speech::eval`]) both call, so that evaluation decodes exactly as the server
-//! samples: the same validation, nucleus, tie-breaks, RNG consumption and greedy rule.
+//! ([`crate::trainer::generate`]: `leaf eval` and the held-out checks) both call, so that
+//! evaluation decodes exactly as the server samples: the same validation, nucleus, tie-breaks,
+//! RNG consumption and greedy rule.
 //!
 //! The rules:
 //!

@@ -154,6 +154,19 @@ proptest! {
     }
 }
 
+/// The chi-square critical value at p = 0.001 for the 25-29 degrees of freedom that the pooled
+/// draw tests have.
+pub(super) fn chi_square_critical_p001(dof: usize) -> f64 {
+    match dof {
+        29 => 58.30,
+        28 => 56.89,
+        27 => 55.48,
+        26 => 54.05,
+        25 => 52.62,
+        d => panic!("no critical value for {d} degrees of freedom"),
+    }
+}
+
 /// Pearson's chi-square of `counts` against probabilities `p` (zero-probability categories
 /// must have zero counts).
 pub(super) fn chi_square(counts: &[usize], p: &[f64]) -> f64 {
@@ -441,14 +454,7 @@ fn draws_at_scale_follow_the_nucleus() {
         }
         let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
         // Critical values of chi-square at p = 0.001.
-        let critical = match dof {
-            29 => 58.30,
-            28 => 56.89,
-            27 => 55.48,
-            26 => 54.05,
-            25 => 52.62,
-            d => panic!("no critical value for {d} degrees of freedom"),
-        };
+        let critical = chi_square_critical_p001(dof);
         let chi = chi_square(&counts, &probs);
         assert!(
             chi < critical,

@@ -1,7 +1,7 @@
 //! The device sampler on the CPU device against the host kernels.
 
 use super::*;
-use crate::sampling::tests::{chi_square, reference, reference_order};
+use crate::sampling::tests::{chi_square, chi_square_critical_p001, reference, reference_order};
 use crate::sampling::Sampler;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -365,14 +365,7 @@ fn draws_at_scale_follow_the_nucleus() {
         }
         let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
         // Critical values of chi-square at p = 0.001.
-        let critical = match dof {
-            29 => 58.30,
-            28 => 56.89,
-            27 => 55.48,
-            26 => 54.05,
-            25 => 52.62,
-            d => panic!("no critical value for {d} degrees of freedom"),
-        };
+        let critical = chi_square_critical_p001(dof);
         let chi = chi_square(&counts, &probs);
         assert!(chi < critical, "t {t} top_p {top_p}: chi-square {chi}");
         let tv: f64 = counts
