@@ -193,23 +193,37 @@ fn draws_follow_the_distribution() {
     let logits = [1.2f32, -0.3, 2.0, 0.7, 2.0, -1.5, 0.1, f32::NEG_INFINITY];
     // Critical values of chi-square at p = 0.001 for 6 and 3 degrees of freedom.
     for (t, top_p, critical) in [(0.7, 1.0, 22.46), (1.3, 1.0, 22.46), (0.9, 0.8, 16.27)] {
-        let (kept, lps) = reference(&logits, t, top_p);
-        let mut probs = vec![0.0; logits.len()];
-        for (&i, &lp) in kept.iter().zip(&lps) {
-            probs[i as usize] = lp.exp();
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(42);
-        let mut counts = vec![0usize; logits.len()];
         let p = params(t, top_p);
-        for _ in 0..60_000 {
-            counts[sample(&logits, &p, &mut rng).unwrap().id as usize] += 1;
-        }
-        let chi = chi_square(&counts, &probs);
-        assert!(
-            chi < critical,
-            "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
-        );
+        check_draws_per_token(&logits, t, top_p, critical, |rng| {
+            sample(&logits, &p, rng).unwrap().id
+        });
     }
+}
+
+/// Draws 60,000 tokens with `draw` (RNG seeded 42) and checks their counts, token by token,
+/// against the exact nucleus of `logits` at `t`, `top_p`: chi-square below `critical`.
+pub(super) fn check_draws_per_token(
+    logits: &[f32],
+    t: f64,
+    top_p: f64,
+    critical: f64,
+    mut draw: impl FnMut(&mut ChaCha8Rng) -> u32,
+) {
+    let (kept, lps) = reference(logits, t, top_p);
+    let mut probs = vec![0.0; logits.len()];
+    for (&i, &lp) in kept.iter().zip(&lps) {
+        probs[i as usize] = lp.exp();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut counts = vec![0usize; logits.len()];
+    for _ in 0..60_000 {
+        counts[draw(&mut rng) as usize] += 1;
+    }
+    let chi = chi_square(&counts, &probs);
+    assert!(
+        chi < critical,
+        "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
+    );
 }
 
 /// The same over a vocabulary of several blocks, heavy tokens spread across them (counts of
@@ -417,7 +431,6 @@ proptest! {
 #[test]
 fn draws_at_scale_follow_the_nucleus() {
     const V: usize = 4099;
-    const RANGES: usize = 20;
     let mut state = 11u64;
     let logits: Vec<f32> = (0..V)
         .map(|_| {
@@ -426,46 +439,62 @@ fn draws_at_scale_follow_the_nucleus() {
         })
         .collect();
     for (t, top_p) in [(0.9, 0.8), (1.0, 0.3)] {
-        let (kept, lps) = reference(&logits, t, top_p);
-        let (order, _, _) = reference_order(&logits, t);
-        let heavy: Vec<u32> = order[..10].to_vec();
-        let slot = |id: u32| -> usize {
-            heavy
-                .iter()
-                .position(|&h| h == id)
-                .unwrap_or_else(|| heavy.len() + id as usize * RANGES / V)
-        };
-        let mut probs = vec![0.0; heavy.len() + RANGES];
-        for (&i, &lp) in kept.iter().zip(&lps) {
-            probs[slot(i)] += lp.exp();
-        }
-        let n = 100_000;
-        let mut counts = vec![0usize; probs.len()];
-        let mut rng = ChaCha8Rng::seed_from_u64(2024);
         let p = params(t, top_p);
         let mut sampler = Sampler::new();
-        for _ in 0..n {
-            let id = sampler.sample(&logits, &p, &mut rng).unwrap().id;
-            assert!(
-                kept.binary_search(&id).is_ok(),
-                "drew {id} outside the nucleus"
-            );
-            counts[slot(id)] += 1;
-        }
-        let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
-        // Critical values of chi-square at p = 0.001.
-        let critical = chi_square_critical_p001(dof);
-        let chi = chi_square(&counts, &probs);
-        assert!(
-            chi < critical,
-            "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
-        );
-        let tv: f64 = counts
-            .iter()
-            .zip(&probs)
-            .map(|(&c, &q)| (c as f64 / n as f64 - q).abs())
-            .sum::<f64>()
-            / 2.0;
-        assert!(tv < 0.01, "t {t} top_p {top_p}: total variation {tv}");
+        check_pooled_draws(&logits, t, top_p, |rng| {
+            sampler.sample(&logits, &p, rng).unwrap().id
+        });
     }
+}
+
+/// Draws 100,000 tokens with `draw` (RNG seeded 2024) and checks them against the exact
+/// nucleus of `logits` at `t`, `top_p`: nothing outside it; over categories that are the ten
+/// most likely tokens one by one and the rest pooled into 20 id ranges, chi-square below the
+/// 0.1 % critical value and total variation below 0.01.
+pub(super) fn check_pooled_draws(
+    logits: &[f32],
+    t: f64,
+    top_p: f64,
+    mut draw: impl FnMut(&mut ChaCha8Rng) -> u32,
+) {
+    const RANGES: usize = 20;
+    let v = logits.len();
+    let (kept, lps) = reference(logits, t, top_p);
+    let (order, _, _) = reference_order(logits, t);
+    let heavy: Vec<u32> = order[..10].to_vec();
+    let slot = |id: u32| -> usize {
+        heavy
+            .iter()
+            .position(|&h| h == id)
+            .unwrap_or_else(|| heavy.len() + id as usize * RANGES / v)
+    };
+    let mut probs = vec![0.0; heavy.len() + RANGES];
+    for (&i, &lp) in kept.iter().zip(&lps) {
+        probs[slot(i)] += lp.exp();
+    }
+    let n = 100_000;
+    let mut counts = vec![0usize; probs.len()];
+    let mut rng = ChaCha8Rng::seed_from_u64(2024);
+    for _ in 0..n {
+        let id = draw(&mut rng);
+        assert!(
+            kept.binary_search(&id).is_ok(),
+            "drew {id} outside the nucleus"
+        );
+        counts[slot(id)] += 1;
+    }
+    let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
+    let critical = chi_square_critical_p001(dof);
+    let chi = chi_square(&counts, &probs);
+    assert!(
+        chi < critical,
+        "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
+    );
+    let tv: f64 = counts
+        .iter()
+        .zip(&probs)
+        .map(|(&c, &q)| (c as f64 / n as f64 - q).abs())
+        .sum::<f64>()
+        / 2.0;
+    assert!(tv < 0.01, "t {t} top_p {top_p}: total variation {tv}");
 }

@@ -1,7 +1,9 @@
 //! The device sampler on the CPU device against the host kernels.
 
 use super::*;
-use crate::sampling::tests::{chi_square, chi_square_critical_p001, reference, reference_order};
+use crate::sampling::tests::{
+    check_draws_per_token, check_pooled_draws, reference, reference_order,
+};
 use crate::sampling::Sampler;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -308,24 +310,13 @@ fn draws_follow_the_distribution() {
     let logits = [1.2f32, -0.3, 2.0, 0.7, 2.0, -1.5, 0.1, f32::NEG_INFINITY];
     for (t, top_p, critical) in [(0.7, 1.0, 22.46), (1.3, 1.0, 22.46), (0.9, 0.8, 16.27)] {
         let (kept, lps) = reference(&logits, t, top_p);
-        let mut probs = vec![0.0; logits.len()];
-        for (&i, &lp) in kept.iter().zip(&lps) {
-            probs[i as usize] = lp.exp();
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(42);
-        let mut counts = vec![0usize; logits.len()];
         let mut d = DeviceDistribution::new(&row(&logits), &params(t, top_p)).unwrap();
-        for _ in 0..60_000 {
-            let pick = d.draw(&mut rng).unwrap();
+        check_draws_per_token(&logits, t, top_p, critical, |rng| {
+            let pick = d.draw(rng).unwrap();
             let want = lps[kept.binary_search(&pick.id).unwrap()];
             assert!((pick.logprob - want).abs() < 1e-5);
-            counts[pick.id as usize] += 1;
-        }
-        let chi = chi_square(&counts, &probs);
-        assert!(
-            chi < critical,
-            "t {t} top_p {top_p}: chi-square {chi} ({counts:?} vs {probs:?})"
-        );
+            pick.id
+        });
     }
 }
 
@@ -334,47 +325,10 @@ fn draws_follow_the_distribution() {
 /// below 0.01; nothing drawn outside the nucleus.
 #[test]
 fn draws_at_scale_follow_the_nucleus() {
-    const V: usize = 4099;
-    const RANGES: usize = 20;
-    let logits = random_row(V, 11, false);
+    let logits = random_row(4099, 11, false);
     for (t, top_p) in [(0.9, 0.8), (1.0, 0.3), (1.0, 1.0)] {
-        let (kept, lps) = reference(&logits, t, top_p);
-        let (order, _, _) = reference_order(&logits, t);
-        let heavy: Vec<u32> = order[..10].to_vec();
-        let slot = |id: u32| -> usize {
-            heavy
-                .iter()
-                .position(|&h| h == id)
-                .unwrap_or_else(|| heavy.len() + id as usize * RANGES / V)
-        };
-        let mut probs = vec![0.0; heavy.len() + RANGES];
-        for (&i, &lp) in kept.iter().zip(&lps) {
-            probs[slot(i)] += lp.exp();
-        }
-        let n = 100_000;
-        let mut counts = vec![0usize; probs.len()];
-        let mut rng = ChaCha8Rng::seed_from_u64(2024);
         let mut d = DeviceDistribution::new(&row(&logits), &params(t, top_p)).unwrap();
-        for _ in 0..n {
-            let id = d.draw(&mut rng).unwrap().id;
-            assert!(
-                kept.binary_search(&id).is_ok(),
-                "drew {id} outside the nucleus"
-            );
-            counts[slot(id)] += 1;
-        }
-        let dof = probs.iter().filter(|&&q| q > 0.0).count() - 1;
-        // Critical values of chi-square at p = 0.001.
-        let critical = chi_square_critical_p001(dof);
-        let chi = chi_square(&counts, &probs);
-        assert!(chi < critical, "t {t} top_p {top_p}: chi-square {chi}");
-        let tv: f64 = counts
-            .iter()
-            .zip(&probs)
-            .map(|(&c, &q)| (c as f64 / n as f64 - q).abs())
-            .sum::<f64>()
-            / 2.0;
-        assert!(tv < 0.01, "t {t} top_p {top_p}: total variation {tv}");
+        check_pooled_draws(&logits, t, top_p, |rng| d.draw(rng).unwrap().id);
     }
 }
 
