@@ -336,15 +336,7 @@ async fn a_redelivery_before_the_checkpoint_is_acked_with_it_not_before() -> any
         acks: Vec::new(),
     };
     let mut sink = sink;
-    let report = leaf_plugin::online::train_from_source(
-        &mut opened.learner,
-        &mut sink,
-        &mut source,
-        &opened.checkpoint,
-        &mut opened.state,
-        &job.options(),
-    )
-    .await?;
+    let report = opened.train(&mut sink, &mut source, &job.options()).await?;
     eprintln!("{report:?}\nacks {:?}", source.acks);
     assert_eq!(report.groups_consumed, 4, "{report:?}");
     assert_eq!(report.groups_duplicate, 2, "{report:?}");

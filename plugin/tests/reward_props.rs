@@ -48,6 +48,18 @@ fn check_ranges(hyp: &str, reference: &str) -> Result<(), TestCaseError> {
                     prop_assert!(raw <= 100.0 + 1e-9, "{metric} raw {raw}")
                 }
                 Metric::Exact => prop_assert!(raw == 0.0 || raw == 1.0),
+                Metric::Positional => {
+                    prop_assert!(raw <= 1.0);
+                    // 1 exactly when the exact match is 1.
+                    let exact = Metric::Exact.raw_score(hyp, reference, options);
+                    prop_assert_eq!(
+                        raw == 1.0,
+                        exact == 1.0,
+                        "positional {} exact {}",
+                        raw,
+                        exact
+                    );
+                }
                 Metric::Wer | Metric::Cer => {}
             }
         }
@@ -120,6 +132,35 @@ proptest! {
         let c = edit::align(&a, &b);
         prop_assert_eq!(c.errors() as usize, edit::levenshtein(&a, &b));
         check_counts(c, a.len(), b.len())?;
+    }
+
+    #[test]
+    fn positional_accuracy_counts_places(
+        reference in prop::collection::vec(0usize..10, 1..12),
+        wrong in prop::collection::vec(any::<bool>(), 12),
+        cut in 0usize..12,
+    ) {
+        const W: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+        let n = reference.len();
+        let r: Vec<&str> = reference.iter().map(|&d| W[d]).collect();
+        // Same length, k places right: k / n.
+        let h: Vec<&str> = reference.iter().zip(&wrong).map(|(&d, &w)| if w { W[(d + 1) % 10] } else { W[d] }).collect();
+        let k = h.iter().zip(&r).filter(|(a, b)| a == b).count();
+        let score = reward::positional_accuracy(&h.join(" "), &r.join(" "));
+        prop_assert!((score - k as f64 / n as f64).abs() < 1e-12, "{score} for {k} of {n}");
+        // Leaving words out never pays more than saying them wrong: the answer cut to its
+        // first j words scores at most j / n, and no more than the full answer with those
+        // words replaced by wrong ones.
+        let j = cut.min(n);
+        let short = r[..j].join(" ");
+        let cut_score = reward::positional_accuracy(&short, &r.join(" "));
+        prop_assert!((cut_score - j as f64 / n as f64).abs() < 1e-12);
+        let padded: Vec<&str> = r.iter().enumerate().map(|(i, &w)| if i < j { w } else if w == "zero" { "one" } else { "zero" }).collect();
+        let sub_score = reward::positional_accuracy(&padded.join(" "), &r.join(" "));
+        prop_assert!((cut_score - sub_score).abs() < 1e-12);
+        // An extra word lowers a right answer.
+        let extra = format!("{} zero", r.join(" "));
+        prop_assert!(reward::positional_accuracy(&extra, &r.join(" ")) < 1.0);
     }
 
     #[test]

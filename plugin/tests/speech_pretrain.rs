@@ -206,10 +206,14 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
         .to_string();
     assert!(e.contains("no training takes (8 and up)"), "{e}");
 
-    // `leaf eval` prints one JSON object with the same figures.
+    // `leaf eval` prints one JSON object with the same figures, and --answers writes every
+    // example with its answer.
+    let answers = tmp.path().join("answers.jsonl");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_leaf"))
         .args(["eval", "--model"])
         .arg(&a)
+        .arg("--answers")
+        .arg(&answers)
         .args([
             "--task",
             "asr",
@@ -237,6 +241,30 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
         .as_f64()
         .unwrap();
     assert!((0.0..=1.0).contains(&em));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&answers)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8, "4 in-speaker and 4 held-out answers");
+    let inside: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["group"] == "in_speaker")
+        .collect();
+    assert_eq!(inside.len(), 4);
+    assert!(lines
+        .iter()
+        .filter(|l| l["group"] == "holdout")
+        .all(|l| l["example"]["speaker"] == "jackson" && l["family"] == "asr"));
+    for l in &lines {
+        let same = l["hypothesis"].as_str().unwrap().trim() == l["reference"].as_str().unwrap();
+        assert!(!same || l["exact"] == true, "{l}");
+    }
+    let exact = inside.iter().filter(|l| l["exact"] == true).count();
+    assert!(
+        (exact as f64 / 4.0 - em).abs() < 1e-9,
+        "{exact} of 4 against {em}"
+    );
 }
 
 #[test]

@@ -37,6 +37,9 @@ pub struct CompareRunArgs {
     /// Folder of the spoken-digit recordings.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Reward of the traffic (sentence BLEU / 100 as in the paper, or exact match, chrF, ...).
+    #[arg(long, value_enum, default_value = "bleu")]
+    pub metric: leaf_plugin::reward::Metric,
     /// Group size K.
     #[arg(long, default_value_t = RunConfig::default().group_size)]
     pub group_size: usize,
@@ -74,6 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         cache_dir: a.run.cache_dir.unwrap_or(d.cache_dir.clone()),
         data_dir: a.run.data,
         rollouts: a.rollouts,
+        metric: a.run.metric,
         group_size: a.run.group_size,
         groups_per_update: a.run.groups_per_update,
         publish_every: a.run.publish_every,

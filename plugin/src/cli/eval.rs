@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use leaf_adapters::model::{LlamaModel, LoraOptions, ModelOptions, Trainable};
 use leaf_adapters::LoraAdapter;
-use leaf_plugin::speech::eval::{evaluate, Decoding, EvalConfig};
+use leaf_plugin::speech::eval::{evaluate_with_answers, Decoding, EvalConfig, Scored};
 use leaf_plugin::speech::pretrain::{default_data_dir, load_encoder};
+use leaf_plugin::speech::tasks::Example;
 use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
 
 /// Arguments of `leaf eval`.
@@ -54,6 +55,50 @@ pub struct Args {
     /// Longest answer in tokens (the stop token included).
     #[arg(long, default_value_t = MAX_ANSWER_TOKENS)]
     pub max_new_tokens: usize,
+    /// Also write every example with its answer to this JSON Lines file (`group`, `family`,
+    /// `speaker`, `reference`, `hypothesis`, `exact`), for error analysis.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+}
+
+/// One line of `--answers`.
+#[derive(serde::Serialize)]
+struct AnswerLine<'a> {
+    group: &'static str,
+    family: &'static str,
+    example: &'a Example,
+    reference: &'a str,
+    hypothesis: &'a str,
+    exact: bool,
+}
+
+fn write_answers(
+    path: &std::path::Path,
+    groups: [(&'static str, &[Scored]); 2],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("creating the answers file {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let exact = leaf_plugin::reward::Metric::Exact;
+    for (group, scored) in groups {
+        for s in scored {
+            let line = AnswerLine {
+                group,
+                family: s.example.kind.family().name(),
+                example: &s.example,
+                reference: &s.example.reference,
+                hypothesis: &s.hypothesis,
+                exact: exact.raw_score(&s.hypothesis, &s.example.reference, Default::default())
+                    > 0.5,
+            };
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()
+        .with_context(|| format!("writing the answers file {}", path.display()))?;
+    Ok(())
 }
 
 /// Runs `leaf eval`.
@@ -120,7 +165,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let mut corpus = Corpus::open(&data)?;
     corpus.preload()?;
-    let report = evaluate(
+    let (report, answers) = evaluate_with_answers(
         &model,
         &encoder,
         &corpus,
@@ -136,6 +181,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             threads: 0,
         },
     )?;
+    if let Some(path) = &a.answers {
+        write_answers(
+            path,
+            [
+                ("in_speaker", &answers.in_speaker),
+                ("holdout", &answers.holdout),
+            ],
+        )?;
+    }
     let mut out = serde_json::to_value(&report)?;
     if let Some(obj) = out.as_object_mut() {
         obj.insert("model".into(), serde_json::json!(a.model));

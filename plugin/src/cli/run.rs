@@ -17,6 +17,10 @@ pub struct Args {
     /// Advantage estimator.
     #[arg(long, value_enum, default_value = "leaf")]
     pub estimator: Estimator,
+    /// Reward of the traffic: the completion scored against the request's reference
+    /// (sentence BLEU / 100 as in the paper; exact match pays nothing for a partly right answer).
+    #[arg(long, value_enum, default_value = "bleu")]
+    pub metric: leaf_plugin::reward::Metric,
     /// Seed of the traffic, the sampling and the LoRA initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -112,6 +116,7 @@ impl Args {
             data_dir: self.data.clone(),
             out: self.out.clone(),
             estimator: self.estimator,
+            metric: self.metric,
             rollouts: self.rollouts,
             seed: self.seed,
             group_size: self.group_size,

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{Cluster, ClusterConfig, ClusterError, StreamSource, VersionBoard};
-use crate::online::train::{open_job, train_from_source, SourceTrainReport, TrainJobConfig};
+use crate::online::train::{open_job, SourceTrainReport, TrainJobConfig};
 use crate::online::{GroupReceipt, GroupSource, SourcedGroup, VersionSink};
 use crate::serving::BASE_VERSION;
 
@@ -287,15 +287,7 @@ pub async fn train_cluster(
     let mut opened = tokio::task::block_in_place(|| open_job(job, &sink, &current))?;
     tracing::info!(version = %opened.state.version, "the cluster trainer starts");
     let mut source = StreamGroupSource::open(&cluster, stream, stop).await?;
-    let mut report = train_from_source(
-        &mut opened.learner,
-        &mut sink,
-        &mut source,
-        &opened.checkpoint,
-        &mut opened.state,
-        &job.options(),
-    )
-    .await?;
+    let mut report = opened.train(&mut sink, &mut source, &job.options()).await?;
     report.groups_invalid += source.invalid();
     Ok(report)
 }

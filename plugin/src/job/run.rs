@@ -115,6 +115,10 @@ pub struct RunConfig {
     pub out: PathBuf,
     /// LEAF or GRPO.
     pub estimator: Estimator,
+    /// The reward of the traffic: a metric of the completion against the request's reference
+    /// (sentence BLEU, the spec's default; exact match pays nothing for a partly right answer).
+    #[serde(default = "default_metric")]
+    pub metric: Metric,
     /// Rollouts (harvested samples) to train on.
     pub rollouts: u64,
     /// Seed of the traffic, the sampling and the LoRA initialisation.
@@ -196,6 +200,7 @@ impl Default for RunConfig {
             data_dir: None,
             out: PathBuf::from("out/run"),
             estimator: Estimator::Leaf,
+            metric: default_metric(),
             rollouts: 8192,
             seed: 0,
             group_size: 8,
@@ -339,6 +344,10 @@ impl RunConfig {
             EvalDecoding::Greedy => EvalDecoding::Serving,
         }
     }
+}
+
+fn default_metric() -> Metric {
+    Metric::Bleu
 }
 
 /// What `state.json` holds: enough to continue a run.
@@ -893,7 +902,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         seed: config.seed,
     };
     let reward = Arc::new(TimedReward::new(ReferenceReward::new(
-        Metric::Bleu,
+        config.metric,
         RewardOptions::default(),
     )));
     let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward.clone()))?;
@@ -1086,7 +1095,10 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     if let Some(obj) = settings.as_object_mut() {
         obj.insert("model".into(), serde_json::json!(model_dir));
         obj.insert("data_dir".into(), serde_json::json!(data_dir));
-        obj.insert("reward".into(), "sentence BLEU / 100 (cased)".into());
+        obj.insert(
+            "reward".into(),
+            config.metric.reward(RewardOptions::default()).name().into(),
+        );
         obj.insert("traffic".into(), serde_json::json!(traffic_cfg));
         obj.insert(
             "train".into(),

@@ -364,6 +364,27 @@ impl std::fmt::Debug for OpenedJob {
     }
 }
 
+impl OpenedJob {
+    /// Trains the opened learner on the groups of `source`, publishing through `sink`, with its
+    /// checkpoint kept up to date ([`train_from_source`] on this job's parts).
+    pub async fn train(
+        &mut self,
+        sink: &mut dyn VersionSink,
+        source: &mut dyn GroupSource,
+        options: &SourceTrainOptions,
+    ) -> crate::Result<SourceTrainReport> {
+        train_from_source(
+            &mut self.learner,
+            sink,
+            source,
+            &self.checkpoint,
+            &mut self.state,
+            options,
+        )
+        .await
+    }
+}
+
 /// Opens a job: refuses a checkpoint made with another estimator or base model, loads the
 /// checkpoint's version (or `fresh_version` on a first start) through `sink`, restores the
 /// optimizer, and sets up the gate (measuring the starting version when it is checked and
@@ -492,14 +513,7 @@ pub fn train_offline(config: &OfflineTrainConfig) -> crate::Result<SourceTrainRe
         .enable_all()
         .build()
         .map_err(|e| OnlineError::Config(format!("cannot start the async runtime: {e}")))?;
-    let mut report = runtime.block_on(train_from_source(
-        &mut opened.learner,
-        &mut sink,
-        &mut source,
-        &opened.checkpoint,
-        &mut opened.state,
-        &job.options(),
-    ))?;
+    let mut report = runtime.block_on(opened.train(&mut sink, &mut source, &job.options()))?;
     report.groups_invalid += source.skipped();
     Ok(report)
 }

@@ -18,6 +18,7 @@
 //! | wer     | jiwer `wer`: (S+D+I)/N, >= 0        | 1 - min(1, raw)                 |
 //! | cer     | jiwer `cer`: (S+D+I)/N, >= 0        | 1 - min(1, raw)                 |
 //! | exact   | 1 if equal after normalisation      | raw                             |
+//! | positional | words equal at the same place / longer word count, 0-1 | raw          |
 //!
 //! One departure from raw / 100: sacreBLEU scores a pair with nothing on either side (no
 //! tokens for BLEU, no non-whitespace character for chrF) as 0, but an empty answer to an
@@ -43,13 +44,13 @@ use serde::{Deserialize, Serialize};
 pub use bleu::{sentence_bleu, BleuOptions, BleuScore};
 pub use chrf::{sentence_chrf, ChrfOptions};
 pub use edit::{cer, char_errors, wer, word_errors, EditCounts, ErrorRateOptions};
-pub use exact::exact_match;
+pub use exact::{exact_match, positional_accuracy};
 
 /// A reward could not be computed or configured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RewardError {
     /// A metric name that is not one of [`Metric::ALL`].
-    #[error("unknown metric {name:?} (expected one of: bleu, chrf, chrf++, wer, cer, exact)")]
+    #[error("unknown metric {name:?} (expected one of: bleu, chrf, chrf++, wer, cer, exact, positional)")]
     UnknownMetric {
         /// The name that was given.
         name: String,
@@ -104,17 +105,23 @@ pub enum Metric {
     #[serde(rename = "exact")]
     #[value(name = "exact")]
     Exact,
+    /// Word accuracy by position ([`exact::positional_accuracy`]): partial credit where a
+    /// missing word costs as much as a wrong one. Raw 0-1, higher is better.
+    #[serde(rename = "positional")]
+    #[value(name = "positional")]
+    Positional,
 }
 
 impl Metric {
     /// Every metric, in CLI order.
-    pub const ALL: [Metric; 6] = [
+    pub const ALL: [Metric; 7] = [
         Metric::Bleu,
         Metric::Chrf,
         Metric::ChrfPlusPlus,
         Metric::Wer,
         Metric::Cer,
         Metric::Exact,
+        Metric::Positional,
     ];
 
     /// The metric's name as the CLI and serde spell it.
@@ -126,6 +133,7 @@ impl Metric {
             Metric::Wer => "wer",
             Metric::Cer => "cer",
             Metric::Exact => "exact",
+            Metric::Positional => "positional",
         }
     }
 
@@ -149,6 +157,7 @@ impl Metric {
             Metric::Wer => Box::new(ErrorRateReward::words(options)),
             Metric::Cer => Box::new(ErrorRateReward::chars(options)),
             Metric::Exact => Box::new(ExactReward),
+            Metric::Positional => Box::new(PositionalReward),
         }
     }
 
@@ -194,6 +203,7 @@ impl Metric {
                     0.0
                 }
             }
+            Metric::Positional => positional_accuracy(hypothesis, reference),
         }
     }
 }
@@ -359,6 +369,20 @@ impl Reward for ExactReward {
         } else {
             0.0
         }
+    }
+}
+
+/// Word accuracy by position (0-1) as a reward.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PositionalReward;
+
+impl Reward for PositionalReward {
+    fn name(&self) -> &'static str {
+        "positional"
+    }
+
+    fn score(&self, hypothesis: &str, reference: &str) -> f64 {
+        positional_accuracy(hypothesis, reference)
     }
 }
 

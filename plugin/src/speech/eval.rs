@@ -167,6 +167,15 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+/// Every answer behind an [`EvalReport`], per speaker group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EvalAnswers {
+    /// Answers of the in-speaker group, in evaluation order.
+    pub in_speaker: Vec<Scored>,
+    /// Answers of the held-out speaker (empty when none was named).
+    pub holdout: Vec<Scored>,
+}
+
 /// Evaluates `model` on examples generated from `corpus` (see [`EvalConfig`]).
 pub fn evaluate(
     model: &LlamaModel,
@@ -174,6 +183,17 @@ pub fn evaluate(
     corpus: &Corpus,
     config: &EvalConfig,
 ) -> Result<EvalReport> {
+    evaluate_with_answers(model, encoder, corpus, config).map(|(report, _)| report)
+}
+
+/// [`evaluate`], also returning every example with the model's answer (for error analysis:
+/// `leaf eval --answers FILE`).
+pub fn evaluate_with_answers(
+    model: &LlamaModel,
+    encoder: &ExampleEncoder,
+    corpus: &Corpus,
+    config: &EvalConfig,
+) -> Result<(EvalReport, EvalAnswers)> {
     let started = std::time::Instant::now();
     config.decoding.validate()?;
     if config.families.is_empty() || config.samples == 0 {
@@ -198,22 +218,31 @@ pub fn evaluate(
         )
         .into());
     }
-    let in_speaker = evaluate_group(model, encoder, &inside, config, 0)?;
+    let mut answers = EvalAnswers::default();
+    let in_speaker = evaluate_group(model, encoder, &inside, config, 0, &mut answers.in_speaker)?;
     let holdout = match holdout {
         Some(s) => {
             let only = corpus.filter(|c| c.speaker == s);
-            Some(evaluate_group(model, encoder, &only, config, 1)?)
+            Some(evaluate_group(
+                model,
+                encoder,
+                &only,
+                config,
+                1,
+                &mut answers.holdout,
+            )?)
         }
         None => None,
     };
-    Ok(EvalReport {
+    let report = EvalReport {
         split: config.split,
         decoding: config.decoding,
         seed: config.seed,
         in_speaker,
         holdout,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((report, answers))
 }
 
 /// Generates and scores the examples of one group of speakers; also returns every answer.
@@ -284,6 +313,7 @@ fn evaluate_group(
     corpus: &Corpus,
     config: &EvalConfig,
     group: u64,
+    answers: &mut Vec<Scored>,
 ) -> Result<GroupReport> {
     let mut examples = Vec::new();
     for fi in 0..config.families.len() {
@@ -300,11 +330,13 @@ fn evaluate_group(
         s.dedup();
         s
     };
-    Ok(GroupReport {
+    let report = GroupReport {
         speakers,
         tasks: score_by_family(&scored),
         examples: scored.len(),
-    })
+    };
+    *answers = scored;
+    Ok(report)
 }
 
 #[cfg(test)]
