@@ -53,7 +53,10 @@ mod tests {
         assert_eq!(positional_accuracy("zero five two", r), 0.75);
         assert_eq!(positional_accuracy("zero five two two two", r), 0.8);
         // No realignment: a word dropped early shifts the rest out of place.
-        assert_eq!(positional_accuracy("five two two", r), 0.0);
+        assert_eq!(
+            positional_accuracy("two three four", "one two three four"),
+            0.0
+        );
         assert_eq!(positional_accuracy("", r), 0.0);
         assert_eq!(positional_accuracy("", " ?! "), 1.0);
         assert_eq!(positional_accuracy("seven", ""), 0.0);
