@@ -21,6 +21,10 @@ pub struct Args {
     /// (sentence BLEU / 100 as in the paper; exact match pays nothing for a partly right answer).
     #[arg(long, value_enum, default_value = "bleu")]
     pub metric: leaf_plugin::reward::Metric,
+    /// Control run: score every answer with a seeded random number instead of --metric, to
+    /// measure what the updates do to the model without any signal.
+    #[arg(long)]
+    pub placebo_reward: bool,
     /// Seed of the traffic, the sampling and the LoRA initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -117,6 +121,7 @@ impl Args {
             out: self.out.clone(),
             estimator: self.estimator,
             metric: self.metric,
+            placebo_reward: self.placebo_reward,
             rollouts: self.rollouts,
             seed: self.seed,
             group_size: self.group_size,

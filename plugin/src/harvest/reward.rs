@@ -47,12 +47,14 @@ pub trait RewardSource: Send + Sync {
 pub struct ReferenceReward {
     metric: Metric,
     reward: Arc<dyn Reward>,
+    placebo: Option<u64>,
 }
 
 impl std::fmt::Debug for ReferenceReward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReferenceReward")
             .field("metric", &self.metric)
+            .field("placebo", &self.placebo)
             .finish()
     }
 }
@@ -63,7 +65,17 @@ impl ReferenceReward {
         ReferenceReward {
             metric,
             reward: Arc::from(metric.reward(options)),
+            placebo: None,
         }
+    }
+
+    /// A control run's reward: every completion that has a reference still gets a reward, but
+    /// it is a number in [0, 1) drawn from `seed`, the request id and the generated ids, with
+    /// no link to the answer's quality. Training on it shows what the updates do without
+    /// signal (drift from optimiser noise), the baseline a real reward must beat.
+    pub fn placebo(mut self, seed: u64) -> Self {
+        self.placebo = Some(seed);
+        self
     }
 
     /// The metric.
@@ -80,6 +92,9 @@ impl RewardSource for ReferenceReward {
 
     async fn score(&self, ctx: RewardContext<'_>) -> Option<f64> {
         let reference = ctx.reference?;
+        if let Some(seed) = self.placebo {
+            return Some(placebo_draw(seed, ctx.request_id, ctx.completion_ids));
+        }
         // Off the async workers when there is a runtime: BLEU of a long text is CPU work.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Some(self.reward.score(ctx.text, reference));
@@ -101,6 +116,24 @@ impl RewardSource for ReferenceReward {
             }
         }
     }
+}
+
+/// A uniform number in [0, 1) from FNV-1a over the request id and the ids, finished with
+/// splitmix64: the same inputs give the same number on every platform.
+fn placebo_draw(seed: u64, request_id: &str, ids: &[u32]) -> f64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    let bytes = request_id
+        .bytes()
+        .chain([0xff])
+        .chain(ids.iter().flat_map(|t| t.to_le_bytes()));
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The rewards a client may send as feedback: finite and within `[min, max]`.
@@ -210,5 +243,36 @@ mod tests {
         assert_eq!(r.score(ctx("six", Some("seven"))).await, Some(0.0));
         assert_eq!(r.score(ctx("six", None)).await, None);
         assert_eq!(FeedbackOnly.score(ctx("six", Some("six"))).await, None);
+    }
+
+    #[tokio::test]
+    async fn placebo_reward_ignores_the_answer() {
+        let r = ReferenceReward::new(Metric::Exact, RewardOptions::default()).placebo(7);
+        // No reference: still waits for feedback.
+        assert_eq!(r.score(ctx("six", None)).await, None);
+        let right = r.score(ctx("seven", Some("seven"))).await.unwrap();
+        assert!((0.0..1.0).contains(&right));
+        // Deterministic per seed, request and ids; another seed or other ids give another draw.
+        assert_eq!(
+            placebo_draw(7, "r1", &[1, 2]),
+            placebo_draw(7, "r1", &[1, 2])
+        );
+        assert_ne!(
+            placebo_draw(7, "r1", &[1, 2]),
+            placebo_draw(8, "r1", &[1, 2])
+        );
+        assert_ne!(
+            placebo_draw(7, "r1", &[1, 2]),
+            placebo_draw(7, "r1", &[1, 3])
+        );
+        // Roughly uniform: the mean of 4,000 draws is within 0.02 of 1/2, every quarter is hit.
+        let draws: Vec<f64> = (0..4000u32).map(|i| placebo_draw(1, "r", &[i])).collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "{mean}");
+        for q in 0..4 {
+            let lo = q as f64 / 4.0;
+            let n = draws.iter().filter(|&&d| d >= lo && d < lo + 0.25).count();
+            assert!((850..1150).contains(&n), "quarter {q}: {n}");
+        }
     }
 }

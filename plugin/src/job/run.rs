@@ -119,6 +119,10 @@ pub struct RunConfig {
     /// (sentence BLEU, the spec's default; exact match pays nothing for a partly right answer).
     #[serde(default = "default_metric")]
     pub metric: Metric,
+    /// A control run: the traffic's rewards are seeded random numbers with no link to the
+    /// answers ([`ReferenceReward::placebo`]), to measure what training does without signal.
+    #[serde(default)]
+    pub placebo_reward: bool,
     /// Rollouts (harvested samples) to train on.
     pub rollouts: u64,
     /// Seed of the traffic, the sampling and the LoRA initialisation.
@@ -201,6 +205,7 @@ impl Default for RunConfig {
             out: PathBuf::from("out/run"),
             estimator: Estimator::Leaf,
             metric: default_metric(),
+            placebo_reward: false,
             rollouts: 8192,
             seed: 0,
             group_size: 8,
@@ -901,10 +906,11 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         max_foreground_inflight: config.clients * 2,
         seed: config.seed,
     };
-    let reward = Arc::new(TimedReward::new(ReferenceReward::new(
-        config.metric,
-        RewardOptions::default(),
-    )));
+    let mut reference_reward = ReferenceReward::new(config.metric, RewardOptions::default());
+    if config.placebo_reward {
+        reference_reward = reference_reward.placebo(config.seed);
+    }
+    let reward = Arc::new(TimedReward::new(reference_reward));
     let (server, rx) = runtime.block_on(LeafServer::start(server_cfg, reward.clone()))?;
     let current = server.current_version();
     let store = server.store().ok_or(crate::serving::ServeError::NoStore)?;
@@ -1097,7 +1103,11 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         obj.insert("data_dir".into(), serde_json::json!(data_dir));
         obj.insert(
             "reward".into(),
-            config.metric.reward(RewardOptions::default()).name().into(),
+            if config.placebo_reward {
+                "placebo (seeded uniform numbers, no link to the answers)".into()
+            } else {
+                config.metric.reward(RewardOptions::default()).name().into()
+            },
         );
         obj.insert("traffic".into(), serde_json::json!(traffic_cfg));
         obj.insert(
