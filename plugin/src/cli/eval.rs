@@ -56,7 +56,8 @@ pub struct Args {
     #[arg(long, default_value_t = MAX_ANSWER_TOKENS)]
     pub max_new_tokens: usize,
     /// Also write every example with its answer to this JSON Lines file (`group`, `family`,
-    /// `speaker`, `reference`, `hypothesis`, `exact`), for error analysis.
+    /// `example` with its speaker, digits and takes, `reference`, `hypothesis`, `exact`), for
+    /// error analysis.
     #[arg(long)]
     pub answers: Option<PathBuf>,
 }
