@@ -81,7 +81,6 @@ fn write_answers(
     let file = std::fs::File::create(path)
         .with_context(|| format!("creating the answers file {}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let exact = leaf_plugin::reward::Metric::Exact;
     for (group, scored) in groups {
         for s in scored {
             let line = AnswerLine {
@@ -90,8 +89,7 @@ fn write_answers(
                 example: &s.example,
                 reference: &s.example.reference,
                 hypothesis: &s.hypothesis,
-                exact: exact.raw_score(&s.hypothesis, &s.example.reference, Default::default())
-                    > 0.5,
+                exact: leaf_plugin::reward::exact_match(&s.hypothesis, &s.example.reference),
             };
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;

@@ -1106,7 +1106,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
             if config.placebo_reward {
                 "placebo (seeded uniform numbers, no link to the answers)".into()
             } else {
-                config.metric.reward(RewardOptions::default()).name().into()
+                config.metric.name().into()
             },
         );
         obj.insert("traffic".into(), serde_json::json!(traffic_cfg));

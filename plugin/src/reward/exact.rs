@@ -10,6 +10,11 @@ pub fn exact_match(hypothesis: &str, reference: &str) -> bool {
     text::normalize_for_exact(hypothesis) == text::normalize_for_exact(reference)
 }
 
+/// The words of a normalised text (single spaces between them).
+fn words(s: &str) -> Vec<&str> {
+    s.split(' ').filter(|w| !w.is_empty()).collect()
+}
+
 /// Word accuracy by position: after [`text::normalize_for_exact`], the words equal at the same
 /// position, over the longer of the two word counts (two empty sides score 1).
 ///
@@ -24,12 +29,6 @@ pub fn positional_accuracy(hypothesis: &str, reference: &str) -> f64 {
         text::normalize_for_exact(hypothesis),
         text::normalize_for_exact(reference),
     );
-    let words = |s: &str| -> Vec<String> {
-        s.split(' ')
-            .filter(|w| !w.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
     let (hw, rw) = (words(&h), words(&r));
     let longest = hw.len().max(rw.len());
     if longest == 0 {
