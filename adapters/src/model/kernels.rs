@@ -70,6 +70,32 @@ fn map_rows<T: Real>(
     dst
 }
 
+/// A vector of `n` elements computed in parallel chunks of `chunk` elements, without zeroing
+/// it first: `values(c, len)` yields the `len` elements of chunk `c`. A chunk that yields fewer
+/// panics before the vector is used.
+fn filled<T: Real, I: Iterator<Item = T>>(
+    n: usize,
+    chunk: usize,
+    values: impl Fn(usize, usize) -> I + Sync,
+) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(c, o)| {
+            let mut written = 0;
+            let len = o.len();
+            for (slot, v) in o.iter_mut().zip(values(c, len)) {
+                slot.write(v);
+                written += 1;
+            }
+            assert_eq!(written, o.len(), "filled: chunk {c} yielded too few values");
+        });
+    // SAFETY: every chunk wrote all its elements (checked above), and the chunks cover `0..n`.
+    unsafe { out.set_len(n) };
+    out
+}
+
 macro_rules! dispatch {
     ($s:expr, $name:expr, $body:ident, $($arg:expr),*) => {
         match $s {
@@ -880,24 +906,60 @@ struct Dropout {
     p: f64,
 }
 
+/// The mask entries `start .. start + len` of `d` (`0` where dropped, else `1 / (1 - p)`,
+/// exactly `init::dropout_mask`'s values), or `len` ones without dropout. `start` must be a
+/// multiple of [`MIN_TASK_ELEMS`] so the range never straddles a 2^32-entry block of the mask.
+fn mask_chunk<T: Real>(d: Option<&Dropout>, start: u64, len: usize) -> Vec<T> {
+    use super::init::{dropout_keys, dropout_threshold};
+    let Some(d) = d else {
+        return vec![T::one(); len];
+    };
+    // The keep value rounded to f32, then to T, as `init::dropout_mask` stores it.
+    let keep = T::from((1.0 / (1.0 - d.p)) as f32).unwrap_or(T::one());
+    let keys = dropout_keys(d.key, start >> 32);
+    let mut out = vec![keep; len];
+    write_mask(keys, start as u32, dropout_threshold(d.p), &mut out);
+    out
+}
+
+/// Zeroes the dropped entries of `out`, entry `i` being entry `base + i` of its mask block.
+fn write_mask<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        unsafe { write_mask_avx2(keys, base, threshold, out) };
+        return;
+    }
+    write_mask_portable(keys, base, threshold, out);
+}
+
+#[inline(always)]
+fn write_mask_portable<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        if super::init::dropped(keys, base.wrapping_add(i as u32), threshold) {
+            *o = T::zero();
+        }
+    }
+}
+
+/// [`write_mask_portable`] compiled for AVX2: the hash's 32-bit multiplies eight lanes at a time
+/// (SSE2 has no 32-bit lane multiply and the baseline build vectorises it two lanes wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn write_mask_avx2<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
+    write_mask_portable(keys, base, threshold, out);
+}
+
 fn dropout_fwd<T: Real>(s: &CpuStorage, l: &Layout, op: &Dropout) -> Result<(CpuStorage, Shape)> {
-    use super::init::splitmix64;
     let x = data::<T>(s, l, "dropout")?;
-    // Exactly `init::dropout_mask`: the keep value rounded to f32, then to T.
-    let keep = T::from((1.0 / (1.0 - op.p)) as f32).unwrap_or(T::one());
-    let threshold = (op.p * (1u64 << 53) as f64) as u64;
-    let mut out = vec![T::zero(); x.len()];
     let chunk = MIN_TASK_ELEMS;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(c, (o, xs))| {
-            let at = (c * chunk) as u64;
-            for (i, (o, &v)) in o.iter_mut().zip(xs).enumerate() {
-                let h = splitmix64(op.key ^ splitmix64(at + i as u64)) >> 11;
-                *o = v * if h < threshold { T::zero() } else { keep };
-            }
-        });
+    let out = filled(x.len(), chunk, |c, len| {
+        let at = c * chunk;
+        x[at..at + len]
+            .iter()
+            .zip(mask_chunk::<T>(Some(op), at as u64, len))
+            .map(|(&v, m)| v * m)
+    });
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
 
@@ -982,7 +1044,12 @@ impl CustomOp2 for AddScaled {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(grad.affine(self.scale, 0.0)?)))
+        let update = if self.scale == 1.0 {
+            grad.clone()
+        } else {
+            grad.affine(self.scale, 0.0)?
+        };
+        Ok((Some(grad.clone()), Some(update)))
     }
 }
 
@@ -1140,17 +1207,67 @@ impl CustomOp3 for LoraLinear {
             Some(d) => x.apply_op1_no_bwd(d)?,
             None => x,
         };
-        let gs = grad.affine(self.scale, 0.0)?;
+        // The scale goes on the rank-r products, not on the activation-sized gradient.
         let down = xd.matmul(&a.t()?)?;
-        let db = gs.t()?.matmul(&down)?;
-        let d_down = gs.matmul(&b)?;
+        let db = grad.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
+        let d_down = grad.matmul(&b)?.affine(self.scale, 0.0)?;
         let da = d_down.t()?.matmul(&xd)?;
         let dxd = d_down.matmul(&a)?;
-        let dx_lora = match &self.dropout {
-            Some(d) => dxd.apply_op1_no_bwd(d)?,
-            None => dxd,
-        };
-        let dx = add_scaled(&grad.matmul(&self.w)?, &dx_lora, 1.0)?;
+        // `x W^T`'s gradient plus the LoRA path's, through the same dropout mask, in one pass.
+        let dx = grad.matmul(&self.w)?.apply_op2_no_bwd(
+            &dxd,
+            &AddMasked {
+                dropout: self.dropout,
+            },
+        )?;
         Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `base + mask * update` with the mask of a LoRA dropout (all ones without one): the input
+/// gradient of [`lora_linear`], its frozen path and its LoRA path summed in one pass. Used on
+/// gradients only, so it has no backward pass of its own.
+#[derive(Clone, Copy)]
+struct AddMasked {
+    dropout: Option<Dropout>,
+}
+
+fn add_masked_fwd<T: Real>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    op: &AddMasked,
+) -> Result<(CpuStorage, Shape)> {
+    let a = data::<T>(s1, l1, "add-masked")?;
+    let b = data::<T>(s2, l2, "add-masked")?;
+    if a.len() != b.len() {
+        candle_core::bail!("add-masked: argument sizes differ");
+    }
+    let chunk = MIN_TASK_ELEMS;
+    let out = filled(a.len(), chunk, |c, len| {
+        let at = c * chunk;
+        a[at..at + len]
+            .iter()
+            .zip(&b[at..at + len])
+            .zip(mask_chunk::<T>(op.dropout.as_ref(), at as u64, len))
+            .map(|((&av, &bv), m)| av + bv * m)
+    });
+    Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+}
+
+impl CustomOp2 for AddMasked {
+    fn name(&self) -> &'static str {
+        "fused-add-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, self.name(), add_masked_fwd, s1, l1, s2, l2, self)
     }
 }

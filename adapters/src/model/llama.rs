@@ -566,7 +566,7 @@ impl LlamaModel {
             let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
             let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
             let o = slots.o();
-            x = x.add(&p[o].forward(&ctx, pass.lora, drop(o))?)?;
+            x = ops::add_scaled(&x, &p[o].forward(&ctx, pass.lora, drop(o))?, 1.0)?;
             let h = ops::rms_norm(&x, layer.post_norm.tensor(), cfg.rms_norm_eps)?;
             let g = slots.gate();
             let (gate, up) = if slots.fused {
@@ -583,7 +583,7 @@ impl LlamaModel {
             };
             let act = ops::swiglu(&gate, &up)?;
             let down = slots.down();
-            x = x.add(&p[down].forward(&act, pass.lora, drop(down))?)?;
+            x = ops::add_scaled(&x, &p[down].forward(&act, pass.lora, drop(down))?, 1.0)?;
         }
         Ok(x)
     }

@@ -337,7 +337,15 @@ impl Trainer {
     /// Samples with an empty completion are skipped. A non-finite loss or gradient norm returns
     /// [`TrainError::NonFinite`] and that epoch's update is not applied (earlier epochs of the
     /// same call stay applied). The schedule advances by one step per call.
+    ///
+    /// The step runs on a thread of rayon's pool (the pool the CPU kernels and matmuls split
+    /// their work over), so each of its hundreds of parallel ops forks from inside the pool
+    /// instead of waking the pool from outside and sleeping until it is done.
     pub fn step(&mut self, samples: &[TrainSample]) -> Result<StepStats, TrainError> {
+        rayon::scope(|_| self.step_in_pool(samples))
+    }
+
+    fn step_in_pool(&mut self, samples: &[TrainSample]) -> Result<StepStats, TrainError> {
         for (i, s) in samples.iter().enumerate() {
             self.check_sample(i, s)?;
         }
