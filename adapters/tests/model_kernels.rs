@@ -1,5 +1,5 @@
 //! The fused CPU kernels behind `ops` (RMSNorm, masked softmax, head split/merge with RoPE,
-//! SwiGLU, target log-probs, LoRA dropout, the LoRA sum) agree with the composite ops they
+//! SwiGLU, target log-probs, LoRA dropout, the LoRA sum, attention's batched matmul) agree with the composite ops they
 //! replace, in values (f32 and f64) and gradients, and their gradients match finite
 //! differences.
 
@@ -246,11 +246,39 @@ fn swiglu_and_add_scaled_kernels_match_composites() {
             |t| ops::silu(&t[0]).unwrap().mul(&t[1]).unwrap(),
             tolerance(dtype),
         );
+        for scale in [2.5, 1.0] {
+            agree(
+                &[a.clone(), b.clone()],
+                |t| ops::add_scaled(&t[0], &t[1], scale).unwrap(),
+                |t| t[0].add(&t[1].affine(scale, 0.0).unwrap()).unwrap(),
+                0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matmul_matches_candle_matmul() {
+    // 32 batch entries: enough for the parallel kernel on up to 16 threads; the right operand
+    // a transposed view (as `k.t()`), and the batch dimensions split three ways.
+    for dtype in [DType::F32, DType::F64] {
+        for (batch, heads) in [(4, 8), (1, 32), (32, 1)] {
+            let a = rand_t(&[batch, heads, 5, 3], 11, dtype);
+            let b = rand_t(&[batch, heads, 6, 3], 12, dtype);
+            agree(
+                &[a, b],
+                |t| ops::attention_matmul(&t[0], &t[1].t().unwrap()).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+                tolerance(dtype),
+            );
+        }
+        let p = rand_t(&[4, 8, 5, 5], 13, dtype);
+        let v = rand_t(&[4, 8, 5, 3], 14, dtype);
         agree(
-            &[a, b],
-            |t| ops::add_scaled(&t[0], &t[1], 2.5).unwrap(),
-            |t| t[0].add(&t[1].affine(2.5, 0.0).unwrap()).unwrap(),
-            0.0,
+            &[p, v],
+            |t| ops::attention_matmul(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1]).unwrap(),
+            tolerance(dtype),
         );
     }
 }

@@ -917,28 +917,34 @@ fn mask_chunk<T: Real>(d: Option<&Dropout>, start: u64, len: usize) -> Vec<T> {
     // The keep value rounded to f32, then to T, as `init::dropout_mask` stores it.
     let keep = T::from((1.0 / (1.0 - d.p)) as f32).unwrap_or(T::one());
     let keys = dropout_keys(d.key, start >> 32);
-    let mut out = vec![keep; len];
-    write_mask(keys, start as u32, dropout_threshold(d.p), &mut out);
+    let mut out = vec![T::zero(); len];
+    write_mask(keys, start as u32, dropout_threshold(d.p), keep, &mut out);
     out
 }
 
-/// Zeroes the dropped entries of `out`, entry `i` being entry `base + i` of its mask block.
-fn write_mask<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
+/// Writes mask entries into `out`: `0` where dropped, else `keep`, entry `i` being entry
+/// `base + i` of its mask block.
+fn write_mask<T: Real>(keys: (u32, u32), base: u32, threshold: u32, keep: T, out: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2.
-        unsafe { write_mask_avx2(keys, base, threshold, out) };
+        unsafe { write_mask_avx2(keys, base, threshold, keep, out) };
         return;
     }
-    write_mask_portable(keys, base, threshold, out);
+    write_mask_portable(keys, base, threshold, keep, out);
 }
 
 #[inline(always)]
-fn write_mask_portable<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
+fn write_mask_portable<T: Real>(
+    keys: (u32, u32),
+    base: u32,
+    threshold: u32,
+    keep: T,
+    out: &mut [T],
+) {
     for (i, o) in out.iter_mut().enumerate() {
-        if super::init::dropped(keys, base.wrapping_add(i as u32), threshold) {
-            *o = T::zero();
-        }
+        let dropped = super::init::dropped(keys, base.wrapping_add(i as u32), threshold);
+        *o = if dropped { T::zero() } else { keep };
     }
 }
 
@@ -946,8 +952,14 @@ fn write_mask_portable<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out
 /// (SSE2 has no 32-bit lane multiply and the baseline build vectorises it two lanes wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn write_mask_avx2<T: Real>(keys: (u32, u32), base: u32, threshold: u32, out: &mut [T]) {
-    write_mask_portable(keys, base, threshold, out);
+unsafe fn write_mask_avx2<T: Real>(
+    keys: (u32, u32),
+    base: u32,
+    threshold: u32,
+    keep: T,
+    out: &mut [T],
+) {
+    write_mask_portable(keys, base, threshold, keep, out);
 }
 
 fn dropout_fwd<T: Real>(s: &CpuStorage, l: &Layout, op: &Dropout) -> Result<(CpuStorage, Shape)> {
@@ -1269,5 +1281,129 @@ impl CustomOp2 for AddMasked {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(s1, self.name(), add_masked_fwd, s1, l1, s2, l2, self)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched matmul for attention: one single-threaded gemm per batch entry, entries in parallel
+// ---------------------------------------------------------------------------------------------
+
+/// `a @ b` over `[batch, heads, m, k] x [batch, heads, k, n]` (either operand may be a
+/// transposed view, as `k.t()` is).
+///
+/// candle runs a batched matmul as one gemm per batch entry, one after the other, each split
+/// over the threads: for attention's 32 products of 128 x 64 x 128 most of the time goes to
+/// splitting and joining. Here each entry is one single-threaded gemm and the entries run in
+/// parallel; the backward pass is two more such products.
+pub(crate) fn batched_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.apply_op2(b, BatchedMatmul)
+}
+
+#[derive(Clone, Copy)]
+struct BatchedMatmul;
+
+/// The batch count and batch stride of a rank-4 layout, and its row and column strides, when
+/// its two batch dimensions collapse into one.
+fn batch_strides(l: &Layout) -> Option<(usize, usize, isize, isize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    if dims.len() != 4 || (dims[0] > 1 && dims[1] > 1 && strides[0] != strides[1] * dims[1]) {
+        return None;
+    }
+    let skip = if dims[1] > 1 { strides[1] } else { strides[0] };
+    Some((
+        dims[0] * dims[1],
+        skip,
+        strides[2] as isize,
+        strides[3] as isize,
+    ))
+}
+
+fn batched_matmul_fwd<T: Real>(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (da, db) = (l1.dims(), l2.dims());
+    let (Some((batch, a_skip, a_rs, a_cs)), Some((b_batch, b_skip, b_rs, b_cs))) =
+        (batch_strides(l1), batch_strides(l2))
+    else {
+        candle_core::bail!("batched matmul: {da:?} x {db:?} are not [b, h, m, k] x [b, h, k, n]");
+    };
+    let (m, k, n) = (da[2], da[3], db[3]);
+    if da[..2] != db[..2] || db[2] != k || b_batch != batch {
+        candle_core::bail!("batched matmul: {da:?} and {db:?} do not fit");
+    }
+    let (a, b) = (s1.as_slice::<T>()?, s2.as_slice::<T>()?);
+    let span = |skip: usize, rs: isize, cs: isize, rows: usize, cols: usize| {
+        (batch - 1) * skip + (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1
+    };
+    if m * k * n == 0
+        || l1.start_offset() + span(a_skip, a_rs, a_cs, m, k) > a.len()
+        || l2.start_offset() + span(b_skip, b_rs, b_cs, k, n) > b.len()
+    {
+        candle_core::bail!("batched matmul: empty operands or a layout outside its storage");
+    }
+    let (a, b) = (&a[l1.start_offset()..], &b[l2.start_offset()..]);
+    let mut out = vec![T::zero(); batch * m * n];
+    out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
+        // SAFETY: the operands of entry `i` lie inside `a` and `b` (checked above through the
+        // last entry's span), `dst` holds `m * n` elements written with row stride `n`.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a[i * a_skip..].as_ptr(),
+                a_cs,
+                a_rs,
+                b[i * b_skip..].as_ptr(),
+                b_cs,
+                b_rs,
+                T::zero(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    Ok((
+        T::to_cpu_storage_owned(out),
+        Shape::from((da[0], da[1], m, n)),
+    ))
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, self.name(), batched_matmul_fwd, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let da = grad.apply_op2_no_bwd(&b.detach().t()?, self)?;
+        let db = a.detach().t()?.apply_op2_no_bwd(&grad, self)?;
+        Ok((Some(da), Some(db)))
     }
 }

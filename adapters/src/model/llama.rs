@@ -563,8 +563,8 @@ impl LlamaModel {
             let v = ops::split_heads(&v, kv_heads, None)?;
             let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
             let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
-            let probs = ops::masked_softmax(&q.matmul(&k.t()?)?, &mask, scale)?;
-            let ctx = ops::merge_heads(&probs.matmul(&v)?)?;
+            let probs = ops::masked_softmax(&ops::attention_matmul(&q, &k.t()?)?, &mask, scale)?;
+            let ctx = ops::merge_heads(&ops::attention_matmul(&probs, &v)?)?;
             let o = slots.o();
             x = ops::add_scaled(&x, &p[o].forward(&ctx, pass.lora, drop(o))?, 1.0)?;
             let h = ops::rms_norm(&x, layer.post_norm.tensor(), cfg.rms_norm_eps)?;

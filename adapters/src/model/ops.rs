@@ -99,6 +99,23 @@ pub fn split_heads(
     }
 }
 
+/// `a @ b` for attention's `[batch, heads, m, k] x [batch, heads, k, n]` (`b` may be a
+/// transposed view). On the CPU in `f32`/`f64`, with enough batch entries to keep every
+/// thread busy, one single-threaded product per entry, the entries in parallel.
+pub fn attention_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let entries = a.dims().iter().rev().skip(2).product::<usize>();
+    if kernels::supported(a)
+        && b.dtype() == a.dtype()
+        && b.device().is_cpu()
+        && a.rank() == 4
+        && entries >= 2 * rayon::current_num_threads()
+    {
+        kernels::batched_matmul(a, b)
+    } else {
+        a.matmul(b)
+    }
+}
+
 /// Merges heads `[b, heads, t, head_dim]` into `[b, t, heads * head_dim]` (contiguous).
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     if kernels::supported(x) {
