@@ -272,6 +272,14 @@ fn attention_matmul_matches_candle_matmul() {
                 tolerance(dtype),
             );
         }
+        // Sums over nothing give zeros, as candle's matmul does.
+        let empty = ops::attention_matmul(
+            &rand_t(&[4, 8, 5, 0], 15, dtype),
+            &rand_t(&[4, 8, 0, 3], 16, dtype),
+        )
+        .unwrap();
+        assert_eq!(empty.dims(), &[4, 8, 5, 3]);
+        assert!(flat(&empty).iter().all(|v| *v == 0.0));
         let p = rand_t(&[4, 8, 5, 5], 13, dtype);
         let v = rand_t(&[4, 8, 5, 3], 14, dtype);
         agree(

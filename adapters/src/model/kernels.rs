@@ -1338,14 +1338,18 @@ fn batched_matmul_fwd<T: Real>(
     let span = |skip: usize, rs: isize, cs: isize, rows: usize, cols: usize| {
         (batch - 1) * skip + (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1
     };
-    if m * k * n == 0
-        || l1.start_offset() + span(a_skip, a_rs, a_cs, m, k) > a.len()
+    let shape = Shape::from((da[0], da[1], m, n));
+    let mut out = vec![T::zero(); batch * m * n];
+    if batch * m * n * k == 0 {
+        // An empty product, or sums over nothing: zeros.
+        return Ok((T::to_cpu_storage_owned(out), shape));
+    }
+    if l1.start_offset() + span(a_skip, a_rs, a_cs, m, k) > a.len()
         || l2.start_offset() + span(b_skip, b_rs, b_cs, k, n) > b.len()
     {
-        candle_core::bail!("batched matmul: empty operands or a layout outside its storage");
+        candle_core::bail!("batched matmul: a layout reaches outside its storage");
     }
     let (a, b) = (&a[l1.start_offset()..], &b[l2.start_offset()..]);
-    let mut out = vec![T::zero(); batch * m * n];
     out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
         // SAFETY: the operands of entry `i` lie inside `a` and `b` (checked above through the
         // last entry's span), `dst` holds `m * n` elements written with row stride `n`.
@@ -1373,10 +1377,7 @@ fn batched_matmul_fwd<T: Real>(
             )
         }
     });
-    Ok((
-        T::to_cpu_storage_owned(out),
-        Shape::from((da[0], da[1], m, n)),
-    ))
+    Ok((T::to_cpu_storage_owned(out), shape))
 }
 
 impl CustomOp2 for BatchedMatmul {
