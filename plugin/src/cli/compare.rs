@@ -55,6 +55,9 @@ pub struct CompareRunArgs {
     /// LoRA rank.
     #[arg(long, default_value_t = RunConfig::default().rank)]
     pub rank: usize,
+    /// Multiplier of negative advantages in [0, 1] (1: the spec's objective).
+    #[arg(long, default_value_t = RunConfig::default().negative_weight)]
+    pub negative_weight: f64,
     /// Examples per task family of each held-out check.
     #[arg(long, default_value_t = RunConfig::default().eval_samples)]
     pub eval_samples: usize,
@@ -84,6 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         learning_rate: a.run.lr,
         rank: a.run.rank,
         alpha: 2.0 * a.run.rank as f64,
+        negative_weight: a.run.negative_weight,
         eval_samples: a.run.eval_samples,
         eval_decoding: a.run.eval_decoding,
         final_eval_samples: a.run.final_eval_samples,

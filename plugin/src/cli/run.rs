@@ -70,6 +70,10 @@ pub struct Args {
     /// PPO epochs (passes over each batch).
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     pub epochs: usize,
+    /// Multiplier of negative advantages in [0, 1] (1: the spec's objective; 0: only answers
+    /// above their group's baseline are reinforced, which moves the greedy answer).
+    #[arg(long, default_value_t = RunConfig::default().negative_weight)]
+    pub negative_weight: f64,
     /// Distinct training prompts in the traffic, replayed cyclically (fewer prompts than
     /// rollouts / K replays each prompt more than once).
     #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
@@ -132,6 +136,7 @@ impl Args {
             alpha: self.alpha,
             kl_beta: self.kl_beta,
             epochs: self.epochs,
+            negative_weight: self.negative_weight,
             traffic_prompts: self.prompts,
             traffic_augment: self.augment_traffic,
             ceiling_samples: self.ceiling_samples,

@@ -145,6 +145,9 @@ pub struct RunConfig {
     /// second pass on).
     #[serde(default = "one")]
     pub epochs: usize,
+    /// Multiplier of negative advantages ([`TrainConfig::negative_weight`]).
+    #[serde(default = "unit_weight")]
+    pub negative_weight: f64,
     /// Concurrent traffic clients.
     pub clients: usize,
     /// Most new tokens per answer.
@@ -188,6 +191,10 @@ fn one() -> usize {
     1
 }
 
+fn unit_weight() -> f64 {
+    1.0
+}
+
 /// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
 pub fn default_cache_dir() -> PathBuf {
     match std::env::var_os("HOME") {
@@ -216,6 +223,7 @@ impl Default for RunConfig {
             alpha: 16.0,
             kl_beta: 0.02,
             epochs: 1,
+            negative_weight: 1.0,
             clients: 4,
             max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
@@ -261,6 +269,9 @@ impl RunConfig {
         if self.epochs == 0 {
             return bad("epochs must be at least 1");
         }
+        if !(0.0..=1.0).contains(&self.negative_weight) {
+            return bad("negative_weight must be in [0, 1]");
+        }
         if self.clients == 0 || self.max_tokens == 0 || self.traffic_prompts == 0 {
             return bad("clients, max_tokens and traffic_prompts must be positive");
         }
@@ -300,6 +311,7 @@ impl RunConfig {
             warmup_fraction: 0.05,
             micro_batch_size: self.group_size,
             epochs: self.epochs,
+            negative_weight: self.negative_weight,
             lora: LoraOptions {
                 rank: self.rank,
                 alpha: self.alpha,

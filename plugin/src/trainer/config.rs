@@ -75,6 +75,14 @@ pub struct TrainConfig {
     /// Sequences per forward/backward pass (gradient accumulation across micro-batches).
     /// Default 1, the spec's micro-batch of one sequence.
     pub micro_batch_size: usize,
+    /// Multiplier of negative per-token advantages, in `[0, 1]`. 1 (default) is the spec's
+    /// objective. Below 1 the update pushes sampled answers that scored below their group's
+    /// baseline down less than it pulls the better ones up; 0 is positive-sample
+    /// reinforcement (Zhu et al. 2025, "The Surprising Effectiveness of Negative
+    /// Reinforcement in LLM Reasoning"): negative samples spread probability over the other
+    /// candidates, which lifts pass@k, while positive samples move the mode, which is what
+    /// greedy decoding answers with.
+    pub negative_weight: f64,
     /// Truncated importance weighting against behaviour log-probs.
     pub tis: TisConfig,
     /// LoRA: rank 64, alpha 128, dropout 0.05 on q, k, v, o, gate, up, down.
@@ -103,6 +111,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             epochs: 1,
             micro_batch_size: 1,
+            negative_weight: 1.0,
             tis: TisConfig::default(),
             lora: LoraOptions::default(),
             seed: 0,
@@ -175,6 +184,12 @@ impl TrainConfig {
         if self.micro_batch_size == 0 {
             return bad("micro_batch_size", "must be positive".into());
         }
+        if !(0.0..=1.0).contains(&self.negative_weight) {
+            return bad(
+                "negative_weight",
+                format!("{} must be in [0, 1]", self.negative_weight),
+            );
+        }
         if !(self.tis.cap.is_finite() && self.tis.cap > 0.0) {
             return bad("tis.cap", format!("{} must be positive", self.tis.cap));
         }
@@ -199,6 +214,7 @@ mod tests {
         assert_eq!(c.warmup_fraction, 0.05);
         assert_eq!(c.min_lr_fraction, 0.1);
         assert_eq!(c.max_grad_norm, 1.0);
+        assert_eq!(c.negative_weight, 1.0);
         assert_eq!(
             (c.lora.rank, c.lora.alpha, c.lora.dropout),
             (64, 128.0, 0.05)
@@ -271,6 +287,8 @@ mod tests {
             (|c| c.max_grad_norm = -1.0, "max_grad_norm"),
             (|c| c.micro_batch_size = 0, "micro_batch_size"),
             (|c| c.tis.cap = 0.0, "tis.cap"),
+            (|c| c.negative_weight = 1.5, "negative_weight"),
+            (|c| c.negative_weight = f64::NAN, "negative_weight"),
             (|c| c.lora.rank = 0, "lora"),
         ];
         for (mutate, field) in cases {

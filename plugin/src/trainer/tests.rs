@@ -173,6 +173,51 @@ fn first_step_statistics_are_hand_computable() {
 }
 
 #[test]
+fn negative_advantages_are_scaled_by_the_negative_weight() {
+    // Same batch as above with negative_weight 0.25: the -1 token counts a quarter.
+    let mut t = trainer_with(
+        TrainConfig {
+            negative_weight: 0.25,
+            ..config(1e-3)
+        },
+        DType::F64,
+    );
+    let stats = t
+        .step(&[
+            sample(&[1, 2], &[3, 4, 5], &[1.0, 1.0, -1.0]),
+            sample(&[6], &[7], &[2.0]),
+        ])
+        .unwrap();
+    let expect = -((1.0 + 1.0 - 0.25) / 3.0 + 2.0) / 2.0;
+    assert!((stats.pg_loss - expect).abs() < 1e-12, "{stats:?}");
+}
+
+#[test]
+fn with_negative_weight_zero_a_batch_of_losers_changes_nothing() {
+    // Positive-sample reinforcement: only answers above their baseline pull; with the KL
+    // term off, a batch whose advantages are all negative leaves every LoRA value as it was,
+    // while the spec's weight (1) moves them.
+    let losers = [
+        sample(&[1, 2], &[5, 6], &[-1.0, -0.5]),
+        sample(&[6], &[7], &[-2.0]),
+    ];
+    for (weight, moves) in [(0.0, false), (1.0, true)] {
+        let mut t = trainer_with(
+            TrainConfig {
+                negative_weight: weight,
+                kl_beta: 0.0,
+                ..config(1e-2)
+            },
+            DType::F64,
+        );
+        let before = values(t.model());
+        let stats = t.step(&losers).unwrap();
+        assert_eq!(stats.pg_loss == 0.0, !moves, "{stats:?}");
+        assert_eq!(values(t.model()) != before, moves, "weight {weight}");
+    }
+}
+
+#[test]
 fn every_lora_tensor_moves_and_gets_a_gradient_after_one_step() {
     let mut t = trainer_with(config(1e-2), DType::F64);
     let batch = vec![

@@ -306,7 +306,10 @@ impl Trainer {
         let mut tis_rows = Vec::with_capacity(samples.len());
         let mut has_behaviour = Vec::with_capacity(samples.len());
         for (i, s) in samples.iter().enumerate() {
-            adv[i * c..i * c + s.advantages.len()].copy_from_slice(&s.advantages);
+            let neg = self.config.negative_weight;
+            for (slot, &a) in adv[i * c..].iter_mut().zip(&s.advantages) {
+                *slot = if a < 0.0 { a * neg } else { a };
+            }
             // Rows that get TIS were checked to carry one finite log-prob per token; others
             // are copied when complete and finite, for the importance-ratio diagnostics.
             let known = s.behaviour_logprobs.len() == s.completion.len()
