@@ -573,6 +573,7 @@ fn train_adapter(m: &Tiny) -> Result<(LoraAdapter, LlamaModel)> {
             advantages: vec![1.0; 3],
             behaviour_logprobs: Vec::new(),
             behaviour_version: String::new(),
+            demonstration: false,
         },
         TrainSample {
             prompt,
@@ -580,6 +581,7 @@ fn train_adapter(m: &Tiny) -> Result<(LoraAdapter, LlamaModel)> {
             advantages: vec![-1.0; 3],
             behaviour_logprobs: Vec::new(),
             behaviour_version: String::new(),
+            demonstration: false,
         },
     ];
     for _ in 0..3 {

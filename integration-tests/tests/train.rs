@@ -185,6 +185,7 @@ fn group(id: &str) -> SourcedGroup {
             Rollout::new(vec![50, 53, 54], vec![-0.5, -2.0, -0.1], 0.5),
         ],
         adapter_version: None,
+        reference_ids: None,
         receipt: GroupReceipt::none(),
     }
 }
@@ -285,6 +286,7 @@ impl leaf_plugin::online::GroupSource for Redelivering {
                     prompt_ids: g.prompt_ids.clone(),
                     rollouts: g.rollouts.clone(),
                     adapter_version: g.adapter_version.clone(),
+                    reference_ids: g.reference_ids.clone(),
                     receipt: GroupReceipt::new(format!("{}#{n}", g.id)),
                 }
             })

@@ -345,6 +345,37 @@ impl ChatFormat {
             .map_err(|e| ChatFormatError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
+
+    /// The ids the model generates when it answers `answer`: the assistant turn that the
+    /// template renders for it, cut after its first stop id (the answer's tokens in the
+    /// context the template puts them in, then the end of the turn). Rendered as the
+    /// difference between a one-turn conversation with and without the answer; when the
+    /// template does not extend the prompt that way, the answer encoded on its own plus the
+    /// first stop id.
+    pub fn answer_ids(&self, answer: &str) -> Result<Vec<u32>, ChatFormatError> {
+        let user = [ChatTurn::new("user", "?")];
+        let both = [
+            ChatTurn::new("user", "?"),
+            ChatTurn::new("assistant", answer),
+        ];
+        let prompt = self.prompt_ids(&user, true)?;
+        let full = self.prompt_ids(&both, false)?;
+        let stop = |id: &u32| self.stop_ids.contains(id);
+        let mut ids = match full.strip_prefix(prompt.as_slice()) {
+            Some(tail) if tail.iter().any(stop) => tail.to_vec(),
+            _ => self
+                .tokenizer
+                .encode_fast(answer, false)
+                .map_err(|e| ChatFormatError::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec(),
+        };
+        match ids.iter().position(stop) {
+            Some(end) => ids.truncate(end + 1),
+            None => ids.extend(self.stop_ids.first()),
+        }
+        Ok(ids)
+    }
 }
 
 #[derive(Deserialize)]
@@ -614,6 +645,42 @@ mod tests {
             );
         }
         assert_eq!(format.stop_ids(), [tok.ids().eos, tok.ids().im_end]);
+    }
+
+    #[cfg(feature = "speech")]
+    #[test]
+    fn answer_ids_are_what_the_model_is_trained_to_generate() {
+        use crate::speech::tokenizer::SpeechTokenizer;
+        let tok = SpeechTokenizer::build(&[], 8).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        tok.save(dir.path()).unwrap();
+        let format = ChatFormat::from_dir(dir.path(), Arc::new(tok.inner().clone())).unwrap();
+        for answer in [
+            "seven three nine",
+            "nineteen",
+            "sieben plus fünf ist zwölf",
+            "",
+        ] {
+            assert_eq!(
+                format.answer_ids(answer).unwrap(),
+                tok.answer_ids(answer).unwrap(),
+                "{answer:?}"
+            );
+        }
+        // A template that ignores the assistant turn: the answer encoded alone, then the
+        // first stop id (eos here).
+        let plain = ChatFormat::from_json(
+            &json_text(
+                &[("eos_token", "\"<|endoftext|>\"")],
+                "{{ messages[0]['content'] }}",
+            ),
+            None,
+            Arc::new(tok.inner().clone()),
+        )
+        .unwrap();
+        let mut expect = tok.encode_text("seven").unwrap();
+        expect.push(tok.ids().eos);
+        assert_eq!(plain.answer_ids("seven").unwrap(), expect);
     }
 
     #[cfg(feature = "speech")]

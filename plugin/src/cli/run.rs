@@ -74,6 +74,11 @@ pub struct Args {
     /// above their group's baseline are reinforced, which moves the greedy answer).
     #[arg(long, default_value_t = RunConfig::default().negative_weight)]
     pub negative_weight: f64,
+    /// Reference guidance: each group also gets its request's reference answer as a member
+    /// (reward 1, trained as a demonstration), so the update learns from the right answer
+    /// and not only from the sampled ones.
+    #[arg(long)]
+    pub reference_guidance: bool,
     /// Distinct training prompts in the traffic, replayed cyclically (fewer prompts than
     /// rollouts / K replays each prompt more than once).
     #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
@@ -137,6 +142,7 @@ impl Args {
             kl_beta: self.kl_beta,
             epochs: self.epochs,
             negative_weight: self.negative_weight,
+            reference_guidance: self.reference_guidance,
             traffic_prompts: self.prompts,
             traffic_augment: self.augment_traffic,
             ceiling_samples: self.ceiling_samples,

@@ -117,6 +117,7 @@ pub(crate) mod tests {
                         finished_unix_ms: 2,
                         text: Some("secret words".into()),
                         reference: Some("secret reference".into()),
+                        reference_ids: None,
                         task: None,
                     },
                     r,

@@ -58,6 +58,9 @@ pub struct AssemblerConfig {
     pub queue_capacity: usize,
     /// What is kept of each sample.
     pub privacy: PrivacyMode,
+    /// Harvest each request's reference also as the ids the model would generate for it
+    /// ([`HarvestedSample::reference_ids`]), for reference guidance. Default false.
+    pub reference_ids: bool,
 }
 
 impl Default for AssemblerConfig {
@@ -70,6 +73,7 @@ impl Default for AssemblerConfig {
             max_open_groups: 10_000,
             queue_capacity: 256,
             privacy: PrivacyMode::Full,
+            reference_ids: false,
         }
     }
 }
@@ -140,6 +144,15 @@ impl SealedGroup {
                 }),
             })
             .collect()
+    }
+
+    /// The reference answer's ids that the first member carrying them holds (every member
+    /// answers the same prompt), if any.
+    pub fn reference_ids(&self) -> Option<&[u32]> {
+        self.members
+            .iter()
+            .find_map(|(s, _)| s.reference_ids.as_deref())
+            .filter(|ids| !ids.is_empty())
     }
 }
 
@@ -552,6 +565,7 @@ mod tests {
             finished_unix_ms: 1,
             text: Some("hello".into()),
             reference: Some("hello".into()),
+            reference_ids: None,
             task: None,
         }
     }

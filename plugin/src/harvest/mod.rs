@@ -94,6 +94,11 @@ pub struct HarvestedSample {
     pub text: Option<String>,
     /// The reference answer attached to the request ([`PrivacyMode::Full`] only).
     pub reference: Option<String>,
+    /// The reference answer as the ids the model would generate for it (the answer's tokens,
+    /// then the end of the turn), harvested when the assembler's `reference_ids` is on: what
+    /// reference guidance trains on, so it is kept under [`PrivacyMode::IdsOnly`] too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_ids: Option<Vec<u32>>,
     /// The task name attached to the request, if any.
     pub task: Option<String>,
 }

@@ -46,8 +46,8 @@ use crate::advantage::ForkStats;
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
 use crate::online::{
     CheckOutcome, GroupReceipt, Learner, LearnerConfig, Phase, PhaseTimes, PromotionGate,
-    RollbackReason, ServerSink, SourcedGroup, TimedReward, UpdateOutcome, UpdateRecord,
-    UpdateSummary, VersionHistory,
+    ReferenceGuidance, RollbackReason, ServerSink, SourcedGroup, TimedReward, UpdateOutcome,
+    UpdateRecord, UpdateSummary, VersionHistory,
 };
 use crate::reward::{Metric, RewardOptions};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
@@ -148,6 +148,10 @@ pub struct RunConfig {
     /// Multiplier of negative advantages ([`TrainConfig::negative_weight`]).
     #[serde(default = "unit_weight")]
     pub negative_weight: f64,
+    /// Reference guidance: each group also gets its request's reference answer as a member
+    /// ([`ReferenceGuidance`], reward 1).
+    #[serde(default)]
+    pub reference_guidance: bool,
     /// Concurrent traffic clients.
     pub clients: usize,
     /// Most new tokens per answer.
@@ -224,6 +228,7 @@ impl Default for RunConfig {
             kl_beta: 0.02,
             epochs: 1,
             negative_weight: 1.0,
+            reference_guidance: false,
             clients: 4,
             max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
@@ -910,6 +915,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         group_size: config.group_size,
         min_group_size: 2,
         seal_timeout_s: 60.0,
+        reference_ids: config.reference_guidance,
         ..AssemblerConfig::default()
     };
     server_cfg.group_policy = GroupPolicy {
@@ -942,6 +948,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     );
     learner_cfg.base_name = "leaf-digits-base".into();
     learner_cfg.fault_nan_update = config.fault_nan_update;
+    learner_cfg.reference_guidance = config.reference_guidance.then(ReferenceGuidance::default);
     let mut learner = Learner::new(
         &model_dir,
         learner_cfg,

@@ -5,7 +5,30 @@ use serde::{Deserialize, Serialize};
 
 use super::source::SourcedGroup;
 use crate::advantage::{AdvantageEstimator, ForkStats};
+use crate::rollout::{Group, Rollout};
 use crate::trainer::TrainSample;
+
+/// Reference guidance (off-policy guidance in the manner of LUFFY, Yan et al. 2025, "Learning
+/// to Reason under Off-Policy Guidance"): a group whose request carried a reference answer
+/// gets it as one more member, scored `reward`, before advantages are computed. The sampled
+/// members are then compared with an answer known to be right, so a prompt none of whose
+/// samples was right still teaches something, and the update moves the greedy answer towards
+/// the reference rather than only away from the sampled mistakes. The reference member is
+/// trained as a demonstration (no importance weight: the policy did not sample it). Its
+/// surprisal is unknown, so LEAF's fork boundaries come from the sampled members only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReferenceGuidance {
+    /// The reference member's reward. Default 1, the maximum of every reference metric
+    /// (`leaf_plugin::reward`), which a reference scores against itself.
+    pub reward: f64,
+}
+
+impl Default for ReferenceGuidance {
+    fn default() -> Self {
+        ReferenceGuidance { reward: 1.0 }
+    }
+}
 
 /// An advantage whose magnitude is below this counts as zero (z-scoring equal span values
 /// leaves rounding residue of about 1e-10 rather than exact zeros).
@@ -29,8 +52,11 @@ pub struct PreparedBatch {
     pub uninformative: u64,
     /// Responses harvested in the batch, trained on or not (what a rollout budget counts).
     pub harvested: u64,
-    /// Rewards of every valid group's responses, informative or not.
+    /// Rewards of every valid group's responses, informative or not (reference members not
+    /// included).
     pub all_rewards: Vec<f64>,
+    /// Groups that got their reference as a member ([`ReferenceGuidance`]).
+    pub guided: u64,
     /// Advantage statistics over the valid groups, before the uninformative ones are left out.
     pub stats: BatchStats,
 }
@@ -95,8 +121,13 @@ impl Moments {
 
 /// Runs `estimator` on every group of `batch` and builds the trainer samples. Groups whose
 /// advantages are all zero are left out (an update never comes from them) but counted, and
-/// they take part in [`PreparedBatch::stats`].
-pub fn prepare_batch(batch: &[SourcedGroup], estimator: &dyn AdvantageEstimator) -> PreparedBatch {
+/// they take part in [`PreparedBatch::stats`]. With `guidance`, a group that carries its
+/// reference's ids gets the reference as its last member first.
+pub fn prepare_batch(
+    batch: &[SourcedGroup],
+    estimator: &dyn AdvantageEstimator,
+    guidance: Option<&ReferenceGuidance>,
+) -> PreparedBatch {
     let mut out = PreparedBatch::default();
     let mut moments = Moments::default();
     let mut valid = 0u64;
@@ -108,7 +139,11 @@ pub fn prepare_batch(batch: &[SourcedGroup], estimator: &dyn AdvantageEstimator)
             out.invalid += 1;
             continue;
         }
-        let group = match sourced.to_group() {
+        let demonstration = guidance.zip(sourced.reference_ids.as_deref());
+        let group = match sourced.to_group().and_then(|g| match demonstration {
+            Some((guide, ids)) => with_reference(g, ids, guide.reward),
+            None => Ok(g),
+        }) {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!(group = %sourced.id, error = %e, "invalid group skipped");
@@ -135,17 +170,123 @@ pub fn prepare_batch(batch: &[SourcedGroup], estimator: &dyn AdvantageEstimator)
             out.uninformative += 1;
             continue;
         }
-        for (i, (r, a)) in sourced.rollouts.iter().zip(adv.per_token).enumerate() {
+        for (i, (r, a)) in group.rollouts().iter().zip(adv.per_token).enumerate() {
+            let sampled = i < sourced.rollouts.len();
             out.samples.push(TrainSample {
                 prompt: sourced.prompt_ids.clone(),
                 completion: r.tokens.clone(),
                 advantages: a,
-                behaviour_logprobs: r.logprobs.clone(),
-                behaviour_version: sourced.behaviour_version(i).to_string(),
+                behaviour_logprobs: if sampled {
+                    r.logprobs.clone()
+                } else {
+                    Vec::new()
+                },
+                behaviour_version: if sampled {
+                    sourced.behaviour_version(i).to_string()
+                } else {
+                    String::new()
+                },
+                demonstration: !sampled,
             });
+        }
+        if demonstration.is_some() {
+            metrics::counter!("leaf_groups_guided_total").increment(1);
+            out.guided += 1;
         }
         out.groups += 1;
     }
     out.stats = moments.stats(valid, out.groups, &out.all_rewards);
     out
+}
+
+/// `group` with the reference `ids` appended as a member scored `reward` (log-probs 0: the
+/// policy did not sample it, and a zero surprisal never wins a fork boundary).
+fn with_reference(
+    group: Group,
+    ids: &[u32],
+    reward: f64,
+) -> Result<Group, crate::rollout::GroupError> {
+    let id = group.id().to_string();
+    let mut rollouts = group.into_rollouts();
+    rollouts.push(Rollout::new(ids.to_vec(), vec![0.0; ids.len()], reward));
+    Group::new(id, rollouts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advantage::{EstimatorConfig, Grpo};
+    use crate::online::GroupReceipt;
+
+    fn group(rewards: &[f64], reference_ids: Option<Vec<u32>>) -> SourcedGroup {
+        SourcedGroup {
+            id: "g".into(),
+            prompt_ids: vec![1, 2],
+            rollouts: rewards
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| Rollout::new(vec![10 + i as u32, 3], vec![-0.5, -0.1], r))
+                .collect(),
+            adapter_version: Some("v1".into()),
+            reference_ids,
+            receipt: GroupReceipt::none(),
+        }
+    }
+
+    #[test]
+    fn the_reference_makes_a_group_of_equal_rewards_teach_and_is_a_demonstration() {
+        let equal = [group(&[0.0, 0.0, 0.0], Some(vec![20, 21, 3]))];
+        let off = prepare_batch(&equal, &Grpo, None);
+        assert_eq!((off.groups, off.uninformative, off.guided), (0, 1, 0));
+        assert!(off.samples.is_empty());
+        let on = prepare_batch(&equal, &Grpo, Some(&ReferenceGuidance::default()));
+        assert_eq!((on.groups, on.uninformative, on.guided), (1, 0, 1));
+        assert_eq!(on.samples.len(), 4);
+        // GRPO over (0, 0, 0, 1): mean 0.25, sample std 0.5, so the reference gets
+        // 0.75 / (0.5 + 1e-6) on every token and each sampled answer -0.25 / (0.5 + 1e-6).
+        let scale = 0.5 + 1e-6;
+        let reference = &on.samples[3];
+        assert!(reference.demonstration);
+        assert_eq!(reference.completion, [20, 21, 3]);
+        assert!(reference.behaviour_logprobs.is_empty());
+        assert_eq!(reference.behaviour_version, "");
+        for a in &reference.advantages {
+            assert!((a - 0.75 / scale).abs() < 1e-12, "{a}");
+        }
+        for s in &on.samples[..3] {
+            assert!(!s.demonstration);
+            assert_eq!(s.behaviour_version, "v1");
+            assert_eq!(s.behaviour_logprobs, [-0.5, -0.1]);
+            for a in &s.advantages {
+                assert!((a + 0.25 / scale).abs() < 1e-12, "{a}");
+            }
+        }
+        // The traffic's rewards exclude the reference; the harvested count too.
+        assert_eq!(on.all_rewards, [0.0, 0.0, 0.0]);
+        assert_eq!(on.harvested, 3);
+    }
+
+    #[test]
+    fn without_reference_ids_guidance_changes_nothing_bit_for_bit() {
+        let leaf = EstimatorConfig::default().build();
+        let batch = [group(&[0.2, 0.9, 0.4], None), group(&[1.0, 0.0, 0.5], None)];
+        let off = prepare_batch(&batch, leaf.as_ref(), None);
+        let on = prepare_batch(&batch, leaf.as_ref(), Some(&ReferenceGuidance::default()));
+        assert_eq!(off.samples, on.samples);
+        assert_eq!((on.groups, on.guided), (2, 0));
+    }
+
+    #[test]
+    fn a_guided_group_gives_the_same_advantages_on_every_run() {
+        let leaf = EstimatorConfig::default().build();
+        let batch = [group(&[0.2, 0.9, 0.4, 0.0], Some(vec![10, 3]))];
+        let guide = ReferenceGuidance { reward: 0.8 };
+        let a = prepare_batch(&batch, leaf.as_ref(), Some(&guide));
+        let b = prepare_batch(&batch, leaf.as_ref(), Some(&guide));
+        assert_eq!(a.samples, b.samples);
+        assert_eq!(a.samples.len(), 5);
+        // The reference (0.8, above the mean) ends above the answer that scored 0.
+        let last = |i: usize| *a.samples[i].advantages.last().unwrap();
+        assert!(last(4) > 0.0 && last(3) < 0.0, "{} vs {}", last(4), last(3));
+    }
 }

@@ -20,7 +20,7 @@ use candle_core::DType;
 use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
 use leaf_adapters::LoraAdapter;
 
-use super::batch::{prepare_batch, PreparedBatch};
+use super::batch::{prepare_batch, PreparedBatch, ReferenceGuidance};
 use super::diagnostics::{Phase, PhaseTimes, UpdateRecord, VersionHistory};
 use super::gate::{HeldOutScore, PromotionGate, RollbackReason, Verdict};
 use super::source::SourcedGroup;
@@ -144,6 +144,8 @@ pub struct LearnerConfig {
     pub base_name: String,
     /// Fault injection (tests): treat the loss of this update (1-based) as NaN.
     pub fault_nan_update: Option<u64>,
+    /// Add each group's reference answer as a member, when it carries one. Default off.
+    pub reference_guidance: Option<ReferenceGuidance>,
 }
 
 impl LearnerConfig {
@@ -155,6 +157,7 @@ impl LearnerConfig {
             publish_every,
             base_name: "leaf-base".into(),
             fault_nan_update: None,
+            reference_guidance: None,
         }
     }
 }
@@ -378,8 +381,10 @@ impl Learner {
     /// [`Phase::Advantages`]).
     pub fn prepare(&mut self, groups: &[SourcedGroup]) -> PreparedBatch {
         let estimator = self.estimator.as_ref();
-        self.phases
-            .time(Phase::Advantages, || prepare_batch(groups, estimator))
+        let guidance = self.config.reference_guidance.as_ref();
+        self.phases.time(Phase::Advantages, || {
+            prepare_batch(groups, estimator, guidance)
+        })
     }
 
     /// One update on a prepared batch. `harvested` is the caller's count of rollouts so far
@@ -417,6 +422,7 @@ impl Learner {
             prepared
                 .samples
                 .iter()
+                .filter(|s| !s.demonstration)
                 .map(|s| s.behaviour_version.as_str()),
         );
         // The record keeps the step's own loss (a NaN would not survive a JSON round trip).

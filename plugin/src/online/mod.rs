@@ -55,7 +55,7 @@ pub mod gate;
 pub mod learner;
 pub mod source;
 pub mod train;
-pub use batch::{prepare_batch, BatchStats, PreparedBatch, ZERO_ADVANTAGE};
+pub use batch::{prepare_batch, BatchStats, PreparedBatch, ReferenceGuidance, ZERO_ADVANTAGE};
 pub use checkpoint::TrainerCheckpoint;
 pub use diagnostics::{
     Phase, PhaseTimes, TimedReward, UpdateRecord, UpdateSummary, VersionHistory,
@@ -136,6 +136,10 @@ pub struct OnlineConfig {
     pub gate_data: Option<PathBuf>,
     /// How a crashed trainer is restarted.
     pub restart: RestartPolicy,
+    /// Add each request's reference answer to its group as a member (see
+    /// [`ReferenceGuidance`]); `{}` turns it on with reward 1. The server then harvests
+    /// references as ids. Default off: only the sampled answers are compared.
+    pub reference_guidance: Option<ReferenceGuidance>,
 }
 
 impl Default for OnlineConfig {
@@ -150,6 +154,7 @@ impl Default for OnlineConfig {
             gate: GateConfig::default(),
             gate_data: None,
             restart: RestartPolicy::default(),
+            reference_guidance: None,
         }
     }
 }
@@ -280,6 +285,7 @@ fn learner_for(ctx: &Context) -> crate::Result<(Learner, ServerSink)> {
         ctx.config.publish_every,
     );
     config.base_name = ctx.config.base_name.clone();
+    config.reference_guidance = ctx.config.reference_guidance.clone();
     let gate = gate_for(ctx)?;
     let version = ctx.server.current_version();
     let mut learner = Learner::new(ctx.server.model().dir(), config, gate, &sink, &version)?;

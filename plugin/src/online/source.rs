@@ -77,6 +77,10 @@ pub struct SourcedGroup {
     /// The adapter version that produced the group, if known (used for staleness and
     /// truncated importance weighting).
     pub adapter_version: Option<String>,
+    /// The request's reference answer as the ids the model would generate for it, when it
+    /// was harvested ([`HarvestedSample::reference_ids`](crate::harvest::HarvestedSample)):
+    /// what reference guidance adds to the group.
+    pub reference_ids: Option<Vec<u32>>,
     /// What [`GroupSource::ack`] takes back.
     pub receipt: GroupReceipt,
 }
@@ -93,6 +97,7 @@ impl SourcedGroup {
             prompt_ids: first.map(|s| s.prompt_ids.clone()).unwrap_or_default(),
             rollouts: group.rollouts(),
             adapter_version: version,
+            reference_ids: group.reference_ids().map(<[u32]>::to_vec),
             receipt,
         }
     }
@@ -390,6 +395,7 @@ impl JsonlGroupSource {
             prompt_ids: parsed.prompt_ids,
             rollouts,
             adapter_version: parsed.adapter_version.filter(|v| !v.is_empty()),
+            reference_ids: None,
             receipt: GroupReceipt::new(JsonlLine(self.line)),
         })
     }

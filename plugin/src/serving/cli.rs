@@ -294,6 +294,13 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
             config.group_policy.background_concurrency
         );
     }
+    if online
+        .as_ref()
+        .is_some_and(|o| o.reference_guidance.is_some())
+    {
+        // Reference guidance trains on each request's reference as ids.
+        config.assembler.reference_ids = true;
+    }
     args.limits.apply(&mut config.request_limits);
     if let Some(min) = args.feedback_reward_min {
         config.feedback_reward_range.min = min;

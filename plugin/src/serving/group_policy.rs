@@ -85,6 +85,7 @@ impl LeafServer {
             finished_unix_ms: now_unix_ms(),
             text: Some(text),
             reference: meta.reference.clone(),
+            reference_ids: self.reference_ids(meta.reference.as_deref()),
             task: meta.task.clone(),
         };
         match plan {
@@ -147,6 +148,21 @@ impl LeafServer {
                 }
             }
             Plan::None => {}
+        }
+    }
+
+    /// The reference as the ids the model would generate for it, when the assembler harvests
+    /// them; a reference the chat format cannot tokenize is logged and left out.
+    fn reference_ids(&self, reference: Option<&str>) -> Option<Vec<u32>> {
+        if !self.config.assembler.reference_ids {
+            return None;
+        }
+        match self.model.chat_format().answer_ids(reference?) {
+            Ok(ids) => Some(ids),
+            Err(e) => {
+                tracing::warn!(error = %e, "reference not tokenized; no guidance for it");
+                None
+            }
         }
     }
 

@@ -143,6 +143,7 @@ impl BenchShape {
                     advantages: vec![sign; completion_len],
                     behaviour_logprobs: vec![-(self.vocab as f64).ln(); completion_len],
                     behaviour_version: String::new(),
+                    demonstration: false,
                 }
             })
             .collect()

@@ -54,6 +54,7 @@ fn sample(prompt: &[u32], completion: &[u32], adv: &[f64]) -> TrainSample {
         advantages: adv.to_vec(),
         behaviour_logprobs: vec![],
         behaviour_version: String::new(),
+        demonstration: false,
     }
 }
 
@@ -306,6 +307,7 @@ fn truncated_importance_weights_apply_to_stale_samples_only() {
     let stale = |shift: f64| TrainSample {
         behaviour_logprobs: old.iter().map(|l| l - shift).collect(),
         behaviour_version: "v0".into(),
+        demonstration: false,
         ..sample(&prompt, &completion, &[1.0, 1.0])
     };
     // Weight exp(ln 3) = 3 is capped at 2; exp(ln 1.5) = 1.5 is kept; the current-version
@@ -313,6 +315,7 @@ fn truncated_importance_weights_apply_to_stale_samples_only() {
     let current = TrainSample {
         behaviour_logprobs: vec![-20.0, -20.0],
         behaviour_version: "v1".into(),
+        demonstration: false,
         ..sample(&prompt, &completion, &[1.0, 1.0])
     };
     let stats = t

@@ -28,6 +28,10 @@ pub struct TrainSample {
     /// Version id of the adapter that served the sample.
     #[serde(default)]
     pub behaviour_version: String,
+    /// An answer the policy did not sample (a request's reference, see reference guidance):
+    /// never importance-weighted, its ratio taken against the policy itself.
+    #[serde(default)]
+    pub demonstration: bool,
 }
 
 /// What one [`Trainer::step`] did. Loss terms are means over sequences of per-sequence token
@@ -237,6 +241,9 @@ impl Trainer {
     }
 
     fn wants_tis(&self, sample: &TrainSample) -> bool {
+        if sample.demonstration {
+            return false;
+        }
         match self.config.tis.mode {
             TisMode::Off => false,
             TisMode::Always => true,
