@@ -13,8 +13,9 @@ use leaf_integration_tests::{
 use leaf_plugin::device::ComputeDevice;
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{
-    AssemblerConfig, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
+    AssemblerConfig, PrivacyMode, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
 };
+use leaf_plugin::online::{GroupReceipt, SourcedGroup};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{GroupPolicy, LeafServer, ServeError, ServerConfig};
 use mistralrs_core::{CustomLogitsProcessor, Request, RequestMessage, Response, SamplingParams};
@@ -266,6 +267,10 @@ async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
     assert_eq!(users[0].0.request_id, reply.request_id);
     for (s, r) in &group.members {
         assert_eq!(s.prompt_ids, reply.prompt_ids);
+        assert_eq!(
+            s.reference_ids, None,
+            "only harvested for reference guidance"
+        );
         assert_eq!(s.completion_ids.len(), s.logprobs.len());
         assert!((0.0..=1.0).contains(r));
         assert_eq!(s.adapter_version, "base");
@@ -315,6 +320,37 @@ async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
     ));
     let group = next_group(&rx, 30).await.expect("a coalesced group");
     assert_eq!(group.members.len(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_are_harvested_as_answer_ids_for_guidance_even_ids_only() -> anyhow::Result<()> {
+    let m = tiny_model(3)?;
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.assembler = AssemblerConfig {
+        group_size: 2,
+        reference_ids: true,
+        privacy: PrivacyMode::IdsOnly,
+        ..AssemblerConfig::default()
+    };
+    cfg.group_policy = GroupPolicy {
+        fork_fraction: 1.0,
+        ..GroupPolicy::default()
+    };
+    let reward = Arc::new(ReferenceReward::new(Metric::Chrf, RewardOptions::default()));
+    let (server, rx) = start(cfg, reward).await?;
+    let mut req = ask("Repeat: three.", 8, 9);
+    req.reference = Some("three four".into());
+    server.chat(req).await?;
+    let group = next_group(&rx, 60).await.expect("a sealed group");
+    let want = server.model().chat_format().answer_ids("three four")?;
+    assert!(server.model().stop_ids().contains(want.last().unwrap()));
+    for (s, _) in &group.members {
+        assert_eq!(s.reference, None, "ids-only keeps no text");
+        assert_eq!(s.reference_ids.as_deref(), Some(want.as_slice()));
+    }
+    let sourced = SourcedGroup::from_sealed(&group, GroupReceipt::none());
+    assert_eq!(sourced.reference_ids, Some(want));
     Ok(())
 }
 
