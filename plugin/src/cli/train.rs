@@ -86,6 +86,11 @@ pub struct Args {
     /// Log and skip malformed lines (counted as invalid) instead of stopping at the first.
     #[arg(long)]
     pub skip_malformed: bool,
+    /// Reference guidance: a group that carries its reference's ids (`reference_ids` in a
+    /// groups file; harvested by servers whose assembler sets `reference_ids`) gets the
+    /// reference as one more member, reward 1, trained as a demonstration.
+    #[arg(long)]
+    pub reference_guidance: bool,
 }
 
 /// Runs `leaf train`.
@@ -130,6 +135,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     job.gate.samples = a.gate_samples;
     job.gate.metric = a.gate_metric;
     job.gate_data = a.gate_data;
+    job.reference_guidance = a
+        .reference_guidance
+        .then(leaf_plugin::online::ReferenceGuidance::default);
     #[cfg(feature = "cluster")]
     let report = match (&a.cluster, &a.groups) {
         (Some(url), _) => {

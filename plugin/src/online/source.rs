@@ -183,6 +183,8 @@ struct GroupLine {
     rollouts: Vec<RolloutLine>,
     #[serde(default)]
     adapter_version: Option<String>,
+    #[serde(default)]
+    reference_ids: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +361,14 @@ impl JsonlGroupSource {
                     ),
                 ));
             }
+            if let Some(ids) = &parsed.reference_ids {
+                if let Some(j) = outside(ids) {
+                    return Err(self.malformed(
+                        &format!("reference_ids[{j}]"),
+                        format!("token id {} is outside the vocabulary of {vocab}", ids[j]),
+                    ));
+                }
+            }
             for (i, r) in parsed.rollouts.iter().enumerate() {
                 if let Some(j) = outside(&r.tokens) {
                     return Err(self.malformed(
@@ -395,7 +405,7 @@ impl JsonlGroupSource {
             prompt_ids: parsed.prompt_ids,
             rollouts,
             adapter_version: parsed.adapter_version.filter(|v| !v.is_empty()),
-            reference_ids: None,
+            reference_ids: parsed.reference_ids.filter(|ids| !ids.is_empty()),
             receipt: GroupReceipt::new(JsonlLine(self.line)),
         })
     }
@@ -565,6 +575,17 @@ mod tests {
         );
         assert!(
             e.contains("prompt_ids[1]") && e.contains("vocabulary"),
+            "{e}"
+        );
+        let e = first_error(
+            r#"{"group_id": "x", "prompt_ids": [1], "rollouts": [{"tokens": [1], "logprobs": [-1], "reward": 1}], "reference_ids": [3, 77]}"#,
+            JsonlSourceOptions {
+                vocab_size: Some(50),
+                ..o()
+            },
+        );
+        assert!(
+            e.contains("reference_ids[1]") && e.contains("vocabulary"),
             "{e}"
         );
         let long = format!(r#"{{"group_id": "{}"}}"#, "x".repeat(500));

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use leaf_adapters::store::AdapterStore;
 use serde::Serialize;
 
+use super::batch::ReferenceGuidance;
 use super::checkpoint::{CheckpointState, TrainerCheckpoint};
 use super::gate::{open_gate_data, GateConfig, HeldOutScore, PromotionGate};
 use super::learner::{CheckOutcome, Learner, LearnerConfig, StoreSink, UpdateOutcome, VersionSink};
@@ -289,6 +290,8 @@ pub struct TrainJobConfig {
     pub gate_data: Option<PathBuf>,
     /// Written into the adapter's `base_model_name_or_path`.
     pub base_name: String,
+    /// Add each group's reference to it, when the group carries one. Default off.
+    pub reference_guidance: Option<ReferenceGuidance>,
 }
 
 impl TrainJobConfig {
@@ -305,6 +308,7 @@ impl TrainJobConfig {
             gate: GateConfig::default(),
             gate_data: None,
             base_name: "leaf-base".into(),
+            reference_guidance: None,
         }
     }
 
@@ -447,6 +451,7 @@ pub fn open_job(
     let mut learner_cfg =
         LearnerConfig::new(job.estimator.clone(), job.train.clone(), job.publish_every);
     learner_cfg.base_name = job.base_name.clone();
+    learner_cfg.reference_guidance = job.reference_guidance.clone();
     let mut learner = Learner::new(&job.model_dir, learner_cfg, gate, sink, &version)?;
     if learner.gate().is_checked() && learner.gate().good_reward().is_none() {
         if let Some(s) = learner.measure_baseline()? {
