@@ -55,6 +55,7 @@ fn group(i: usize, vocab: u32) -> SealedGroup {
                     finished_unix_ms: 0,
                     text: None,
                     reference: None,
+                    reference_ids: None,
                     task: None,
                 },
                 reward,
