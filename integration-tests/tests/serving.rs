@@ -8,12 +8,13 @@ use leaf_adapters::model::{Batch, Pass};
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{
     ask, next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model,
-    weight_bytes, BareRequest,
+    weight_bytes, BareRequest, TinyModel,
 };
 use leaf_plugin::device::ComputeDevice;
 use leaf_plugin::harvest::reward::FeedbackOnly;
 use leaf_plugin::harvest::{
-    AssemblerConfig, PrivacyMode, ReferenceReward, SampleOrigin, SamplingTap, TapConfig,
+    AssemblerConfig, PrivacyMode, ReferenceReward, SampleOrigin, SamplingTap, SealedGroup,
+    TapConfig,
 };
 use leaf_plugin::online::{GroupReceipt, SourcedGroup};
 use leaf_plugin::reward::{Metric, RewardOptions};
@@ -232,20 +233,33 @@ async fn tap_logprobs_equal_engine_log10_times_ln10() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
-    let m = tiny_model(3)?;
+/// A server on `m` that forks every client request into a group (`assembler`), rewarded by
+/// chrF against the request's reference.
+async fn forking_server(
+    m: &TinyModel,
+    assembler: AssemblerConfig,
+) -> anyhow::Result<(Arc<LeafServer>, crossbeam_channel::Receiver<SealedGroup>)> {
     let mut cfg = ServerConfig::new(&m.dir);
-    cfg.assembler = AssemblerConfig {
-        group_size: 4,
-        ..AssemblerConfig::default()
-    };
+    cfg.assembler = assembler;
     cfg.group_policy = GroupPolicy {
         fork_fraction: 1.0,
         ..GroupPolicy::default()
     };
     let reward = Arc::new(ReferenceReward::new(Metric::Chrf, RewardOptions::default()));
-    let (server, rx) = start(cfg, reward).await?;
+    start(cfg, reward).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
+    let m = tiny_model(3)?;
+    let (server, rx) = forking_server(
+        &m,
+        AssemblerConfig {
+            group_size: 4,
+            ..AssemblerConfig::default()
+        },
+    )
+    .await?;
     let mut req = ask("Repeat: three.", 8, 9);
     req.reference = Some("three".into());
     let reply = server.chat(req).await?;
@@ -326,19 +340,16 @@ async fn k_samples_make_one_group_of_k() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_are_harvested_as_answer_ids_for_guidance_even_ids_only() -> anyhow::Result<()> {
     let m = tiny_model(3)?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.assembler = AssemblerConfig {
-        group_size: 2,
-        reference_ids: true,
-        privacy: PrivacyMode::IdsOnly,
-        ..AssemblerConfig::default()
-    };
-    cfg.group_policy = GroupPolicy {
-        fork_fraction: 1.0,
-        ..GroupPolicy::default()
-    };
-    let reward = Arc::new(ReferenceReward::new(Metric::Chrf, RewardOptions::default()));
-    let (server, rx) = start(cfg, reward).await?;
+    let (server, rx) = forking_server(
+        &m,
+        AssemblerConfig {
+            group_size: 2,
+            reference_ids: true,
+            privacy: PrivacyMode::IdsOnly,
+            ..AssemblerConfig::default()
+        },
+    )
+    .await?;
     let mut req = ask("Repeat: three.", 8, 9);
     req.reference = Some("three four".into());
     server.chat(req).await?;

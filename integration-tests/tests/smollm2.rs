@@ -39,6 +39,13 @@ fn smollm2_gguf() -> anyhow::Result<PathBuf> {
     if let Ok(file) = smollm2_gguf_present() {
         return Ok(file);
     }
+    // The tests of this file run in parallel: one fetch at a time (the script also locks
+    // against other processes), and the later ones find the file.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(|p| p.into_inner());
+    if let Ok(file) = smollm2_gguf_present() {
+        return Ok(file);
+    }
     let cache = smollm2_cache_dir()?;
     let file = cache.join(SMOLLM2_GGUF_NAME);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-smollm2.sh");

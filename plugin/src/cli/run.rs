@@ -71,7 +71,7 @@ pub struct Args {
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     pub epochs: usize,
     /// Multiplier of negative advantages in [0, 1] (1: the spec's objective; 0: only answers
-    /// above their group's baseline are reinforced, which moves the greedy answer).
+    /// above their group's baseline are reinforced).
     #[arg(long, default_value_t = RunConfig::default().negative_weight)]
     pub negative_weight: f64,
     /// Reference guidance: each group also gets its request's reference answer as a member
