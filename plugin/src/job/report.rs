@@ -301,8 +301,16 @@ impl RunReport {
             u.ratio_max,
             u.grad_norm
         ));
+        let guided = if u.guided_group_share > 0.0 {
+            format!(
+                " ({:.0} % guided by their reference)",
+                100.0 * u.guided_group_share
+            )
+        } else {
+            String::new()
+        };
         out.push(format!(
-            "advantages: std {:.3}, zero-advantage tokens {:.0} %, informative groups {:.0} %, \
+            "advantages: std {:.3}, zero-advantage tokens {:.0} %, informative groups {:.0} %{guided}, \
              staleness {:.2} versions (max {})",
             u.advantage_std,
             100.0 * u.zero_advantage_share,

@@ -85,6 +85,9 @@ pub struct BatchStats {
     pub zero_advantage_share: f64,
     /// Mean reward of the valid groups' responses.
     pub reward_mean: f64,
+    /// Share of valid groups that got their reference as a member ([`ReferenceGuidance`]).
+    #[serde(default)]
+    pub guided_group_share: f64,
 }
 
 #[derive(Default)]
@@ -105,7 +108,7 @@ impl Moments {
         }
     }
 
-    fn stats(&self, groups: u64, informative: u64, rewards: &[f64]) -> BatchStats {
+    fn stats(&self, groups: u64, informative: u64, guided: u64, rewards: &[f64]) -> BatchStats {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let mean = ratio(self.sum, self.n as f64);
         let var = (ratio(self.sum_sq, self.n as f64) - mean * mean).max(0.0);
@@ -116,6 +119,7 @@ impl Moments {
             advantage_std: var.sqrt(),
             zero_advantage_share: ratio(self.zero as f64, self.n as f64),
             reward_mean: ratio(rewards.iter().sum(), rewards.len() as f64),
+            guided_group_share: ratio(guided as f64, groups as f64),
         }
     }
 }
@@ -196,7 +200,7 @@ pub fn prepare_batch(
         }
         out.groups += 1;
     }
-    out.stats = moments.stats(valid, out.groups, &out.all_rewards);
+    out.stats = moments.stats(valid, out.groups, out.guided, &out.all_rewards);
     out
 }
 
@@ -242,6 +246,8 @@ mod tests {
         assert!(off.samples.is_empty());
         let on = prepare_batch(&equal, &Grpo, Some(&ReferenceGuidance::default()));
         assert_eq!((on.groups, on.uninformative, on.guided), (1, 0, 1));
+        assert_eq!(on.stats.guided_group_share, 1.0);
+        assert_eq!(off.stats.guided_group_share, 0.0);
         assert_eq!(on.samples.len(), 4);
         // GRPO over (0, 0, 0, 1): mean 0.25, sample std 0.5, so the reference gets
         // 0.75 / (0.5 + 1e-6) on every token and each sampled answer -0.25 / (0.5 + 1e-6).

@@ -140,6 +140,7 @@ impl UpdateRecord {
             "leaf_informative_group_share",
             self.batch.informative_group_share,
         );
+        g("leaf_guided_group_share", self.batch.guided_group_share);
         g("leaf_staleness_versions", self.staleness_mean);
         g("leaf_staleness_versions_max", self.staleness_max as f64);
     }
@@ -170,6 +171,9 @@ pub struct UpdateSummary {
     pub zero_advantage_share: f64,
     /// Mean share of informative groups.
     pub informative_group_share: f64,
+    /// Mean share of groups that got their reference as a member (reference guidance).
+    #[serde(default)]
+    pub guided_group_share: f64,
     /// Mean staleness (versions).
     pub staleness_mean: f64,
     /// Largest staleness.
@@ -200,6 +204,7 @@ impl UpdateSummary {
             advantage_std: mean(records, &|r| r.batch.advantage_std),
             zero_advantage_share: mean(records, &|r| r.batch.zero_advantage_share),
             informative_group_share: mean(records, &|r| r.batch.informative_group_share),
+            guided_group_share: mean(records, &|r| r.batch.guided_group_share),
             staleness_mean: mean(records, &|r| r.staleness_mean),
             staleness_max: records.iter().map(|r| r.staleness_max).max().unwrap_or(0),
         }
