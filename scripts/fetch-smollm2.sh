@@ -17,11 +17,15 @@ CACHE="${1:-${LEAF_SMOLLM2_CACHE:-$HOME/.cache/leaf/smollm2}}"
 GGUF="$CACHE/$GGUF_NAME"
 
 size_of() { stat -c %s "$1" 2>/dev/null || stat -f %z "$1"; }
+# Prints the .gguf's path and stops when it is already there with the expected size.
+done_if_present() {
+    if [[ -f "$GGUF" && "$(size_of "$GGUF")" == "$GGUF_BYTES" ]]; then
+        echo "$GGUF"
+        exit 0
+    fi
+}
 
-if [[ -f "$GGUF" && "$(size_of "$GGUF")" == "$GGUF_BYTES" ]]; then
-    echo "$GGUF"
-    exit 0
-fi
+done_if_present
 
 mkdir -p "$CACHE"
 # Several test processes may fetch at once on a fresh machine: one at a time (flock, from
@@ -29,10 +33,7 @@ mkdir -p "$CACHE"
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$CACHE/.fetch.lock"
     flock 9
-    if [[ -f "$GGUF" && "$(size_of "$GGUF")" == "$GGUF_BYTES" ]]; then
-        echo "$GGUF"
-        exit 0
-    fi
+    done_if_present
 fi
 PY="${PYTHON:-python3}"
 if ! "$PY" -m pip --version >/dev/null 2>&1; then

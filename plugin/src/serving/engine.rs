@@ -63,6 +63,9 @@ pub(super) struct Finished {
 #[derive(Debug, Clone, Default)]
 pub(super) struct Meta {
     pub(super) reference: Option<String>,
+    /// `reference` as answer ids (reference guidance): computed once, when the client's own
+    /// sample is harvested, and handed on to the extra samples of its prompt.
+    pub(super) reference_ids: Option<Vec<u32>>,
     pub(super) task: Option<String>,
     pub(super) temperature: f64,
     pub(super) top_p: f64,

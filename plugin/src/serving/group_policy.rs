@@ -52,7 +52,7 @@ impl LeafServer {
         rec: TapRecord,
         run: &Run,
         plan: Plan,
-        meta: Meta,
+        mut meta: Meta,
         text: String,
         finish: String,
         started: u64,
@@ -67,6 +67,9 @@ impl LeafServer {
                 completion_ids: &rec.tokens,
             })
             .await;
+        if meta.reference_ids.is_none() {
+            meta.reference_ids = self.reference_ids(meta.reference.as_deref());
+        }
         let sample = HarvestedSample {
             request_id: run.request_id.clone(),
             prompt_key: prompt_key(&rec.prompt),
@@ -85,7 +88,7 @@ impl LeafServer {
             finished_unix_ms: now_unix_ms(),
             text: Some(text),
             reference: meta.reference.clone(),
-            reference_ids: self.reference_ids(meta.reference.as_deref()),
+            reference_ids: meta.reference_ids.clone(),
             task: meta.task.clone(),
         };
         match plan {

@@ -157,6 +157,7 @@ impl LeafServer {
         let top_n = if req.logprobs { req.top_logprobs } else { 0 };
         let meta = Meta {
             reference: req.reference.clone(),
+            reference_ids: None,
             task: req.task.clone(),
             temperature,
             top_p,

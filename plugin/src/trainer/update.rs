@@ -312,8 +312,8 @@ impl Trainer {
         let mut beh = vec![0f64; samples.len() * c];
         let mut tis_rows = Vec::with_capacity(samples.len());
         let mut has_behaviour = Vec::with_capacity(samples.len());
+        let neg = self.config.negative_weight;
         for (i, s) in samples.iter().enumerate() {
-            let neg = self.config.negative_weight;
             for (slot, &a) in adv[i * c..].iter_mut().zip(&s.advantages) {
                 *slot = if a < 0.0 { a * neg } else { a };
             }
