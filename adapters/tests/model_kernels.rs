@@ -294,8 +294,9 @@ fn attention_matmul_matches_candle_matmul() {
 #[test]
 fn lora_dropout_kernel_drops_the_same_entries_as_the_stored_mask() {
     // f16 goes through the composite path (a stored mask from the same counter-based hash);
-    // f32 and f64 through the kernel. They must drop exactly the same entries.
-    let x = Tensor::ones((50, 40), DType::F32, &Device::Cpu).unwrap();
+    // f32 and f64 through the kernel. They must drop exactly the same entries, also across the
+    // kernel's parallel chunks (60,000 entries: four chunks, the last one partial).
+    let x = Tensor::ones((300, 200), DType::F32, &Device::Cpu).unwrap();
     let p = 0.25;
     let stored = flat(&ops::lora_dropout(&x.to_dtype(DType::F16).unwrap(), p, 3, 9).unwrap());
     for dtype in [DType::F32, DType::F64] {

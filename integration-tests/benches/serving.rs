@@ -304,15 +304,11 @@ fn tap_cost_on(rows: &[Vec<f32>], top_p: f64, iters: usize) -> f64 {
     t0.elapsed().as_secs_f64() * 1e6 / iters as f64
 }
 
-/// One row of `vocab` random logits, uniform in [-10, 10].
+/// One row of `vocab` random logits, uniform in [-10, 10), from a fixed seed.
 fn random_logits(vocab: usize) -> Vec<f32> {
-    let mut state = 7u64;
-    (0..vocab)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 20.0 - 10.0
-        })
-        .collect()
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    (0..vocab).map(|_| rng.random_range(-10.0..10.0)).collect()
 }
 
 fn tap_cost_us(vocab: usize, top_p: f64) -> f64 {

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use leaf_adapters::model::{checkpoint, LlamaModel, ModelOptions, Trainable};
 use leaf_adapters::peft::{LoraAdapter, PeftConfig};
+use leaf_adapters::store::{AdapterStore, VersionId};
 use leaf_adapters::LlamaConfig;
 use leaf_plugin::harvest::{RewardSource, SealedGroup};
 use leaf_plugin::serving::{LeafServer, ServerConfig};
@@ -175,6 +176,31 @@ pub fn random_adapter(config: &LlamaConfig, seed: u64, scale: f32) -> Result<Lor
         }
     }
     Ok(adapter)
+}
+
+/// A store in `m`'s temporary directory (`store/`) holding one [`random_adapter`] per seed
+/// (entries of `B` in [-scale, scale]), and a server config that serves from it. With `promote`
+/// the first version is the store's current one, which the server then starts on.
+pub fn store_with_adapters(
+    m: &TinyModel,
+    seeds: &[u64],
+    scale: f32,
+    promote: bool,
+) -> Result<(AdapterStore, Vec<VersionId>, ServerConfig)> {
+    let store_dir = m.tmp.path().join("store");
+    let store = AdapterStore::open(&store_dir)?;
+    let ids = seeds
+        .iter()
+        .map(|&seed| {
+            Ok(store.publish(&random_adapter(&m.config, seed, scale)?, Default::default())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let (true, Some(first)) = (promote, ids.first()) {
+        store.promote(first)?;
+    }
+    let mut cfg = ServerConfig::new(&m.dir);
+    cfg.store_dir = Some(store_dir);
+    Ok((store, ids, cfg))
 }
 
 /// The trainable model with `adapter` loaded (LoRA options matching [`random_adapter`]).

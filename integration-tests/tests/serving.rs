@@ -7,8 +7,8 @@ use candle_core::{Device, Tensor, D};
 use leaf_adapters::model::{Batch, Pass};
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{
-    ask, next_group, random_adapter, start, tiny_model, tiny_model_sized, trainer_model,
-    weight_bytes, BareRequest, TinyModel,
+    ask, next_group, random_adapter, start, store_with_adapters, tiny_model, tiny_model_sized,
+    trainer_model, weight_bytes, BareRequest, TinyModel,
 };
 use leaf_plugin::device::ComputeDevice;
 use leaf_plugin::harvest::reward::FeedbackOnly;
@@ -368,11 +368,8 @@ async fn references_are_harvested_as_answer_ids_for_guidance_even_ids_only() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swap_under_concurrent_requests_fails_none() -> anyhow::Result<()> {
     let m = tiny_model(4)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let v1 = store.publish(&random_adapter(&m.config, 21, 0.2)?, Default::default())?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir);
+    let (store, ids, mut cfg) = store_with_adapters(&m, &[21], 0.2, false)?;
+    let v1 = ids[0].clone();
     // Many requests in flight on the old engine at once: what the drain must handle.
     cfg.engine_admission = leaf_plugin::serving::EngineAdmission::Concurrent;
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
@@ -423,12 +420,8 @@ async fn hot_swap_under_concurrent_requests_fails_none() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_adapter_is_refused_and_old_version_keeps_serving() -> anyhow::Result<()> {
     let m = tiny_model(5)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let good = store.publish(&random_adapter(&m.config, 31, 0.2)?, Default::default())?;
-    store.promote(&good)?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir.clone());
+    let (store, ids, cfg) = store_with_adapters(&m, &[31], 0.2, true)?;
+    let good = ids[0].clone();
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     assert_eq!(server.current_version(), good.to_string());
 
@@ -524,12 +517,8 @@ async fn retired_engines_free_their_memory_over_many_swaps() -> anyhow::Result<(
     // Wider than the other tests so a retained engine would show in the RSS.
     let m = tiny_model_sized(7, 256, 1024)?;
     let model_mib = weight_bytes(&m.config) as f64 / (1 << 20) as f64;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let a = store.publish(&random_adapter(&m.config, 41, 0.2)?, Default::default())?;
-    let b = store.publish(&random_adapter(&m.config, 42, 0.2)?, Default::default())?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir);
+    let (_store, ids, cfg) = store_with_adapters(&m, &[41, 42], 0.2, false)?;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     let threads0 = leaf_integration_tests::thread_count().unwrap_or(0);
     // Warm up (first swaps allocate caches that stay).

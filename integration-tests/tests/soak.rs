@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leaf_adapters::model::LoraOptions;
-use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::{random_adapter, tiny_model, ALPHA, RANK};
+use leaf_integration_tests::{store_with_adapters, tiny_model, ALPHA, RANK};
 use leaf_plugin::online::OnlineConfig;
 use leaf_plugin::trainer::TrainConfig;
 use serde_json::{json, Value};
@@ -49,12 +48,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn soak(name: &str, secs: f64, swap_every: f64, recycle_after: u64) -> anyhow::Result<()> {
     let m = tiny_model(11)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let a = store.publish(&random_adapter(&m.config, 1, 0.05)?, Default::default())?;
-    let b = store.publish(&random_adapter(&m.config, 2, 0.05)?, Default::default())?;
-    store.promote(&a)?;
+    let (store, ids, served) = store_with_adapters(&m, &[1, 2], 0.05, true)?;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     drop(store);
+    let store_dir = served.store_dir.clone().expect("the store's folder");
     let online = m.tmp.path().join("online.json");
     // The trainer's LoRA shape must match the published adapters (rank 4, alpha 8).
     let online_cfg = OnlineConfig {

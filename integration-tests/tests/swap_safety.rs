@@ -4,21 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leaf_adapters::store::AdapterStore;
-use leaf_integration_tests::{random_adapter, start, tiny_model};
+use leaf_integration_tests::{start, store_with_adapters, tiny_model};
 use leaf_plugin::harvest::reward::FeedbackOnly;
-use leaf_plugin::serving::{ServeError, ServerConfig};
+use leaf_plugin::serving::ServeError;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_whose_caller_goes_away_runs_to_completion() -> anyhow::Result<()> {
     let m = tiny_model(31)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let a = store.publish(&random_adapter(&m.config, 1, 0.05)?, Default::default())?;
-    let b = store.publish(&random_adapter(&m.config, 2, 0.05)?, Default::default())?;
-    store.promote(&a)?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir.clone());
+    let (store, ids, cfg) = store_with_adapters(&m, &[1, 2], 0.05, true)?;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     assert_eq!(server.current_version(), a.as_str());
     for (round, target) in [&b, &a, &b, &a].into_iter().enumerate() {
@@ -63,13 +57,8 @@ async fn a_swap_whose_caller_goes_away_runs_to_completion() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_works_past_the_swap_limit_and_every_engine_counts() -> anyhow::Result<()> {
     let m = tiny_model(32)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let a = store.publish(&random_adapter(&m.config, 1, 0.05)?, Default::default())?;
-    let b = store.publish(&random_adapter(&m.config, 2, 0.05)?, Default::default())?;
-    store.promote(&a)?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir.clone());
+    let (store, ids, mut cfg) = store_with_adapters(&m, &[1, 2], 0.05, true)?;
+    let (a, b) = (ids[0].clone(), ids[1].clone());
     cfg.max_swaps = 1;
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     server.promote(b.as_str()).await?;
@@ -92,12 +81,8 @@ async fn rollback_works_past_the_swap_limit_and_every_engine_counts() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_the_base_model_against_the_store_is_refused() -> anyhow::Result<()> {
     let m = tiny_model(33)?;
-    let store_dir = m.tmp.path().join("store");
-    let store = AdapterStore::open(&store_dir)?;
-    let a = store.publish(&random_adapter(&m.config, 1, 0.05)?, Default::default())?;
-    store.promote(&a)?;
-    let mut cfg = ServerConfig::new(&m.dir);
-    cfg.store_dir = Some(store_dir.clone());
+    let (_store, ids, cfg) = store_with_adapters(&m, &[1], 0.05, true)?;
+    let a = ids[0].clone();
     let (server, _rx) = start(cfg, Arc::new(FeedbackOnly)).await?;
     let e = server.activate_base().await.unwrap_err();
     assert!(e.to_string().contains(a.as_str()), "{e}");

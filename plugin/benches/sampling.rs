@@ -28,15 +28,11 @@ use rand_chacha::ChaCha8Rng;
 const VOCABS: [usize; 4] = [300, 49_152, 152_064, 262_144];
 const TOP_PS: [f64; 2] = [1.0, 0.9];
 
-/// The serving bench's logits: uniform in [-10, 10] from a fixed LCG.
+/// The serving bench's logits: uniform in [-10, 10) from the same fixed seed.
 fn logits(vocab: usize) -> Vec<f32> {
-    let mut state = 7u64;
-    (0..vocab)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 20.0 - 10.0
-        })
-        .collect()
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    (0..vocab).map(|_| rng.random_range(-10.0..10.0)).collect()
 }
 
 /// The tap's sampling before the shared module, minus the recording (a private copy).

@@ -70,32 +70,6 @@ fn map_rows<T: Real>(
     dst
 }
 
-/// A vector of `n` elements computed in parallel chunks of `chunk` elements, without zeroing
-/// it first: `values(c, len)` yields the `len` elements of chunk `c`. A chunk that yields fewer
-/// panics before the vector is used.
-fn filled<T: Real, I: Iterator<Item = T>>(
-    n: usize,
-    chunk: usize,
-    values: impl Fn(usize, usize) -> I + Sync,
-) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(c, o)| {
-            let mut written = 0;
-            let len = o.len();
-            for (slot, v) in o.iter_mut().zip(values(c, len)) {
-                slot.write(v);
-                written += 1;
-            }
-            assert_eq!(written, o.len(), "filled: chunk {c} yielded too few values");
-        });
-    // SAFETY: every chunk wrote all its elements (checked above), and the chunks cover `0..n`.
-    unsafe { out.set_len(n) };
-    out
-}
-
 macro_rules! dispatch {
     ($s:expr, $name:expr, $body:ident, $($arg:expr),*) => {
         match $s {
@@ -906,19 +880,28 @@ struct Dropout {
     p: f64,
 }
 
-/// The mask entries `start .. start + len` of `d` (`0` where dropped, else `1 / (1 - p)`,
-/// exactly `init::dropout_mask`'s values), or `len` ones without dropout. `start` must be a
-/// multiple of [`MIN_TASK_ELEMS`] so the range never straddles a 2^32-entry block of the mask.
-fn mask_chunk<T: Real>(d: Option<&Dropout>, start: u64, len: usize) -> Vec<T> {
+/// Writes the mask entries `start .. start + out.len()` of `d` into `out` (`0` where dropped,
+/// else `1 / (1 - p)`, exactly `init::dropout_mask`'s values). `start` must be a multiple of
+/// [`MIN_TASK_ELEMS`] so the range never straddles a 2^32-entry block of the mask.
+fn mask_into<T: Real>(d: &Dropout, start: u64, out: &mut [T]) {
     use super::init::{dropout_keys, dropout_threshold};
-    let Some(d) = d else {
-        return vec![T::one(); len];
-    };
     // The keep value rounded to f32, then to T, as `init::dropout_mask` stores it.
     let keep = T::from((1.0 / (1.0 - d.p)) as f32).unwrap_or(T::one());
     let keys = dropout_keys(d.key, start >> 32);
-    let mut out = vec![T::zero(); len];
-    write_mask(keys, start as u32, dropout_threshold(d.p), keep, &mut out);
+    write_mask(keys, start as u32, dropout_threshold(d.p), keep, out);
+}
+
+/// A vector of `n` entries computed chunk by chunk in parallel: each chunk first receives its
+/// entries of `d`'s mask, then `f(at, chunk)` turns them into outputs in place (`at` is the
+/// chunk's first index).
+fn masked<T: Real>(d: &Dropout, n: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let chunk = MIN_TASK_ELEMS;
+    let mut out = vec![T::zero(); n];
+    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+        let at = c * chunk;
+        mask_into(d, at as u64, o);
+        f(at, o);
+    });
     out
 }
 
@@ -964,13 +947,10 @@ unsafe fn write_mask_avx2<T: Real>(
 
 fn dropout_fwd<T: Real>(s: &CpuStorage, l: &Layout, op: &Dropout) -> Result<(CpuStorage, Shape)> {
     let x = data::<T>(s, l, "dropout")?;
-    let chunk = MIN_TASK_ELEMS;
-    let out = filled(x.len(), chunk, |c, len| {
-        let at = c * chunk;
-        x[at..at + len]
-            .iter()
-            .zip(mask_chunk::<T>(Some(op), at as u64, len))
-            .map(|(&v, m)| v * m)
+    let out = masked(op, x.len(), |at, o: &mut [T]| {
+        for (o, &v) in o.iter_mut().zip(&x[at..]) {
+            *o = v * *o;
+        }
     });
     Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
 }
@@ -1021,17 +1001,26 @@ fn add_scaled_fwd<T: Real>(
     if a.len() != b.len() {
         candle_core::bail!("add-scaled: argument sizes differ");
     }
+    Ok((
+        T::to_cpu_storage_owned(add_scaled_slices(a, b, scale)),
+        l1.shape().clone(),
+    ))
+}
+
+/// `base + (update * scale + 0)` entry by entry, in parallel chunks: the rounding of the
+/// composite `base.add(&update.affine(scale, 0.0))`.
+fn add_scaled_slices<T: Real>(base: &[T], update: &[T], scale: f64) -> Vec<T> {
     let scale = T::from(scale).unwrap_or(T::one());
-    let mut out = vec![T::zero(); a.len()];
+    let mut out = vec![T::zero(); base.len()];
     let chunk = MIN_TASK_ELEMS;
     out.par_chunks_mut(chunk)
-        .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
-        .for_each(|(o, (ac, bc))| {
-            for ((o, &av), &bv) in o.iter_mut().zip(ac).zip(bc) {
-                *o = av + (bv * scale + T::zero());
+        .zip(base.par_chunks(chunk).zip(update.par_chunks(chunk)))
+        .for_each(|(o, (bc, uc))| {
+            for ((o, &bv), &uv) in o.iter_mut().zip(bc).zip(uc) {
+                *o = bv + (uv * scale + T::zero());
             }
         });
-    Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+    out
 }
 
 impl CustomOp2 for AddScaled {
@@ -1161,18 +1150,7 @@ fn lora_linear_fwd<T: Real>(
         &Layout::contiguous((m, r)),
         &lb.transpose(0, 1)?,
     )?;
-    let base = base.as_slice::<T>()?;
-    let up = up.as_slice::<T>()?;
-    let scale = T::from(op.scale).unwrap_or(T::one());
-    let mut out = vec![T::zero(); m * n];
-    let chunk = MIN_TASK_ELEMS;
-    out.par_chunks_mut(chunk)
-        .zip(base.par_chunks(chunk).zip(up.par_chunks(chunk)))
-        .for_each(|(o, (bc, uc))| {
-            for ((o, &bv), &uv) in o.iter_mut().zip(bc).zip(uc) {
-                *o = bv + (uv * scale + T::zero());
-            }
-        });
+    let out = add_scaled_slices(base.as_slice::<T>()?, up.as_slice::<T>()?, op.scale);
     Ok((T::to_cpu_storage_owned(out), Shape::from((m, n))))
 }
 
@@ -1215,6 +1193,8 @@ impl CustomOp3 for LoraLinear {
         // Detached copies: the gradient computation itself is not differentiated.
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let grad = grad.contiguous()?;
+        // The mask is recomputed here and again in `AddMasked` below: one hash per entry, cheaper
+        // than storing an activation-sized mask between the two.
         let xd = match &self.dropout {
             Some(d) => x.apply_op1_no_bwd(d)?,
             None => x,
@@ -1256,15 +1236,14 @@ fn add_masked_fwd<T: Real>(
     if a.len() != b.len() {
         candle_core::bail!("add-masked: argument sizes differ");
     }
-    let chunk = MIN_TASK_ELEMS;
-    let out = filled(a.len(), chunk, |c, len| {
-        let at = c * chunk;
-        a[at..at + len]
-            .iter()
-            .zip(&b[at..at + len])
-            .zip(mask_chunk::<T>(op.dropout.as_ref(), at as u64, len))
-            .map(|((&av, &bv), m)| av + bv * m)
-    });
+    let out = match &op.dropout {
+        Some(d) => masked(d, a.len(), |at, o: &mut [T]| {
+            for ((o, &av), &bv) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                *o = av + bv * *o;
+            }
+        }),
+        None => add_scaled_slices(a, b, 1.0),
+    };
     Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
 }
 
