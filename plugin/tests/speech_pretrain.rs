@@ -204,7 +204,7 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
     let e = pretrain(&cfg, &data, &tmp.path().join("m3"), &mut |_| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no training takes (8 and up)"), "{e}");
+    assert!(e.contains("no training takes (8+)"), "{e}");
 
     // `leaf eval` prints one JSON object with the same figures, and --answers writes every
     // example with its answer.
@@ -265,6 +265,108 @@ fn tiny_pretrain_writes_a_loadable_deterministic_model() {
         (exact as f64 / 4.0 - em).abs() < 1e-9,
         "{exact} of 4 against {em}"
     );
+}
+
+/// Largest absolute difference between two safetensors files' tensors of the same names.
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let dev = candle_core::Device::Cpu;
+    let ta = candle_core::safetensors::load(a.join("model.safetensors"), &dev).unwrap();
+    let tb = candle_core::safetensors::load(b.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    ta.iter()
+        .map(|(name, x)| {
+            let y = &tb[name];
+            let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap() as f64
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn continuing_on_the_traffic_takes_starts_from_the_given_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path());
+    let a = tmp.path().join("a");
+    let base = PretrainConfig {
+        eval_samples: 0,
+        ..tiny_config(7)
+    };
+    pretrain(&base, &data, &a, &mut |_| {}).unwrap();
+
+    // At a vanishing learning rate the continued model is the one it started from, and it
+    // keeps that model's codebook; it trains on the traffic's take (5) only.
+    let still = PretrainConfig {
+        init_from: Some(a.clone()),
+        train_on_traffic: true,
+        lr: 1e-12,
+        steps: 2,
+        ..base.clone()
+    };
+    let c = tmp.path().join("c");
+    let report = pretrain(&still, &data, &c, &mut |_| {}).unwrap();
+    assert_eq!(report.train_clips, 10, "george's take 5, ten digits");
+    assert!(
+        max_weight_diff(&a, &c) < 1e-6,
+        "{}",
+        max_weight_diff(&a, &c)
+    );
+    assert_eq!(
+        std::fs::read(a.join("units.json")).unwrap(),
+        std::fs::read(c.join("units.json")).unwrap()
+    );
+    let card = std::fs::read_to_string(c.join(MODEL_CARD_FILE)).unwrap();
+    assert!(card.contains("continued from") && card.contains("takes 5-5, the traffic's"));
+    let on_disk = PretrainReport::load(&c).unwrap();
+    assert_eq!(on_disk.config.init_from.as_deref(), Some(a.as_path()));
+    assert!(on_disk.config.train_on_traffic);
+
+    // At the usual rate it learns: the weights move.
+    let d = tmp.path().join("d");
+    let moving = PretrainConfig {
+        lr: 2e-3,
+        ..still.clone()
+    };
+    pretrain(&moving, &data, &d, &mut |_| {}).unwrap();
+    assert!(max_weight_diff(&a, &d) > 1e-4);
+
+    // What cannot be continued is named.
+    let err = |cfg: &PretrainConfig, out: &str| {
+        pretrain(cfg, &data, &tmp.path().join(out), &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(
+        &PretrainConfig {
+            units: 8,
+            ..still.clone()
+        },
+        "e1",
+    );
+    assert!(e.contains("codebook has 16 units, this run has 8"), "{e}");
+    let mut wider = still.clone();
+    wider.shape.hidden = 64;
+    wider.shape.intermediate = 128;
+    let e = err(&wider, "e2");
+    assert!(
+        e.contains("init_from") && e.contains("d = 32") && e.contains("d = 64"),
+        "{e}"
+    );
+    let e = err(
+        &PretrainConfig {
+            init_from: Some(tmp.path().join("no-such-model")),
+            ..still.clone()
+        },
+        "e3",
+    );
+    assert!(e.contains("no-such-model"), "{e}");
+    let e = err(
+        &PretrainConfig {
+            traffic_takes: 0,
+            ..still.clone()
+        },
+        "e4",
+    );
+    assert!(e.contains("train_on_traffic needs traffic_takes"), "{e}");
 }
 
 #[test]

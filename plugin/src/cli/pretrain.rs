@@ -57,6 +57,15 @@ pub struct Args {
     /// Test examples per task family for the model card (0 skips the evaluation).
     #[arg(long, default_value_t = DEFAULT_EVAL_SAMPLES)]
     pub eval_samples: usize,
+    /// Continue from this model directory (written by `leaf pretrain`: its weights and unit
+    /// codebook; same shape and unit count) instead of starting from random weights.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Train on the takes kept for the traffic (5 to 5+N-1) instead of the pretraining takes.
+    /// With `--init-from` the served model: supervised continued training on the traffic's
+    /// audio and reference answers.
+    #[arg(long)]
+    pub train_on_traffic: bool,
     /// Print no progress (by default a bar on a terminal, otherwise a plain line every 5 % of
     /// the steps).
     #[arg(long)]
@@ -102,6 +111,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         eval_samples: a.eval_samples,
         augment_prob: a.augment_prob,
         train_kinds,
+        init_from: a.init_from,
+        train_on_traffic: a.train_on_traffic,
         ..defaults
     };
     let report = if a.quiet {

@@ -729,7 +729,12 @@ fn left_out_of_pretraining(dir: &Path, corpus: &Corpus) -> (Option<String>, u32)
             report
                 .holdout_speaker
                 .filter(|s| corpus.speakers().iter().any(|x| x == s)),
-            report.config.traffic_takes,
+            // A model continued on the traffic's takes has heard them: nothing is left out.
+            if report.config.train_on_traffic {
+                0
+            } else {
+                report.config.traffic_takes
+            },
         ),
         Err(_) => (None, 0),
     }

@@ -234,6 +234,16 @@ pub struct PretrainConfig {
     pub eval_samples: usize,
     /// Worker threads for audio work (0 = all cores); does not change the result.
     pub threads: usize,
+    /// Continue from this model directory (written by `leaf pretrain`): its weights and its
+    /// unit codebook instead of random weights and a new codebook. Its shape and unit count
+    /// must be this config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Train on the takes kept for the traffic ([`Self::traffic_takes`]) instead of the
+    /// pretraining takes: with [`Self::init_from`] the served model, this is supervised
+    /// continued training on the traffic's audio and its reference answers.
+    #[serde(default)]
+    pub train_on_traffic: bool,
 }
 
 impl Default for PretrainConfig {
@@ -260,6 +270,8 @@ impl Default for PretrainConfig {
             train_kinds: DEFAULT_TRAIN_KINDS.to_vec(),
             eval_samples: DEFAULT_EVAL_SAMPLES,
             threads: 0,
+            init_from: None,
+            train_on_traffic: false,
         }
     }
 }
@@ -303,6 +315,9 @@ impl PretrainConfig {
         }
         if let Some(a) = &self.augment {
             a.validate()?;
+        }
+        if self.train_on_traffic && self.traffic_takes == 0 {
+            return bad("train_on_traffic needs traffic_takes > 0 (the takes to train on)".into());
         }
         Ok(())
     }
@@ -589,34 +604,46 @@ pub fn pretrain(
     let holdout = config.holdout.resolve(&speakers)?;
     let train = corpus.filter(|c| {
         c.split() == Split::Train
-            && !super::tasks::is_traffic_take(c.take, config.traffic_takes)
+            && super::tasks::is_traffic_take(c.take, config.traffic_takes)
+                == config.train_on_traffic
             && Some(c.speaker.as_str()) != holdout.as_deref()
     });
     if train.is_empty() {
         return Err(SpeechError::Data {
             path: data.to_path_buf(),
             reason: format!(
-                "no training takes ({} and up) outside the held-out speaker",
-                FIRST_TRAIN_TAKE + config.traffic_takes
+                "no training takes ({}) outside the held-out speaker",
+                takes_trained(config)
             ),
         }
         .into());
     }
 
-    progress(&ProgressEvent::Stage("fitting the unit codebook".into()));
-    let frontend = FrontEnd::new(FrontEndConfig::default())?;
-    let codebook: Codebook = fit_corpus(
-        &train,
-        &frontend,
-        super::units::DEFAULT_POOL,
-        &KMeansConfig {
-            k: config.units,
-            seed: config.seed,
-            max_iters: config.kmeans_iters,
-            threads: config.threads,
-            ..KMeansConfig::default()
-        },
-    )?;
+    let codebook: Codebook = match &config.init_from {
+        Some(dir) => {
+            progress(&ProgressEvent::Stage(format!(
+                "continuing from {}",
+                dir.display()
+            )));
+            Codebook::load(&dir.join(CODEBOOK_FILE))?
+        }
+        None => {
+            progress(&ProgressEvent::Stage("fitting the unit codebook".into()));
+            let frontend = FrontEnd::new(FrontEndConfig::default())?;
+            fit_corpus(
+                &train,
+                &frontend,
+                super::units::DEFAULT_POOL,
+                &KMeansConfig {
+                    k: config.units,
+                    seed: config.seed,
+                    max_iters: config.kmeans_iters,
+                    threads: config.threads,
+                    ..KMeansConfig::default()
+                },
+            )?
+        }
+    };
     let units = UnitEncoder::new(codebook.clone())?;
     let tokenizer = SpeechTokenizer::for_tasks(config.units)?;
     let llama = config.llama_config(&tokenizer);
@@ -626,7 +653,13 @@ pub fn pretrain(
         trainable: Trainable::Full,
         frozen_matmul: true,
     };
-    let model = LlamaModel::random(&llama, config.seed, &options)?;
+    let model = match &config.init_from {
+        Some(dir) => {
+            check_init(dir, &llama, codebook.k(), config.units)?;
+            LlamaModel::load(dir, &options)?
+        }
+        None => LlamaModel::random(&llama, config.seed, &options)?,
+    };
     let parameters: usize = model
         .trainable_vars()
         .iter()
@@ -793,6 +826,54 @@ pub fn pretrain(
     Ok(report)
 }
 
+/// The takes a run trains on, for messages and the model card: `"15+"` when pretraining,
+/// `"5-14, the traffic's"` when training on the traffic.
+fn takes_trained(c: &PretrainConfig) -> String {
+    let first_after = FIRST_TRAIN_TAKE + c.traffic_takes;
+    if c.train_on_traffic {
+        format!("{FIRST_TRAIN_TAKE}-{}, the traffic's", first_after - 1)
+    } else {
+        format!("{first_after}+")
+    }
+}
+
+/// Checks that the model in `dir` can be continued with this run's settings: the same
+/// decoder config and unit count. The error names the directory and what differs.
+fn check_init(dir: &Path, llama: &LlamaConfig, k: usize, units: usize) -> Result<()> {
+    let bad = |reason: String| -> Error {
+        SpeechError::Config(format!("init_from {}: {reason}", dir.display())).into()
+    };
+    if k != units {
+        return Err(bad(format!(
+            "its codebook has {k} units, this run has {units}"
+        )));
+    }
+    let theirs = LlamaConfig::from_path(dir)?.normalized();
+    let ours = llama.normalized();
+    if theirs != ours {
+        return Err(bad(format!(
+            "its decoder ({} layers, d = {}, {} heads, {} kv heads, MLP {}, vocabulary {}, {} \
+             positions) differs from this run's ({} layers, d = {}, {} heads, {} kv heads, MLP \
+             {}, vocabulary {}, {} positions, or another setting of config.json)",
+            theirs.num_hidden_layers,
+            theirs.hidden_size,
+            theirs.num_attention_heads,
+            theirs.num_kv_heads(),
+            theirs.intermediate_size,
+            theirs.vocab_size,
+            theirs.max_position_embeddings,
+            ours.num_hidden_layers,
+            ours.hidden_size,
+            ours.num_attention_heads,
+            ours.num_kv_heads(),
+            ours.intermediate_size,
+            ours.vocab_size,
+            ours.max_position_embeddings,
+        )));
+    }
+    Ok(())
+}
+
 fn pct(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".to_string(), |v| format!("{:.1} %", 100.0 * v))
 }
@@ -805,13 +886,29 @@ pub fn model_card(r: &PretrainReport) -> String {
     out.push_str("---\nlibrary_name: leaf\nlicense: cc-by-sa-4.0\ntags:\n- speech\n- discrete-units\n- spoken-digits\n---\n\n");
     out.push_str("# leaf spoken-digit base model\n\n");
     out.push_str(&format!(
-        "A small Llama-family decoder ({} layers, d = {}, {} heads, {} parameters) trained from \
-         scratch by `leaf pretrain` on spoken-digit tasks built from Free Spoken Digit Dataset \
+        "A small Llama-family decoder ({} layers, d = {}, {} heads, {} parameters) {} on \
+         spoken-digit tasks built from Free Spoken Digit Dataset \
          recordings. Audio enters the prompt as discrete units (`units.json`: {} k-means \
          centroids over pooled log-mel frames) between `<|audio_start|>` and `<|audio_end|>`; \
          the chat template in `tokenizer_config.json` places them where the audio content part \
          was. mistral.rs 0.8.1 serves this directory as a plain Llama model.\n\n",
-        s.layers, s.hidden, s.heads, r.parameters, c.units
+        s.layers,
+        s.hidden,
+        s.heads,
+        r.parameters,
+        match &c.init_from {
+            Some(d) => format!(
+                "trained by `leaf pretrain`, continued from `{}`{}",
+                d.display(),
+                if c.train_on_traffic {
+                    " on the traffic's takes"
+                } else {
+                    ""
+                }
+            ),
+            None => "trained from scratch by `leaf pretrain`".to_string(),
+        },
+        c.units
     ));
     out.push_str("## Training\n\n| figure | value |\n|---|---|\n");
     for (k, v) in [
@@ -853,11 +950,7 @@ pub fn model_card(r: &PretrainReport) -> String {
         ),
         (
             "training clips",
-            format!(
-                "{} (takes {}+)",
-                r.train_clips,
-                FIRST_TRAIN_TAKE + r.config.traffic_takes
-            ),
+            format!("{} (takes {})", r.train_clips, takes_trained(&r.config)),
         ),
         (
             "takes kept for the traffic",
