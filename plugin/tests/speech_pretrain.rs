@@ -9,7 +9,7 @@ use leaf_adapters::LlamaConfig;
 use leaf_plugin::speech::eval::{evaluate, Decoding, EvalConfig};
 use leaf_plugin::speech::pretrain::{
     load_encoder, pretrain, Holdout, ModelShape, PretrainConfig, PretrainReport, ProgressEvent,
-    MODEL_CARD_FILE, MODEL_INFO_FILE,
+    ADAPTER_DIR, MODEL_CARD_FILE, MODEL_INFO_FILE,
 };
 use leaf_plugin::speech::tasks::link_recordings;
 use leaf_plugin::speech::tasks::{Corpus, Split, TaskFamily};
@@ -329,6 +329,33 @@ fn continuing_on_the_traffic_takes_starts_from_the_given_model() {
     pretrain(&moving, &data, &d, &mut |_| {}).unwrap();
     assert!(max_weight_diff(&a, &d) > 1e-4);
 
+    // As a LoRA adapter: the model directory keeps the starting weights, the adapter moved.
+    let l = tmp.path().join("l");
+    let lora = PretrainConfig {
+        adapter_rank: Some(4),
+        ..moving.clone()
+    };
+    pretrain(&lora, &data, &l, &mut |_| {}).unwrap();
+    assert_eq!(max_weight_diff(&a, &l), 0.0);
+    let adapter = leaf_adapters::peft::LoraAdapter::load(&l.join(ADAPTER_DIR)).unwrap();
+    assert_eq!(adapter.config.r, 4);
+    let moved = adapter
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.contains("lora_B"))
+        .all(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        });
+    assert!(moved, "every lora_B left zero");
+    let card = std::fs::read_to_string(l.join(MODEL_CARD_FILE)).unwrap();
+    assert!(card.contains("rank-4 LoRA adapter"), "{card}");
+
     // What cannot be continued is named.
     let err = |cfg: &PretrainConfig, out: &str| {
         pretrain(cfg, &data, &tmp.path().join(out), &mut |_| {})
@@ -367,6 +394,23 @@ fn continuing_on_the_traffic_takes_starts_from_the_given_model() {
         "e4",
     );
     assert!(e.contains("train_on_traffic needs traffic_takes"), "{e}");
+    let e = err(
+        &PretrainConfig {
+            adapter_rank: Some(4),
+            init_from: None,
+            ..base.clone()
+        },
+        "e5",
+    );
+    assert!(e.contains("adapter_rank needs init_from"), "{e}");
+    let e = err(
+        &PretrainConfig {
+            adapter_rank: Some(0),
+            ..still.clone()
+        },
+        "e6",
+    );
+    assert!(e.contains("adapter_rank must be positive"), "{e}");
 }
 
 #[test]

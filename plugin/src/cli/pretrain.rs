@@ -66,6 +66,11 @@ pub struct Args {
     /// audio and reference answers.
     #[arg(long)]
     pub train_on_traffic: bool,
+    /// With `--init-from`: train a LoRA adapter of this rank (alpha = 2 x rank, all seven
+    /// projections) instead of every weight, written as a PEFT adapter to `OUT/adapter` for
+    /// `leaf eval --adapter`, the adapter store and the server.
+    #[arg(long)]
+    pub adapter_rank: Option<usize>,
     /// Print no progress (by default a bar on a terminal, otherwise a plain line every 5 % of
     /// the steps).
     #[arg(long)]
@@ -113,6 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         train_kinds,
         init_from: a.init_from,
         train_on_traffic: a.train_on_traffic,
+        adapter_rank: a.adapter_rank,
         ..defaults
     };
     let report = if a.quiet {

@@ -24,7 +24,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use leaf_adapters::model::{Batch, LlamaModel, ModelOptions, Pass, Trainable};
+use leaf_adapters::model::{Batch, LlamaModel, LoraOptions, ModelOptions, Pass, Trainable};
 use leaf_adapters::LlamaConfig;
 use serde::{Deserialize, Serialize};
 
@@ -244,7 +244,16 @@ pub struct PretrainConfig {
     /// continued training on the traffic's audio and its reference answers.
     #[serde(default)]
     pub train_on_traffic: bool,
+    /// Train a LoRA adapter of this rank (alpha = 2 x rank, all seven projections, no dropout)
+    /// on top of [`Self::init_from`] instead of every weight, and write it as a PEFT adapter to
+    /// `OUT/adapter` ([`ADAPTER_DIR`]), which `leaf eval --adapter`, the adapter store and the
+    /// server take. The model directory itself keeps the starting weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_rank: Option<usize>,
 }
+
+/// Where a run with [`PretrainConfig::adapter_rank`] writes its PEFT adapter, inside `OUT`.
+pub const ADAPTER_DIR: &str = "adapter";
 
 impl Default for PretrainConfig {
     fn default() -> Self {
@@ -272,6 +281,7 @@ impl Default for PretrainConfig {
             threads: 0,
             init_from: None,
             train_on_traffic: false,
+            adapter_rank: None,
         }
     }
 }
@@ -315,6 +325,13 @@ impl PretrainConfig {
         }
         if let Some(a) = &self.augment {
             a.validate()?;
+        }
+        match (self.adapter_rank, &self.init_from) {
+            (Some(0), _) => return bad("adapter_rank must be positive".into()),
+            (Some(_), None) => {
+                return bad("adapter_rank needs init_from (the model the adapter sits on)".into())
+            }
+            _ => {}
         }
         if self.train_on_traffic && self.traffic_takes == 0 {
             return bad("train_on_traffic needs traffic_takes > 0 (the takes to train on)".into());
@@ -400,7 +417,8 @@ pub fn train_step(
     let b = Batch::new(&pairs, model.device())?;
     let answer_tokens = b.num_tokens();
     let tokens: usize = b.lens().iter().sum();
-    let logp = model.logprobs_with(&b, &Pass::BASE)?;
+    // The policy pass: with LoRA (`adapter_rank`) the adapter is on; in full mode the same.
+    let logp = model.logprobs_with(&b, &Pass::POLICY)?;
     let loss = candle(
         logp.sum_all()
             .and_then(|s| s.affine(-1.0 / answer_tokens as f64, 0.0)),
@@ -650,7 +668,16 @@ pub fn pretrain(
     let options = ModelOptions {
         dtype: DType::F32,
         device: Device::Cpu,
-        trainable: Trainable::Full,
+        trainable: match config.adapter_rank {
+            Some(rank) => Trainable::Lora(LoraOptions {
+                rank,
+                alpha: 2.0 * rank as f64,
+                dropout: 0.0,
+                seed: config.seed,
+                ..LoraOptions::default()
+            }),
+            None => Trainable::Full,
+        },
         frozen_matmul: true,
     };
     let model = match &config.init_from {
@@ -661,9 +688,9 @@ pub fn pretrain(
         None => LlamaModel::random(&llama, config.seed, &options)?,
     };
     let parameters: usize = model
-        .trainable_vars()
+        .base_tensors()
         .iter()
-        .map(|(_, v)| v.elem_count())
+        .map(|(_, t)| t.elem_count())
         .sum();
     let mut optimizer = optimizer_for(&model, config)?;
     let schedule = CosineSchedule::new(
@@ -769,6 +796,11 @@ pub fn pretrain(
     progress(&ProgressEvent::Stage("writing the model".into()));
     std::fs::create_dir_all(out).map_err(io(out))?;
     model.save(out)?;
+    if let (Some(_), Some(init)) = (config.adapter_rank, &config.init_from) {
+        model
+            .export_adapter(&init.display().to_string())?
+            .save(&out.join(ADAPTER_DIR))?;
+    }
     tokenizer.save(out)?;
     codebook.save(&out.join(CODEBOOK_FILE))?;
 
@@ -898,12 +930,19 @@ pub fn model_card(r: &PretrainReport) -> String {
         r.parameters,
         match &c.init_from {
             Some(d) => format!(
-                "trained by `leaf pretrain`, continued from `{}`{}",
+                "trained by `leaf pretrain`, continued from `{}`{}{}",
                 d.display(),
                 if c.train_on_traffic {
                     " on the traffic's takes"
                 } else {
                     ""
+                },
+                match c.adapter_rank {
+                    Some(r) => format!(
+                        " as a rank-{r} LoRA adapter in `{ADAPTER_DIR}/` (the weights here are \
+                         the starting ones)"
+                    ),
+                    None => String::new(),
                 }
             ),
             None => "trained from scratch by `leaf pretrain`".to_string(),
