@@ -884,26 +884,26 @@ fn check_init(dir: &Path, llama: &LlamaConfig, k: usize, units: usize) -> Result
     let ours = llama.normalized();
     if theirs != ours {
         return Err(bad(format!(
-            "its decoder ({} layers, d = {}, {} heads, {} kv heads, MLP {}, vocabulary {}, {} \
-             positions) differs from this run's ({} layers, d = {}, {} heads, {} kv heads, MLP \
-             {}, vocabulary {}, {} positions, or another setting of config.json)",
-            theirs.num_hidden_layers,
-            theirs.hidden_size,
-            theirs.num_attention_heads,
-            theirs.num_kv_heads(),
-            theirs.intermediate_size,
-            theirs.vocab_size,
-            theirs.max_position_embeddings,
-            ours.num_hidden_layers,
-            ours.hidden_size,
-            ours.num_attention_heads,
-            ours.num_kv_heads(),
-            ours.intermediate_size,
-            ours.vocab_size,
-            ours.max_position_embeddings,
+            "its decoder ({}) differs from this run's ({}, or another setting of config.json)",
+            decoder_summary(&theirs),
+            decoder_summary(&ours)
         )));
     }
     Ok(())
+}
+
+/// A decoder's shape in words, for messages.
+fn decoder_summary(c: &LlamaConfig) -> String {
+    format!(
+        "{} layers, d = {}, {} heads, {} kv heads, MLP {}, vocabulary {}, {} positions",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings
+    )
 }
 
 fn pct(x: Option<f64>) -> String {
