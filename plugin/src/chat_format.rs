@@ -339,9 +339,14 @@ impl ChatFormat {
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, ChatFormatError> {
         let text = self.render(messages, add_generation_prompt)?;
+        self.encode(&text, true)
+    }
+
+    /// `text` encoded by the model's tokenizer, with or without its special tokens added.
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ChatFormatError> {
         let enc = self
             .tokenizer
-            .encode_fast(text, true)
+            .encode_fast(text, add_special_tokens)
             .map_err(|e| ChatFormatError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -363,12 +368,7 @@ impl ChatFormat {
         let stop = |id: &u32| self.stop_ids.contains(id);
         let mut ids = match full.strip_prefix(prompt.as_slice()) {
             Some(tail) if tail.iter().any(stop) => tail.to_vec(),
-            _ => self
-                .tokenizer
-                .encode_fast(answer, false)
-                .map_err(|e| ChatFormatError::Tokenizer(e.to_string()))?
-                .get_ids()
-                .to_vec(),
+            _ => self.encode(answer, false)?,
         };
         match ids.iter().position(stop) {
             Some(end) => ids.truncate(end + 1),
@@ -622,14 +622,21 @@ mod tests {
         assert!(strftime("%Q", t).is_err());
     }
 
+    /// The speech workload's tokenizer and the chat format read from the directory it saves.
     #[cfg(feature = "speech")]
-    #[test]
-    fn the_speech_workloads_chatml_renders_like_its_own_renderer() {
-        use crate::speech::tokenizer::{ChatMessage, SpeechTokenizer};
-        let tok = SpeechTokenizer::build(&[], 8).unwrap();
+    fn speech_chatml() -> (crate::speech::tokenizer::SpeechTokenizer, ChatFormat) {
+        let tok = crate::speech::tokenizer::SpeechTokenizer::build(&[], 8).unwrap();
         let dir = tempfile::tempdir().unwrap();
         tok.save(dir.path()).unwrap();
         let format = ChatFormat::from_dir(dir.path(), Arc::new(tok.inner().clone())).unwrap();
+        (tok, format)
+    }
+
+    #[cfg(feature = "speech")]
+    #[test]
+    fn the_speech_workloads_chatml_renders_like_its_own_renderer() {
+        use crate::speech::tokenizer::ChatMessage;
+        let (tok, format) = speech_chatml();
         let turns = [
             ChatTurn::new("system", "Be brief."),
             ChatTurn::new("user", "Say <|unit_3|> seven."),
@@ -650,11 +657,7 @@ mod tests {
     #[cfg(feature = "speech")]
     #[test]
     fn answer_ids_are_what_the_model_is_trained_to_generate() {
-        use crate::speech::tokenizer::SpeechTokenizer;
-        let tok = SpeechTokenizer::build(&[], 8).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        tok.save(dir.path()).unwrap();
-        let format = ChatFormat::from_dir(dir.path(), Arc::new(tok.inner().clone())).unwrap();
+        let (tok, format) = speech_chatml();
         for answer in [
             "seven three nine",
             "nineteen",

@@ -176,21 +176,19 @@ pub fn prepare_batch(
             continue;
         }
         for (i, (r, a)) in group.rollouts().iter().zip(adv.per_token).enumerate() {
+            // Members past the sampled ones are the reference: no behaviour to weigh against.
             let sampled = i < sourced.rollouts.len();
+            let (behaviour_logprobs, behaviour_version) = if sampled {
+                (r.logprobs.clone(), sourced.behaviour_version(i).to_string())
+            } else {
+                (Vec::new(), String::new())
+            };
             out.samples.push(TrainSample {
                 prompt: sourced.prompt_ids.clone(),
                 completion: r.tokens.clone(),
                 advantages: a,
-                behaviour_logprobs: if sampled {
-                    r.logprobs.clone()
-                } else {
-                    Vec::new()
-                },
-                behaviour_version: if sampled {
-                    sourced.behaviour_version(i).to_string()
-                } else {
-                    String::new()
-                },
+                behaviour_logprobs,
+                behaviour_version,
                 demonstration: !sampled,
             });
         }
