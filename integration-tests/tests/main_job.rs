@@ -73,6 +73,9 @@ fn short_run(model: &Path, data: &Path, out: &Path) -> RunConfig {
         // Only the injected fault may roll back in this test.
         collapse_drop: 10.0,
         progress: false,
+        // Reinforcement only: every update comes from compared groups.
+        supervised_weight: 0.0,
+        fork_fraction: 1.0,
         ..RunConfig::default()
     }
 }
@@ -223,6 +226,48 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
         .find(|e| e.kind.starts_with("optimizer_"))
         .expect("an optimizer event on resume");
     assert_eq!(restored.kind, "optimizer_restored", "{}", restored.message);
+}
+
+#[test]
+fn leaf_run_with_the_supervised_objective_trains_on_labelled_singles_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path());
+    let model = tiny_model(tmp.path(), &data);
+    let out = tmp.path().join("run");
+    let cfg = RunConfig {
+        supervised_weight: 1.0,
+        supervised_per_update: 3,
+        fork_fraction: 0.25,
+        ..short_run(&model, &data, &out)
+    };
+    // Fewer requests are forked, so the same budget makes more, smaller updates.
+    assert!(cfg.planned_updates() > short_run(&model, &data, &out).planned_updates());
+    let report = run(&cfg).expect("leaf run with the supervised objective");
+    let d = &report.diagnostics;
+    assert!(report.rollouts >= 48);
+    // Every request carried a reference: some trained as demonstrations, among them those of
+    // requests nobody forked (updates closed by singles have no compared group).
+    assert!(d.summary.supervised > 0, "{:?}", d.summary);
+    assert!(
+        d.updates
+            .iter()
+            .any(|u| u.batch.groups == 0 && u.batch.supervised > 0),
+        "no update came from labelled singles alone"
+    );
+    assert!(report.swaps >= 1, "nothing was served: {report:?}");
+    assert!(report
+        .diagnostics_lines()
+        .iter()
+        .any(|l| l.starts_with("supervised: ")));
+    // Without the objective, requests that are not forked teach nothing: refused.
+    let e = run(&RunConfig {
+        supervised_weight: 0.0,
+        overwrite: true,
+        ..cfg.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fork_fraction"), "{e}");
 }
 
 #[test]

@@ -6,7 +6,9 @@ use std::time::Duration;
 use leaf_adapters::store::AdapterStore;
 use leaf_integration_tests::{small_lora_train, start, tiny_model, EvenIds};
 use leaf_plugin::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
-use leaf_plugin::online::{training_group_policy, OnlineConfig, OnlineTrainer, ShutdownMode};
+use leaf_plugin::online::{
+    training_group_policy, OnlineConfig, OnlineTrainer, ShutdownMode, SupervisedReference,
+};
 use leaf_plugin::reward::{Metric, RewardOptions};
 use leaf_plugin::serving::{ChatRequest, GroupPolicy, Message, ServerConfig, BASE_VERSION};
 
@@ -218,5 +220,64 @@ async fn default_online_settings_learn_from_unique_prompts() -> anyhow::Result<(
         dropped = server.status().groups_dropped;
     }
     assert!(dropped > 0, "unforked one-member groups are still held");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervised_objective_learns_from_labelled_requests_nobody_forked() -> anyhow::Result<()>
+{
+    let m = tiny_model(11)?;
+    let mut cfg = server_config(&m);
+    cfg.assembler.reference_ids = true;
+    cfg.group_policy = GroupPolicy {
+        fork_fraction: 0.0,
+        labelled_singles: true,
+        ..GroupPolicy::default()
+    };
+    let reward = Arc::new(ReferenceReward::new(Metric::Chrf, RewardOptions::default()));
+    let (server, rx) = start(cfg, reward).await?;
+    let online = OnlineTrainer::spawn(
+        server.clone(),
+        rx,
+        OnlineConfig {
+            supervised: Some(SupervisedReference {
+                singles_per_update: 2,
+                ..SupervisedReference::default()
+            }),
+            // Compared groups would close a batch at 4; none come, singles close it at 2.
+            ..online_config(4, ShutdownMode::Finish)
+        },
+        tokio::runtime::Handle::current(),
+    )?;
+    // Unique prompts, each asked once: without labelled singles they would wait to coalesce
+    // and be dropped; here each is sealed at once as a group of one.
+    for i in 0..2u64 {
+        server
+            .chat(ask(&format!("Say three, take {i}."), "three", 20 + i))
+            .await?;
+    }
+    let mut swapped = false;
+    for _ in 0..600 {
+        if server.current_version() != BASE_VERSION {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = server.status();
+    let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
+    eprintln!("status {status:?}; report {report:?}");
+    assert!(swapped, "no version from labelled singles: {report:?}");
+    assert_eq!(status.forks_fired, 0, "{status:?}");
+    assert_eq!(status.groups_sealed, 2, "{status:?}");
+    assert_eq!(report.references_supervised, 2);
+    // Nothing was compared: the update came from the references alone.
+    assert_eq!((report.groups_trained, report.groups_uninformative), (0, 0));
+    assert!(report.updates >= 1);
+    let last = report.last_update.expect("diagnostics of the update");
+    assert_eq!(last.batch.supervised, 2);
+    // The surrogate of a demonstration is -weight per token on the first pass; its gradient
+    // is the log-likelihood's.
+    assert!(last.loss.is_finite() && last.grad_norm > 0.0, "{last:?}");
     Ok(())
 }

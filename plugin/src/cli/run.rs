@@ -79,6 +79,17 @@ pub struct Args {
     /// and not only from the sampled ones.
     #[arg(long)]
     pub reference_guidance: bool,
+    /// Weight of the supervised objective: every request's reference answer is also trained
+    /// on as a demonstration (its log-likelihood times this weight); 0: reinforcement only.
+    #[arg(long, default_value_t = RunConfig::default().supervised_weight)]
+    pub supervised_weight: f64,
+    /// Labelled one-response groups (requests that were not forked) per supervised update.
+    #[arg(long, default_value_t = RunConfig::default().supervised_per_update)]
+    pub supervised_per_update: usize,
+    /// Fraction of requests that get K - 1 extra samples for reinforcement; below 1 needs
+    /// the supervised objective (the others teach only it).
+    #[arg(long, default_value_t = RunConfig::default().fork_fraction)]
+    pub fork_fraction: f64,
     /// Distinct training prompts in the traffic, replayed cyclically (fewer prompts than
     /// rollouts / K replays each prompt more than once).
     #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
@@ -143,6 +154,9 @@ impl Args {
             epochs: self.epochs,
             negative_weight: self.negative_weight,
             reference_guidance: self.reference_guidance,
+            supervised_weight: self.supervised_weight,
+            supervised_per_update: self.supervised_per_update,
+            fork_fraction: self.fork_fraction,
             traffic_prompts: self.prompts,
             traffic_augment: self.augment_traffic,
             ceiling_samples: self.ceiling_samples,

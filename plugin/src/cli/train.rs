@@ -91,6 +91,11 @@ pub struct Args {
     /// reference as one more member, reward 1, trained as a demonstration.
     #[arg(long)]
     pub reference_guidance: bool,
+    /// Supervised objective: a group that carries its reference's ids also trains on the
+    /// reference as a demonstration of constant advantage (its log-likelihood, weight 1),
+    /// whatever its rewards; one-response groups then make an update every 16.
+    #[arg(long)]
+    pub supervised: bool,
 }
 
 /// Runs `leaf train`.
@@ -138,6 +143,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     job.reference_guidance = a
         .reference_guidance
         .then(leaf_plugin::online::ReferenceGuidance::default);
+    job.supervised = a
+        .supervised
+        .then(leaf_plugin::online::SupervisedReference::default);
     #[cfg(feature = "cluster")]
     let report = match (&a.cluster, &a.groups) {
         (Some(url), _) => {

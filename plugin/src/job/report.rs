@@ -318,6 +318,12 @@ impl RunReport {
             u.staleness_mean,
             u.staleness_max
         ));
+        if u.supervised > 0 {
+            out.push(format!(
+                "supervised: {} reference answers trained on as demonstrations",
+                u.supervised
+            ));
+        }
         let p = |phase| d.phases.get(phase);
         out.push(format!(
             "time: generation {:.0} s (rewards {:.1} s within), advantages {:.1} s, training \

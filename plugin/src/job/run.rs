@@ -46,8 +46,8 @@ use crate::advantage::ForkStats;
 use crate::harvest::{AssemblerConfig, ReferenceReward, SealedGroup};
 use crate::online::{
     CheckOutcome, GroupReceipt, Learner, LearnerConfig, Phase, PhaseTimes, PromotionGate,
-    ReferenceGuidance, RollbackReason, ServerSink, SourcedGroup, TimedReward, UpdateOutcome,
-    UpdateRecord, UpdateSummary, VersionHistory,
+    ReferenceGuidance, RollbackReason, ServerSink, SourcedGroup, SupervisedReference, TimedReward,
+    UpdateOutcome, UpdateRecord, UpdateSummary, VersionHistory,
 };
 use crate::reward::{Metric, RewardOptions};
 use crate::serving::{GroupPolicy, LeafServer, ServerConfig, BASE_VERSION};
@@ -152,6 +152,20 @@ pub struct RunConfig {
     /// ([`ReferenceGuidance`], reward 1).
     #[serde(default)]
     pub reference_guidance: bool,
+    /// The supervised objective: every request's reference answer is also trained on as a
+    /// demonstration of this weight ([`SupervisedReference`]); 0 turns it off (reinforcement
+    /// only).
+    #[serde(default)]
+    pub supervised_weight: f64,
+    /// One-response groups (labelled requests that were not forked) per update of the
+    /// supervised objective.
+    #[serde(default = "sixteen")]
+    pub supervised_per_update: usize,
+    /// Fraction of the traffic's requests that get K - 1 extra samples (a group that
+    /// reinforcement learns from); with the supervised objective the others are labelled
+    /// one-response groups.
+    #[serde(default = "unit_weight")]
+    pub fork_fraction: f64,
     /// Concurrent traffic clients.
     pub clients: usize,
     /// Most new tokens per answer.
@@ -195,6 +209,10 @@ fn one() -> usize {
     1
 }
 
+fn sixteen() -> usize {
+    16
+}
+
 fn unit_weight() -> f64 {
     1.0
 }
@@ -229,6 +247,9 @@ impl Default for RunConfig {
             epochs: 1,
             negative_weight: 1.0,
             reference_guidance: false,
+            supervised_weight: 0.0,
+            supervised_per_update: 16,
+            fork_fraction: 1.0,
             clients: 4,
             max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
@@ -277,6 +298,21 @@ impl RunConfig {
         if !(0.0..=1.0).contains(&self.negative_weight) {
             return bad("negative_weight must be in [0, 1]");
         }
+        if !(self.supervised_weight.is_finite() && self.supervised_weight >= 0.0) {
+            return bad("supervised_weight must be finite and >= 0 (0 turns it off)");
+        }
+        if self.supervised_per_update == 0 {
+            return bad("supervised_per_update must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.fork_fraction) {
+            return bad("fork_fraction must be in [0, 1]");
+        }
+        if self.fork_fraction < 1.0 && self.supervised_weight == 0.0 {
+            return bad(
+                "fork_fraction below 1 needs the supervised objective (supervised_weight > 0): \
+                 requests that are not forked teach nothing else",
+            );
+        }
         if self.clients == 0 || self.max_tokens == 0 || self.traffic_prompts == 0 {
             return bad("clients, max_tokens and traffic_prompts must be positive");
         }
@@ -303,9 +339,30 @@ impl RunConfig {
         (self.group_size * self.groups_per_update) as u64
     }
 
-    /// Updates planned for the budget (the length of the learning-rate schedule).
+    /// Updates planned for the budget (the length of the learning-rate schedule). With a
+    /// fork fraction f below 1, an update of B forked groups also holds about
+    /// B (1 - f) / f labelled singles, and an update closes at `supervised_per_update` singles
+    /// if those come first.
     pub fn planned_updates(&self) -> u64 {
-        self.rollouts.div_ceil(self.rollouts_per_update()).max(1)
+        let f = self.fork_fraction;
+        let per_update = if f >= 1.0 {
+            self.rollouts_per_update() as f64
+        } else {
+            // Requests per update: B / f when forked groups close it, S / (1 - f) when
+            // singles do; each forked request costs K rollouts, each single one.
+            let b = self.groups_per_update as f64;
+            let requests = (b / f.max(1e-9)).min(self.supervised_per_update as f64 / (1.0 - f));
+            requests * (f * self.group_size as f64 + (1.0 - f))
+        };
+        ((self.rollouts as f64 / per_update).ceil() as u64).max(1)
+    }
+
+    /// The supervised objective, when on.
+    pub fn supervised(&self) -> Option<SupervisedReference> {
+        (self.supervised_weight > 0.0).then(|| SupervisedReference {
+            weight: self.supervised_weight,
+            singles_per_update: self.supervised_per_update,
+        })
     }
 
     fn train_config(&self) -> TrainConfig {
@@ -546,6 +603,7 @@ impl RunLearner<'_> {
         traffic_done: &dyn Fn() -> bool,
     ) -> crate::Result<()> {
         let mut held: Vec<SealedGroup> = Vec::new();
+        let rule = self.learner.batch_rule(self.config.groups_per_update);
         let mut idle = Instant::now();
         while self.state.rollouts < self.config.rollouts {
             let waited = Instant::now();
@@ -575,7 +633,7 @@ impl RunLearner<'_> {
                     return Err(JobError::Failed("the sealed-group queue closed".into()).into())
                 }
             }
-            if held.len() >= self.config.groups_per_update {
+            if rule.ready(held.iter().map(|g| g.members.len())) {
                 let batch = std::mem::take(&mut held);
                 self.update(&batch)?;
                 self.refresh_bar();
@@ -920,14 +978,15 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         group_size: config.group_size,
         min_group_size: 2,
         seal_timeout_s: 60.0,
-        reference_ids: config.reference_guidance,
+        reference_ids: config.reference_guidance || config.supervised_weight > 0.0,
         ..AssemblerConfig::default()
     };
     server_cfg.group_policy = GroupPolicy {
-        fork_fraction: 1.0,
+        fork_fraction: config.fork_fraction,
         background_concurrency: config.group_size,
         max_foreground_inflight: config.clients * 2,
         seed: config.seed,
+        labelled_singles: config.supervised_weight > 0.0,
     };
     let mut reference_reward = ReferenceReward::new(config.metric, RewardOptions::default());
     if config.placebo_reward {
@@ -954,6 +1013,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     learner_cfg.base_name = "leaf-digits-base".into();
     learner_cfg.fault_nan_update = config.fault_nan_update;
     learner_cfg.reference_guidance = config.reference_guidance.then(ReferenceGuidance::default);
+    learner_cfg.supervised = config.supervised();
     let mut learner = Learner::new(
         &model_dir,
         learner_cfg,
@@ -1050,7 +1110,9 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         max_tokens: config.max_tokens,
         temperature: config.temperature,
         top_p: config.top_p,
-        max_pending_groups: 2 * config.groups_per_update,
+        // Labelled singles seal at once: room for a supervised batch of them too.
+        max_pending_groups: 2 * config.groups_per_update
+            + config.supervised().map_or(0, |s| s.singles_per_update),
         seed: config.seed,
     };
     let traffic = runtime.spawn(traffic::replay(

@@ -31,6 +31,91 @@ impl Default for ReferenceGuidance {
     }
 }
 
+/// Supervised learning on the traffic's reference answers, alongside the reinforcement
+/// objective (the mix of SRFT, Fu et al. 2025, "SRFT: A Single-Stage Method with Supervised
+/// and Reinforcement Fine-Tuning for Reasoning", in its simplest form): every group whose
+/// request carried a reference answer also yields that reference as a demonstration with the
+/// constant advantage `weight` on each token. On the first pass over a batch the token-level
+/// PPO term of a demonstration is then exactly `weight` times the negative log-likelihood of
+/// the reference: its gradient is the supervised one. It does not depend on the group's
+/// rewards, so a group whose samples all scored the same (or a one-sample group: a labelled
+/// request that was not forked, see `GroupPolicy::labelled_singles`) still teaches.
+///
+/// The README measures why it is there: on the spoken-digit workload the base model's greedy
+/// answers are limited by optimisation, and supervised steps on distinct labelled requests
+/// close that gap where reinforcement on the model's own samples does not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisedReference {
+    /// Weight of the reference's log-likelihood against the reinforcement term (advantages
+    /// are z-scored, so 1 puts a reference token on the scale of a sampled token one standard
+    /// deviation above its group). Default 1; must be finite and positive.
+    pub weight: f64,
+    /// One-member groups (labelled requests nobody compared) that make an update on their
+    /// own when fewer than `groups_per_update` compared groups arrived with them. Default 16.
+    pub singles_per_update: usize,
+}
+
+impl Default for SupervisedReference {
+    fn default() -> Self {
+        SupervisedReference {
+            weight: 1.0,
+            singles_per_update: 16,
+        }
+    }
+}
+
+impl SupervisedReference {
+    /// Checks the settings; the message names the bad one.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            return Err(format!(
+                "supervised.weight {} must be finite and positive",
+                self.weight
+            ));
+        }
+        if self.singles_per_update == 0 {
+            return Err("supervised.singles_per_update must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// When the groups a learner holds make an update: `groups` groups of two or more responses
+/// (what advantages compare), or `singles` one-response groups (labelled requests that only
+/// the supervised objective learns from), whichever comes first. Without the supervised
+/// objective one-response groups count as groups, as they always did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRule {
+    /// Compared groups per update.
+    pub groups: usize,
+    /// One-response groups per update (`usize::MAX`: they only ride along).
+    pub singles: usize,
+}
+
+impl BatchRule {
+    /// The rule of a learner with `groups_per_update` and, maybe, the supervised objective.
+    pub fn new(groups_per_update: usize, supervised: Option<&SupervisedReference>) -> Self {
+        BatchRule {
+            groups: groups_per_update.max(1),
+            singles: supervised.map_or(usize::MAX, |s| s.singles_per_update.max(1)),
+        }
+    }
+
+    /// Whether groups with these response counts make an update.
+    pub fn ready(&self, responses: impl IntoIterator<Item = usize>) -> bool {
+        let (mut compared, mut singles) = (0usize, 0usize);
+        for n in responses {
+            if n >= 2 || self.singles == usize::MAX {
+                compared += 1;
+            } else {
+                singles += 1;
+            }
+        }
+        compared >= self.groups || singles >= self.singles
+    }
+}
+
 /// An advantage whose magnitude is below this counts as zero (z-scoring equal span values
 /// leaves rounding residue of about 1e-10 rather than exact zeros).
 pub const ZERO_ADVANTAGE: f64 = 1e-9;
@@ -58,6 +143,11 @@ pub struct PreparedBatch {
     pub all_rewards: Vec<f64>,
     /// Groups that got their reference as a member ([`ReferenceGuidance`]).
     pub guided: u64,
+    /// References trained on as supervised demonstrations ([`SupervisedReference`]).
+    pub supervised: u64,
+    /// Groups of one response: nothing to compare, so no advantages (with the supervised
+    /// objective their reference still trains); not counted as uninformative.
+    pub singles: u64,
     /// Advantage statistics over the valid groups, before the uninformative ones are left out.
     pub stats: BatchStats,
 }
@@ -88,6 +178,9 @@ pub struct BatchStats {
     /// Share of valid groups that got their reference as a member ([`ReferenceGuidance`]).
     #[serde(default)]
     pub guided_group_share: f64,
+    /// References trained on as supervised demonstrations ([`SupervisedReference`]).
+    #[serde(default)]
+    pub supervised: u64,
 }
 
 #[derive(Default)]
@@ -120,20 +213,35 @@ impl Moments {
             zero_advantage_share: ratio(self.zero as f64, self.n as f64),
             reward_mean: ratio(rewards.iter().sum(), rewards.len() as f64),
             guided_group_share: ratio(guided as f64, groups as f64),
+            supervised: 0,
         }
     }
 }
 
+/// What a learner does with the references its groups carry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReferenceUse<'a> {
+    /// The reference as one more member of its group ([`ReferenceGuidance`]).
+    pub guidance: Option<&'a ReferenceGuidance>,
+    /// The reference as a supervised demonstration ([`SupervisedReference`]).
+    pub supervised: Option<&'a SupervisedReference>,
+}
+
 /// Runs `estimator` on every group of `batch` and builds the trainer samples. Groups whose
-/// advantages are all zero are left out (an update never comes from them) but counted, and
-/// they take part in [`PreparedBatch::stats`]. With `guidance`, a group that carries its
-/// reference's ids gets the reference as its last member first.
+/// advantages are all zero are left out (no sampled answer of theirs is trained on) but
+/// counted, and they take part in [`PreparedBatch::stats`]; one-response groups have nothing
+/// to compare and are counted as singles. With `references.guidance`, a group that carries
+/// its reference's ids gets the reference as its last member first; with
+/// `references.supervised`, every valid group that carries them adds the reference as a
+/// demonstration of constant advantage (after every group's samples).
 pub fn prepare_batch(
     batch: &[SourcedGroup],
     estimator: &dyn AdvantageEstimator,
-    guidance: Option<&ReferenceGuidance>,
+    references: ReferenceUse<'_>,
 ) -> PreparedBatch {
+    let guidance = references.guidance;
     let mut out = PreparedBatch::default();
+    let mut demonstrations = Vec::new();
     let mut moments = Moments::default();
     let mut valid = 0u64;
     for sourced in batch {
@@ -157,6 +265,28 @@ pub fn prepare_batch(
                 continue;
             }
         };
+        if let Some((sup, ids)) = references.supervised.zip(sourced.reference_ids.as_deref()) {
+            if !ids.is_empty() {
+                demonstrations.push(TrainSample {
+                    prompt: sourced.prompt_ids.clone(),
+                    completion: ids.to_vec(),
+                    advantages: vec![sup.weight; ids.len()],
+                    behaviour_logprobs: Vec::new(),
+                    behaviour_version: String::new(),
+                    demonstration: true,
+                });
+                metrics::counter!("leaf_references_supervised_total").increment(1);
+                out.supervised += 1;
+            }
+        }
+        if group.rollouts().len() < 2 {
+            // One response: nothing to compare it with.
+            out.all_rewards
+                .extend(sourced.rollouts.iter().map(|r| r.reward));
+            metrics::counter!("leaf_groups_single_total").increment(1);
+            out.singles += 1;
+            continue;
+        }
         valid += 1;
         let adv = estimator.estimate(&group);
         if let Some(s) = &adv.stats {
@@ -198,7 +328,9 @@ pub fn prepare_batch(
         }
         out.groups += 1;
     }
+    out.samples.append(&mut demonstrations);
     out.stats = moments.stats(valid, out.groups, out.guided, &out.all_rewards);
+    out.stats.supervised = out.supervised;
     out
 }
 
@@ -221,6 +353,20 @@ mod tests {
     use crate::advantage::{EstimatorConfig, Grpo};
     use crate::online::GroupReceipt;
 
+    fn guided(guide: &ReferenceGuidance) -> ReferenceUse<'_> {
+        ReferenceUse {
+            guidance: Some(guide),
+            supervised: None,
+        }
+    }
+
+    fn supervised(sup: &SupervisedReference) -> ReferenceUse<'_> {
+        ReferenceUse {
+            guidance: None,
+            supervised: Some(sup),
+        }
+    }
+
     fn group(rewards: &[f64], reference_ids: Option<Vec<u32>>) -> SourcedGroup {
         SourcedGroup {
             id: "g".into(),
@@ -239,10 +385,10 @@ mod tests {
     #[test]
     fn the_reference_makes_a_group_of_equal_rewards_teach_and_is_a_demonstration() {
         let equal = [group(&[0.0, 0.0, 0.0], Some(vec![20, 21, 3]))];
-        let off = prepare_batch(&equal, &Grpo, None);
+        let off = prepare_batch(&equal, &Grpo, ReferenceUse::default());
         assert_eq!((off.groups, off.uninformative, off.guided), (0, 1, 0));
         assert!(off.samples.is_empty());
-        let on = prepare_batch(&equal, &Grpo, Some(&ReferenceGuidance::default()));
+        let on = prepare_batch(&equal, &Grpo, guided(&ReferenceGuidance::default()));
         assert_eq!((on.groups, on.uninformative, on.guided), (1, 0, 1));
         assert_eq!(on.stats.guided_group_share, 1.0);
         assert_eq!(off.stats.guided_group_share, 0.0);
@@ -275,8 +421,8 @@ mod tests {
     fn without_reference_ids_guidance_changes_nothing_bit_for_bit() {
         let leaf = EstimatorConfig::default().build();
         let batch = [group(&[0.2, 0.9, 0.4], None), group(&[1.0, 0.0, 0.5], None)];
-        let off = prepare_batch(&batch, leaf.as_ref(), None);
-        let on = prepare_batch(&batch, leaf.as_ref(), Some(&ReferenceGuidance::default()));
+        let off = prepare_batch(&batch, leaf.as_ref(), ReferenceUse::default());
+        let on = prepare_batch(&batch, leaf.as_ref(), guided(&ReferenceGuidance::default()));
         assert_eq!(off.samples, on.samples);
         assert_eq!((on.groups, on.guided), (2, 0));
     }
@@ -286,12 +432,95 @@ mod tests {
         let leaf = EstimatorConfig::default().build();
         let batch = [group(&[0.2, 0.9, 0.4, 0.0], Some(vec![10, 3]))];
         let guide = ReferenceGuidance { reward: 0.8 };
-        let a = prepare_batch(&batch, leaf.as_ref(), Some(&guide));
-        let b = prepare_batch(&batch, leaf.as_ref(), Some(&guide));
+        let a = prepare_batch(&batch, leaf.as_ref(), guided(&guide));
+        let b = prepare_batch(&batch, leaf.as_ref(), guided(&guide));
         assert_eq!(a.samples, b.samples);
         assert_eq!(a.samples.len(), 5);
         // The reference (0.8, above the mean) ends above the answer that scored 0.
         let last = |i: usize| *a.samples[i].advantages.last().unwrap();
         assert!(last(4) > 0.0 && last(3) < 0.0, "{} vs {}", last(4), last(3));
+    }
+
+    #[test]
+    fn supervised_references_train_with_constant_advantage_whatever_the_rewards() {
+        let sup = SupervisedReference {
+            weight: 0.5,
+            singles_per_update: 4,
+        };
+        let batch = [
+            // Informative: its samples train as before, its reference joins at the end.
+            group(&[0.0, 1.0], Some(vec![20, 3])),
+            // Equal rewards: no sample of its own, but its reference still trains.
+            group(&[1.0, 1.0], Some(vec![21, 22, 3])),
+            // A labelled request that was not forked: a single.
+            group(&[0.4], Some(vec![23, 3])),
+            // Compared but unlabelled: nothing supervised.
+            group(&[0.0, 1.0], None),
+        ];
+        let off = prepare_batch(&batch, &Grpo, ReferenceUse::default());
+        let on = prepare_batch(&batch, &Grpo, supervised(&sup));
+        // The sampled answers are trained on exactly as without the objective.
+        assert_eq!(on.samples[..4], off.samples[..]);
+        assert_eq!((on.groups, on.uninformative, on.singles), (2, 1, 1));
+        assert_eq!((off.groups, off.uninformative, off.singles), (2, 1, 1));
+        assert_eq!(
+            (on.supervised, on.stats.supervised, off.supervised),
+            (3, 3, 0)
+        );
+        let demos = &on.samples[4..];
+        let completions: Vec<&[u32]> = demos.iter().map(|d| &d.completion[..]).collect();
+        assert_eq!(completions, [&[20, 3][..], &[21, 22, 3], &[23, 3]]);
+        for d in demos {
+            assert!(d.demonstration);
+            assert_eq!(d.prompt, [1, 2]);
+            assert!(d.behaviour_logprobs.is_empty());
+            assert!(d.advantages.iter().all(|a| *a == 0.5));
+        }
+        // Singles are counted apart: the stats describe compared groups only.
+        assert_eq!(on.stats.groups, 3);
+        assert_eq!(on.harvested, 7);
+        assert_eq!(on.all_rewards.len(), 7);
+        assert!(!on.is_empty());
+        // A batch of unlabelled singles has nothing to train on.
+        let lone = prepare_batch(&[group(&[0.4], None)], &Grpo, supervised(&sup));
+        assert!(lone.is_empty());
+        assert_eq!((lone.singles, lone.uninformative), (1, 0));
+        // Same batch, same bits.
+        let again = prepare_batch(&batch, &Grpo, supervised(&sup));
+        assert_eq!(again.samples, on.samples);
+    }
+
+    #[test]
+    fn supervised_settings_are_checked() {
+        assert!(SupervisedReference::default().check().is_ok());
+        for weight in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let s = SupervisedReference {
+                weight,
+                ..SupervisedReference::default()
+            };
+            assert!(s.check().unwrap_err().contains("supervised.weight"));
+        }
+        let s = SupervisedReference {
+            singles_per_update: 0,
+            ..SupervisedReference::default()
+        };
+        assert!(s.check().unwrap_err().contains("singles_per_update"));
+    }
+
+    #[test]
+    fn batches_close_on_compared_groups_or_on_singles() {
+        let sup = SupervisedReference {
+            singles_per_update: 3,
+            ..SupervisedReference::default()
+        };
+        let with = BatchRule::new(2, Some(&sup));
+        assert!(!with.ready([8, 1, 1]));
+        assert!(with.ready([8, 1, 8]));
+        assert!(with.ready([1, 1, 1]));
+        assert!(!with.ready([]));
+        // Without the objective every group counts, singles included.
+        let without = BatchRule::new(2, None);
+        assert!(without.ready([1, 1]));
+        assert!(!without.ready([8]));
     }
 }

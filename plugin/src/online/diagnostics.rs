@@ -174,6 +174,9 @@ pub struct UpdateSummary {
     /// Mean share of groups that got their reference as a member (reference guidance).
     #[serde(default)]
     pub guided_group_share: f64,
+    /// References trained on as supervised demonstrations, summed over the updates.
+    #[serde(default)]
+    pub supervised: u64,
     /// Mean staleness (versions).
     pub staleness_mean: f64,
     /// Largest staleness.
@@ -205,6 +208,7 @@ impl UpdateSummary {
             zero_advantage_share: mean(records, &|r| r.batch.zero_advantage_share),
             informative_group_share: mean(records, &|r| r.batch.informative_group_share),
             guided_group_share: mean(records, &|r| r.batch.guided_group_share),
+            supervised: records.iter().map(|r| r.batch.supervised).sum(),
             staleness_mean: mean(records, &|r| r.staleness_mean),
             staleness_max: records.iter().map(|r| r.staleness_max).max().unwrap_or(0),
         }

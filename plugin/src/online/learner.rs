@@ -20,7 +20,9 @@ use candle_core::DType;
 use leaf_adapters::store::{AdapterStore, VersionId, VersionMeta};
 use leaf_adapters::LoraAdapter;
 
-use super::batch::{prepare_batch, PreparedBatch, ReferenceGuidance};
+use super::batch::{
+    prepare_batch, BatchRule, PreparedBatch, ReferenceGuidance, ReferenceUse, SupervisedReference,
+};
 use super::diagnostics::{Phase, PhaseTimes, UpdateRecord, VersionHistory};
 use super::gate::{HeldOutScore, PromotionGate, RollbackReason, Verdict};
 use super::source::SourcedGroup;
@@ -146,6 +148,9 @@ pub struct LearnerConfig {
     pub fault_nan_update: Option<u64>,
     /// Add each group's reference answer as a member, when it carries one. Default off.
     pub reference_guidance: Option<ReferenceGuidance>,
+    /// Train on each group's reference answer as a supervised demonstration, when it carries
+    /// one. Default off.
+    pub supervised: Option<SupervisedReference>,
 }
 
 impl LearnerConfig {
@@ -158,6 +163,7 @@ impl LearnerConfig {
             base_name: "leaf-base".into(),
             fault_nan_update: None,
             reference_guidance: None,
+            supervised: None,
         }
     }
 }
@@ -263,6 +269,9 @@ impl Learner {
     ) -> crate::Result<Self> {
         if config.publish_every == 0 {
             return Err(super::OnlineError::Config("publish_every must be positive".into()).into());
+        }
+        if let Some(s) = &config.supervised {
+            s.check().map_err(super::OnlineError::Config)?;
         }
         let adapter = sink.adapter(version)?;
         let trainer = trainer_at(model_dir, config.train.clone(), adapter.as_ref(), version)?;
@@ -381,10 +390,20 @@ impl Learner {
     /// [`Phase::Advantages`]).
     pub fn prepare(&mut self, groups: &[SourcedGroup]) -> PreparedBatch {
         let estimator = self.estimator.as_ref();
-        let guidance = self.config.reference_guidance.as_ref();
+        let references = ReferenceUse {
+            guidance: self.config.reference_guidance.as_ref(),
+            supervised: self.config.supervised.as_ref(),
+        };
         self.phases.time(Phase::Advantages, || {
-            prepare_batch(groups, estimator, guidance)
+            prepare_batch(groups, estimator, references)
         })
+    }
+
+    /// When held groups make an update, for a caller that takes `groups_per_update` compared
+    /// groups at a time ([`BatchRule`]: one-response groups count apart when the supervised
+    /// objective is on).
+    pub fn batch_rule(&self, groups_per_update: usize) -> BatchRule {
+        BatchRule::new(groups_per_update, self.config.supervised.as_ref())
     }
 
     /// One update on a prepared batch. `harvested` is the caller's count of rollouts so far

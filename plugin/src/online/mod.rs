@@ -55,7 +55,10 @@ pub mod gate;
 pub mod learner;
 pub mod source;
 pub mod train;
-pub use batch::{prepare_batch, BatchStats, PreparedBatch, ReferenceGuidance, ZERO_ADVANTAGE};
+pub use batch::{
+    prepare_batch, BatchRule, BatchStats, PreparedBatch, ReferenceGuidance, ReferenceUse,
+    SupervisedReference, ZERO_ADVANTAGE,
+};
 pub use checkpoint::TrainerCheckpoint;
 pub use diagnostics::{
     Phase, PhaseTimes, TimedReward, UpdateRecord, UpdateSummary, VersionHistory,
@@ -140,6 +143,11 @@ pub struct OnlineConfig {
     /// [`ReferenceGuidance`]); `{}` turns it on with reward 1. The server then harvests
     /// references as ids. Default off: only the sampled answers are compared.
     pub reference_guidance: Option<ReferenceGuidance>,
+    /// Train on each request's reference answer as a supervised demonstration (see
+    /// [`SupervisedReference`]); `{}` turns it on with weight 1. The server then harvests
+    /// references as ids and seals each labelled request that was not forked at once as a
+    /// one-response group (`GroupPolicy::labelled_singles`). Default off.
+    pub supervised: Option<SupervisedReference>,
 }
 
 impl Default for OnlineConfig {
@@ -155,6 +163,7 @@ impl Default for OnlineConfig {
             gate_data: None,
             restart: RestartPolicy::default(),
             reference_guidance: None,
+            supervised: None,
         }
     }
 }
@@ -203,6 +212,8 @@ pub struct OnlineReport {
     pub last_error: Option<String>,
     /// Groups left out because all their rewards were equal (no advantage to learn from).
     pub groups_uninformative: u64,
+    /// References trained on as supervised demonstrations ([`SupervisedReference`]).
+    pub references_supervised: u64,
     /// The diagnostics of the last update.
     pub last_update: Option<UpdateRecord>,
     /// Wall time of the trainer thread per phase.
@@ -286,6 +297,7 @@ fn learner_for(ctx: &Context) -> crate::Result<(Learner, ServerSink)> {
     );
     config.base_name = ctx.config.base_name.clone();
     config.reference_guidance = ctx.config.reference_guidance.clone();
+    config.supervised = ctx.config.supervised.clone();
     let gate = gate_for(ctx)?;
     let version = ctx.server.current_version();
     let mut learner = Learner::new(ctx.server.model().dir(), config, gate, &sink, &version)?;
@@ -331,6 +343,10 @@ impl OnlineTrainer {
             return Err(ServeError::Config(
                 "online: groups_per_update and publish_every must be positive".into(),
             ));
+        }
+        if let Some(s) = &config.supervised {
+            s.check()
+                .map_err(|e| ServeError::Config(format!("online: {e}")))?;
         }
         let r = &config.restart;
         if !(r.backoff_initial_s.is_finite()
@@ -481,6 +497,7 @@ impl Loop<'_> {
         held: &mut Vec<SealedGroup>,
     ) -> crate::Result<()> {
         let per_update = self.ctx.config.groups_per_update;
+        let rule = self.learner.batch_rule(per_update);
         loop {
             if stop.load(Ordering::SeqCst) {
                 break;
@@ -495,7 +512,7 @@ impl Loop<'_> {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if held.len() >= per_update {
+            if rule.ready(held.iter().map(|g| g.members.len())) {
                 // Cleared only after the update: a crash in it counts the batch as lost.
                 self.update_or_count(&held[..])?;
                 held.clear();
@@ -549,6 +566,7 @@ impl Loop<'_> {
         self.report.groups_trained += prepared.groups;
         self.report.groups_invalid += prepared.invalid;
         self.report.groups_uninformative += prepared.uninformative;
+        self.report.references_supervised += prepared.supervised;
         self.harvested += prepared.harvested;
         let outcome = self.learner.update(&prepared, self.harvested, &self.sink)?;
         self.merge_phases();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use leaf_adapters::store::AdapterStore;
 use serde::Serialize;
 
-use super::batch::ReferenceGuidance;
+use super::batch::{ReferenceGuidance, SupervisedReference};
 use super::checkpoint::{CheckpointState, TrainerCheckpoint};
 use super::gate::{open_gate_data, GateConfig, HeldOutScore, PromotionGate};
 use super::learner::{CheckOutcome, Learner, LearnerConfig, StoreSink, UpdateOutcome, VersionSink};
@@ -128,11 +128,12 @@ pub async fn train_from_source(
         harvested: 0,
     };
     let mut batch: Vec<SourcedGroup> = Vec::new();
+    let rule = run.learner.batch_rule(options.groups_per_update);
     loop {
         if options.max_updates.is_some_and(|m| run.report.updates >= m) {
             break;
         }
-        let want = options.groups_per_update - batch.len();
+        let want = options.groups_per_update.saturating_sub(batch.len()).max(1);
         let got = run.source.next_groups(want).await?;
         if got.is_empty() {
             run.report.exhausted = true;
@@ -159,7 +160,7 @@ pub async fn train_from_source(
                 .increment(duplicates.len() as u64);
             run.source.ack(duplicates).await?;
         }
-        if batch.len() >= options.groups_per_update {
+        if rule.ready(batch.iter().map(|g| g.rollouts.len())) {
             let groups = std::mem::take(&mut batch);
             run.train(groups)?;
             run.checkpoint_if_clean().await?;
@@ -292,6 +293,9 @@ pub struct TrainJobConfig {
     pub base_name: String,
     /// Add each group's reference to it, when the group carries one. Default off.
     pub reference_guidance: Option<ReferenceGuidance>,
+    /// Train on each group's reference as a supervised demonstration, when the group carries
+    /// one. Default off.
+    pub supervised: Option<SupervisedReference>,
 }
 
 impl TrainJobConfig {
@@ -309,6 +313,7 @@ impl TrainJobConfig {
             gate_data: None,
             base_name: "leaf-base".into(),
             reference_guidance: None,
+            supervised: None,
         }
     }
 
@@ -452,6 +457,7 @@ pub fn open_job(
         LearnerConfig::new(job.estimator.clone(), job.train.clone(), job.publish_every);
     learner_cfg.base_name = job.base_name.clone();
     learner_cfg.reference_guidance = job.reference_guidance.clone();
+    learner_cfg.supervised = job.supervised.clone();
     let mut learner = Learner::new(&job.model_dir, learner_cfg, gate, sink, &version)?;
     if learner.gate().is_checked() && learner.gate().good_reward().is_none() {
         if let Some(s) = learner.measure_baseline()? {

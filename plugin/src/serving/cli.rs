@@ -296,10 +296,15 @@ pub fn run(args: ServeArgs, audio: AudioEncoderLoader) -> anyhow::Result<ExitCod
     }
     if online
         .as_ref()
-        .is_some_and(|o| o.reference_guidance.is_some())
+        .is_some_and(|o| o.reference_guidance.is_some() || o.supervised.is_some())
     {
-        // Reference guidance trains on each request's reference as ids.
+        // Reference guidance and the supervised objective train on each request's reference
+        // as ids.
         config.assembler.reference_ids = true;
+    }
+    if online.as_ref().is_some_and(|o| o.supervised.is_some()) {
+        // Labelled requests that are not forked still teach the supervised objective.
+        config.group_policy.labelled_singles = true;
     }
     args.limits.apply(&mut config.request_limits);
     if let Some(min) = args.feedback_reward_min {

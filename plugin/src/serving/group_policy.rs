@@ -32,6 +32,11 @@ pub struct GroupPolicy {
     pub max_foreground_inflight: usize,
     /// Seed of the fork decisions and of the taps' seeds.
     pub seed: u64,
+    /// A client request that is not forked and whose reference the assembler harvested as ids
+    /// is sealed at once as a group of its one response, instead of waiting to coalesce with
+    /// an identical prompt: nothing compares it, but the learner's supervised objective
+    /// (`online::SupervisedReference`) trains on its reference. Default false.
+    pub labelled_singles: bool,
 }
 
 impl Default for GroupPolicy {
@@ -41,6 +46,7 @@ impl Default for GroupPolicy {
             background_concurrency: 2,
             max_foreground_inflight: 8,
             seed: 0,
+            labelled_singles: false,
         }
     }
 }
@@ -130,6 +136,8 @@ impl LeafServer {
                 } else {
                     None
                 };
+                let single =
+                    group.is_none() && policy.labelled_singles && sample.reference_ids.is_some();
                 match group {
                     Some(g) => {
                         self.counters.forks_fired.fetch_add(1, Ordering::Relaxed);
@@ -146,7 +154,13 @@ impl LeafServer {
                         }
                     }
                     None => {
-                        self.assembler.submit(sample, reward, Membership::Coalesce);
+                        // A group of one seals as soon as its sample is in (or, with the
+                        // open-group capacity reached, coalesces as any other).
+                        let membership = match single.then(|| self.assembler.reserve(1)).flatten() {
+                            Some(g) => Membership::Reserved(g),
+                            None => Membership::Coalesce,
+                        };
+                        self.assembler.submit(sample, reward, membership);
                     }
                 }
             }
