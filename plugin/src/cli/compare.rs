@@ -13,8 +13,8 @@ pub struct Args {
     /// Seeds per estimator (0..N).
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
-    /// Rollouts per run (the main job's budget by default).
-    #[arg(long, default_value_t = RunConfig::default().rollouts)]
+    /// Rollouts per run (reinforcement only: [`RunConfig::reinforcement_only`]).
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().rollouts)]
     pub rollouts: u64,
     /// Output directory.
     #[arg(long, default_value = "out/compare")]
@@ -41,31 +41,31 @@ pub struct CompareRunArgs {
     #[arg(long, value_enum, default_value = "bleu")]
     pub metric: leaf_plugin::reward::Metric,
     /// Group size K.
-    #[arg(long, default_value_t = RunConfig::default().group_size)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().group_size)]
     pub group_size: usize,
     /// Groups per update B.
-    #[arg(long, default_value_t = RunConfig::default().groups_per_update)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().groups_per_update)]
     pub groups_per_update: usize,
     /// Held-out check every this many updates.
-    #[arg(long, default_value_t = RunConfig::default().publish_every)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().publish_every)]
     pub publish_every: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = RunConfig::default().learning_rate)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().learning_rate)]
     pub lr: f64,
     /// LoRA rank.
-    #[arg(long, default_value_t = RunConfig::default().rank)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().rank)]
     pub rank: usize,
     /// Multiplier of negative advantages in [0, 1] (1: the spec's objective).
-    #[arg(long, default_value_t = RunConfig::default().negative_weight)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().negative_weight)]
     pub negative_weight: f64,
     /// Examples per task family of each held-out check.
-    #[arg(long, default_value_t = RunConfig::default().eval_samples)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().eval_samples)]
     pub eval_samples: usize,
     /// How held-out checks and evaluations decode: as the server samples, or greedy.
     #[arg(long, value_enum, default_value = "serving")]
     pub eval_decoding: EvalDecoding,
     /// Examples per task family of the final evaluations.
-    #[arg(long, default_value_t = RunConfig::default().final_eval_samples)]
+    #[arg(long, default_value_t = RunConfig::reinforcement_only().final_eval_samples)]
     pub final_eval_samples: usize,
     /// No progress bars.
     #[arg(long)]
@@ -74,7 +74,7 @@ pub struct CompareRunArgs {
 
 /// Runs `leaf compare`.
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let d = RunConfig::default();
+    let d = RunConfig::reinforcement_only();
     let run = RunConfig {
         model: a.run.model,
         cache_dir: a.run.cache_dir.unwrap_or(d.cache_dir.clone()),

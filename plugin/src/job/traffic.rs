@@ -1,5 +1,6 @@
 //! Live traffic: the spoken-digit **training** tasks replayed through the plugin by several
-//! concurrent clients. The prompts cover every task kind, the long families (5-10 digit codes
+//! concurrent clients. The prompts cover every task kind in the pretraining's mix
+//! ([`crate::speech::pretrain::DEFAULT_TRAIN_KINDS`]: recognition weighted most), the long families (5-10 digit codes
 //! and arithmetic with the working, whose answers run to 20 tokens) as well as the short ones;
 //! each request names its family (`task`), so the server can report them apart.
 //!
@@ -77,8 +78,8 @@ impl TrafficItem {
     }
 }
 
-/// Generates `n` training-split examples, task kinds drawn uniformly from [`TaskKind::ALL`]
-/// (seeded), and encodes their audio with the codebook of the model in `model_dir`, clean,
+/// Generates `n` training-split examples, task kinds drawn uniformly from `kinds` (seeded;
+/// repeat a kind to weight it), and encodes their audio with the codebook of the model in `model_dir`, clean,
 /// plus `augment_variants` augmented renderings of each (the pretraining augmentation,
 /// [`AugmentConfig::default`], each variant with its own seed). Answers of the long kinds need
 /// up to [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
@@ -86,6 +87,7 @@ impl TrafficItem {
 pub fn prepare(
     model_dir: &Path,
     corpus: &Corpus,
+    kinds: &[TaskKind],
     n: usize,
     seed: u64,
     augment_variants: usize,
@@ -94,14 +96,7 @@ pub fn prepare(
         return Err(JobError::Config("the traffic needs at least one prompt".into()).into());
     }
     let encoder = load_encoder(model_dir)?;
-    let examples = generate(
-        corpus,
-        Split::Train,
-        &TaskKind::ALL,
-        n,
-        seed,
-        &TaskConfig::default(),
-    )?;
+    let examples = generate(corpus, Split::Train, kinds, n, seed, &TaskConfig::default())?;
     let encoded = encoder.encode_all(corpus, &examples, seed, 0)?;
     let mut augmented: Vec<Vec<Vec<u32>>> = vec![Vec::new(); examples.len()];
     if augment_variants > 0 {
