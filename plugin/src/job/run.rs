@@ -4,11 +4,13 @@
 //!    [`ensure_default_model`] on first use, with a progress bar).
 //! 2. **Server**: a [`LeafServer`] on mistral.rs with its adapter store in `OUT/store`; the
 //!    reward is cased sentence BLEU / 100 against the reference each request carries; the
-//!    group policy draws K - 1 extra samples of every client prompt.
+//!    group policy draws K - 1 extra samples of one client prompt in 16 (`fork_fraction`),
+//!    and seals every other labelled request at once as a one-response group.
 //! 3. **Traffic**: the spoken-digit training tasks, replayed by concurrent clients
 //!    ([`super::traffic`]).
-//! 4. **Learner** (this thread): B sealed groups -> advantages (LEAF or GRPO) -> one LoRA
-//!    update. Every `publish_every` updates the candidate adapter is checked on the held-out
+//! 4. **Learner** (this thread): B compared groups or 16 labelled singles -> advantages
+//!    (LEAF or GRPO) on the groups, plus every request's reference as a supervised
+//!    demonstration ([`SupervisedReference`]) -> one LoRA update. Every `publish_every` updates the candidate adapter is checked on the held-out
 //!    test takes (`eval_samples` per family, decoded as the server samples the traffic, or
 //!    greedy with `--eval-decoding greedy`). A finite loss and a held-out reward no
 //!    more than `collapse_drop` below the last good version's get it published and promoted
@@ -382,7 +384,7 @@ impl RunConfig {
 
     /// The supervised objective, when on.
     pub fn supervised(&self) -> Option<SupervisedReference> {
-        (self.supervised_weight > 0.0).then(|| SupervisedReference {
+        (self.supervised_weight > 0.0).then_some(SupervisedReference {
             weight: self.supervised_weight,
             singles_per_update: self.supervised_per_update,
         })
