@@ -38,6 +38,17 @@ fn server_config(m: &leaf_integration_tests::TinyModel) -> ServerConfig {
     cfg
 }
 
+/// Whether `server` serves a version other than the base within `polls` polls 50 ms apart.
+async fn serves_a_new_version(server: &leaf_plugin::serving::LeafServer, polls: u32) -> bool {
+    for _ in 0..polls {
+        if server.current_version() != BASE_VERSION {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 fn online_config(groups_per_update: usize, shutdown: ShutdownMode) -> OnlineConfig {
     OnlineConfig {
         train: small_lora_train(1e-2, 10),
@@ -60,14 +71,7 @@ async fn online_trainer_updates_publishes_and_swaps() -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
     )?;
     server.chat(ask("Say three.", "three", 1)).await?;
-    let mut swapped = false;
-    for _ in 0..600 {
-        if server.current_version() != BASE_VERSION {
-            swapped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let swapped = serves_a_new_version(&server, 600).await;
     if !swapped {
         let status = server.status();
         let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
@@ -179,14 +183,7 @@ async fn default_online_settings_learn_from_unique_prompts() -> anyhow::Result<(
             (n, failed)
         }));
     }
-    let mut served_new = false;
-    for _ in 0..1200 {
-        if server.current_version() != BASE_VERSION {
-            served_new = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let served_new = serves_a_new_version(&server, 1200).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut sent = 0;
     for c in clients {
@@ -256,14 +253,7 @@ async fn the_supervised_objective_learns_from_labelled_requests_nobody_forked() 
             .chat(ask(&format!("Say three, take {i}."), "three", 20 + i))
             .await?;
     }
-    let mut swapped = false;
-    for _ in 0..600 {
-        if server.current_version() != BASE_VERSION {
-            swapped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let swapped = serves_a_new_version(&server, 600).await;
     let status = server.status();
     let report = tokio::task::spawn_blocking(move || online.shutdown()).await??;
     eprintln!("status {status:?}; report {report:?}");
