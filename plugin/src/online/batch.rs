@@ -114,6 +114,23 @@ impl BatchRule {
         }
         compared >= self.groups || singles >= self.singles
     }
+
+    /// Cuts `items` (in order) into the batches this rule makes, the last one possibly short;
+    /// `responses` gives an item's response count.
+    pub fn batches<T>(&self, items: Vec<T>, responses: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+        let mut out = Vec::new();
+        let mut batch: Vec<T> = Vec::new();
+        for item in items {
+            batch.push(item);
+            if self.ready(batch.iter().map(&responses)) {
+                out.push(std::mem::take(&mut batch));
+            }
+        }
+        if !batch.is_empty() {
+            out.push(batch);
+        }
+        out
+    }
 }
 
 /// An advantage whose magnitude is below this counts as zero (z-scoring equal span values
@@ -522,5 +539,13 @@ mod tests {
         let without = BatchRule::new(2, None);
         assert!(without.ready([1, 1]));
         assert!(!without.ready([8]));
+        // What is held at shutdown is cut by the same rule.
+        let cut = with.batches(vec![1, 8, 1, 8, 1, 1, 1, 8], |n| *n);
+        assert_eq!(cut, [vec![1, 8, 1, 8], vec![1, 1, 1], vec![8]]);
+        assert_eq!(
+            without.batches(vec![1, 8, 1], |n| *n),
+            [vec![1, 8], vec![1]]
+        );
+        assert!(with.batches(Vec::<usize>::new(), |n| *n).is_empty());
     }
 }

@@ -523,8 +523,8 @@ impl Loop<'_> {
         let held = std::mem::take(held);
         match self.ctx.config.shutdown.clone() {
             ShutdownMode::Finish => {
-                for batch in held.chunks(per_update) {
-                    self.update_or_count(batch)?;
+                for batch in rule.batches(held, |g| g.members.len()) {
+                    self.update_or_count(&batch)?;
                 }
                 if self.learner.since_check() > 0 {
                     self.check(true)?;
