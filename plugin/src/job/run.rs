@@ -10,9 +10,10 @@
 //!    ([`super::traffic`]).
 //! 4. **Learner** (this thread): B compared groups or 16 labelled singles -> advantages
 //!    (LEAF or GRPO) on the groups, plus every request's reference as a supervised
-//!    demonstration ([`SupervisedReference`]) -> one LoRA update. Every `publish_every` updates the candidate adapter is checked on the held-out
-//!    test takes (`eval_samples` per family, decoded as the server samples the traffic, or
-//!    greedy with `--eval-decoding greedy`). A finite loss and a held-out reward no
+//!    demonstration ([`SupervisedReference`]) -> one LoRA update. Every `publish_every`
+//!    updates the candidate adapter is checked on the held-out test takes (`eval_samples` per
+//!    family, decoded as the server samples the traffic, or greedy with
+//!    `--eval-decoding greedy`). A finite loss and a held-out reward no
 //!    more than `collapse_drop` below the last good version's get it published and promoted
 //!    (hot-swapped). A NaN loss or a collapse does not: the trainer rolls back to the last good
 //!    version (weights reloaded from the store, optimizer restarted), and the run says so.
@@ -1006,13 +1007,14 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         .thread_name("leaf-run")
         .build()
         .map_err(|e| JobError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let supervised = config.supervised();
     let mut server_cfg = ServerConfig::new(&model_dir);
     server_cfg.store_dir = Some(store_dir.clone());
     server_cfg.assembler = AssemblerConfig {
         group_size: config.group_size,
         min_group_size: 2,
         seal_timeout_s: 60.0,
-        reference_ids: config.reference_guidance || config.supervised_weight > 0.0,
+        reference_ids: config.reference_guidance || supervised.is_some(),
         ..AssemblerConfig::default()
     };
     server_cfg.group_policy = GroupPolicy {
@@ -1020,7 +1022,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         background_concurrency: config.group_size,
         max_foreground_inflight: config.clients * 2,
         seed: config.seed,
-        labelled_singles: config.supervised_weight > 0.0,
+        labelled_singles: supervised.is_some(),
     };
     let mut reference_reward = ReferenceReward::new(config.metric, RewardOptions::default());
     if config.placebo_reward {
@@ -1047,7 +1049,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
     learner_cfg.base_name = "leaf-digits-base".into();
     learner_cfg.fault_nan_update = config.fault_nan_update;
     learner_cfg.reference_guidance = config.reference_guidance.then(ReferenceGuidance::default);
-    learner_cfg.supervised = config.supervised();
+    learner_cfg.supervised = supervised.clone();
     let mut learner = Learner::new(
         &model_dir,
         learner_cfg,
@@ -1146,7 +1148,7 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         top_p: config.top_p,
         // Labelled singles seal at once: room for a supervised batch of them too.
         max_pending_groups: 2 * config.groups_per_update
-            + config.supervised().map_or(0, |s| s.singles_per_update),
+            + supervised.as_ref().map_or(0, |s| s.singles_per_update),
         seed: config.seed,
     };
     let traffic = runtime.spawn(traffic::replay(

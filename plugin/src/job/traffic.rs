@@ -1,8 +1,9 @@
 //! Live traffic: the spoken-digit **training** tasks replayed through the plugin by several
 //! concurrent clients. The prompts cover every task kind in the pretraining's mix
-//! ([`crate::speech::pretrain::DEFAULT_TRAIN_KINDS`]: recognition weighted most), the long families (5-10 digit codes
-//! and arithmetic with the working, whose answers run to 20 tokens) as well as the short ones;
-//! each request names its family (`task`), so the server can report them apart.
+//! ([`crate::speech::pretrain::DEFAULT_TRAIN_KINDS`]: recognition weighted most), the long
+//! families (5-10 digit codes and arithmetic with the working, whose answers run to 20
+//! tokens) as well as the short ones; each request names its family (`task`), so the server
+//! can report them apart.
 //!
 //! Every request carries its reference answer, so the server's
 //! [`crate::harvest::ReferenceReward`] scores each sample (the job uses cased sentence
@@ -79,9 +80,9 @@ impl TrafficItem {
 }
 
 /// Generates `n` training-split examples, task kinds drawn uniformly from `kinds` (seeded;
-/// repeat a kind to weight it), and encodes their audio with the codebook of the model in `model_dir`, clean,
-/// plus `augment_variants` augmented renderings of each (the pretraining augmentation,
-/// [`AugmentConfig::default`], each variant with its own seed). Answers of the long kinds need
+/// repeat a kind to weight it), and encodes their audio with the codebook of the model in
+/// `model_dir`, clean, plus `augment_variants` augmented renderings of each (the pretraining
+/// augmentation, [`AugmentConfig::default`], each variant with its own seed). Answers of the long kinds need
 /// up to [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
 /// [`TrafficConfig::max_tokens`] cuts them short.
 pub fn prepare(

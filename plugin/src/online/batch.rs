@@ -160,8 +160,6 @@ pub struct PreparedBatch {
     pub all_rewards: Vec<f64>,
     /// Groups that got their reference as a member ([`ReferenceGuidance`]).
     pub guided: u64,
-    /// References trained on as supervised demonstrations ([`SupervisedReference`]).
-    pub supervised: u64,
     /// Groups of one response: nothing to compare, so no advantages (with the supervised
     /// objective their reference still trains); not counted as uninformative.
     pub singles: u64,
@@ -293,7 +291,6 @@ pub fn prepare_batch(
                     demonstration: true,
                 });
                 metrics::counter!("leaf_references_supervised_total").increment(1);
-                out.supervised += 1;
             }
         }
         if group.rollouts().len() < 2 {
@@ -345,9 +342,9 @@ pub fn prepare_batch(
         }
         out.groups += 1;
     }
-    out.samples.append(&mut demonstrations);
     out.stats = moments.stats(valid, out.groups, out.guided, &out.all_rewards);
-    out.stats.supervised = out.supervised;
+    out.stats.supervised = demonstrations.len() as u64;
+    out.samples.append(&mut demonstrations);
     out
 }
 
@@ -480,10 +477,7 @@ mod tests {
         assert_eq!(on.samples[..4], off.samples[..]);
         assert_eq!((on.groups, on.uninformative, on.singles), (2, 1, 1));
         assert_eq!((off.groups, off.uninformative, off.singles), (2, 1, 1));
-        assert_eq!(
-            (on.supervised, on.stats.supervised, off.supervised),
-            (3, 3, 0)
-        );
+        assert_eq!((on.stats.supervised, off.stats.supervised), (3, 0));
         let demos = &on.samples[4..];
         let completions: Vec<&[u32]> = demos.iter().map(|d| &d.completion[..]).collect();
         assert_eq!(completions, [&[20, 3][..], &[21, 22, 3], &[23, 3]]);

@@ -566,7 +566,7 @@ impl Loop<'_> {
         self.report.groups_trained += prepared.groups;
         self.report.groups_invalid += prepared.invalid;
         self.report.groups_uninformative += prepared.uninformative;
-        self.report.references_supervised += prepared.supervised;
+        self.report.references_supervised += prepared.stats.supervised;
         self.harvested += prepared.harvested;
         let outcome = self.learner.update(&prepared, self.harvested, &self.sink)?;
         self.merge_phases();
