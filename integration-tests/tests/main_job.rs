@@ -268,6 +268,14 @@ fn leaf_run_with_the_supervised_objective_trains_on_labelled_singles_too() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("fork_fraction"), "{e}");
+    let e = run(&RunConfig {
+        micro_batch: 0,
+        overwrite: true,
+        ..cfg.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("micro_batch"), "{e}");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use leaf_plugin::job::run::{
     default_cache_dir, run as run_job, Estimator, EvalDecoding, RunConfig,
 };
+use leaf_plugin::trainer::LossAggregation;
 
 /// Arguments of `leaf run` (defaults: the tuned settings of [`RunConfig::default`]).
 #[derive(clap::Args, Debug)]
@@ -74,6 +75,15 @@ pub struct Args {
     /// above their group's baseline are reinforced).
     #[arg(long, default_value_t = RunConfig::default().negative_weight)]
     pub negative_weight: f64,
+    /// Sequences per forward/backward pass of an update (larger: less op overhead per
+    /// sequence; smaller: less memory).
+    #[arg(long, default_value_t = RunConfig::default().micro_batch)]
+    pub micro_batch: usize,
+    /// How token terms become the batch loss: sequence_mean (the LEAF spec's: every sequence
+    /// weighs the same) or token_mean (every token weighs the same, as supervised
+    /// fine-tuning's cross-entropy).
+    #[arg(long, default_value_t = RunConfig::default().loss_aggregation)]
+    pub loss_aggregation: LossAggregation,
     /// Reference guidance: each group also gets its request's reference answer as a member
     /// (reward 1, trained as a demonstration), so the update learns from the right answer
     /// and not only from the sampled ones.
@@ -153,6 +163,8 @@ impl Args {
             kl_beta: self.kl_beta,
             epochs: self.epochs,
             negative_weight: self.negative_weight,
+            micro_batch: self.micro_batch,
+            loss_aggregation: self.loss_aggregation,
             reference_guidance: self.reference_guidance,
             supervised_weight: self.supervised_weight,
             supervised_per_update: self.supervised_per_update,

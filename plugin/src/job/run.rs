@@ -60,7 +60,7 @@ use crate::speech::pretrain::{
     default_data_dir, ensure_default_model, load_encoder, DEFAULT_TRAIN_KINDS,
 };
 use crate::speech::tasks::{is_traffic_take, Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
-use crate::trainer::TrainConfig;
+use crate::trainer::{LossAggregation, TrainConfig};
 
 /// File of the saved run state inside the output directory.
 pub const STATE_FILE: &str = "state.json";
@@ -157,6 +157,13 @@ pub struct RunConfig {
     /// Multiplier of negative advantages ([`TrainConfig::negative_weight`]).
     #[serde(default = "unit_weight")]
     pub negative_weight: f64,
+    /// Sequences per forward/backward pass of an update ([`TrainConfig::micro_batch_size`]):
+    /// larger passes spend less time per sequence on op overhead, smaller ones less memory.
+    #[serde(default = "eight")]
+    pub micro_batch: usize,
+    /// How token terms become the batch loss ([`TrainConfig::loss_aggregation`]).
+    #[serde(default)]
+    pub loss_aggregation: LossAggregation,
     /// Reference guidance: each group also gets its request's reference answer as a member
     /// ([`ReferenceGuidance`], reward 1).
     #[serde(default)]
@@ -222,6 +229,10 @@ fn sixteen() -> usize {
     16
 }
 
+fn eight() -> usize {
+    8
+}
+
 fn unit_weight() -> f64 {
     1.0
 }
@@ -255,6 +266,8 @@ impl Default for RunConfig {
             kl_beta: 0.02,
             epochs: 1,
             negative_weight: 1.0,
+            micro_batch: 32,
+            loss_aggregation: LossAggregation::SequenceMean,
             reference_guidance: false,
             supervised_weight: 1.0,
             supervised_per_update: 16,
@@ -320,6 +333,9 @@ impl RunConfig {
         }
         if self.epochs == 0 {
             return bad("epochs must be at least 1");
+        }
+        if self.micro_batch == 0 {
+            return bad("micro_batch must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.negative_weight) {
             return bad("negative_weight must be in [0, 1]");
@@ -397,9 +413,10 @@ impl RunConfig {
             kl_beta: self.kl_beta,
             total_steps: self.planned_updates(),
             warmup_fraction: 0.05,
-            micro_batch_size: self.group_size,
+            micro_batch_size: self.micro_batch,
             epochs: self.epochs,
             negative_weight: self.negative_weight,
+            loss_aggregation: self.loss_aggregation,
             lora: LoraOptions {
                 rank: self.rank,
                 alpha: self.alpha,

@@ -3,6 +3,7 @@
 use leaf_adapters::model::LoraOptions;
 use serde::{Deserialize, Serialize};
 
+use super::loss::LossAggregation;
 use super::TrainError;
 use crate::device::ComputeDevice;
 
@@ -83,6 +84,9 @@ pub struct TrainConfig {
     /// candidates, which lifts pass@k, while positive samples move the mode, which is what
     /// greedy decoding answers with.
     pub negative_weight: f64,
+    /// How token terms become the batch loss. Default [`LossAggregation::SequenceMean`], the
+    /// spec's.
+    pub loss_aggregation: LossAggregation,
     /// Truncated importance weighting against behaviour log-probs.
     pub tis: TisConfig,
     /// LoRA: rank 64, alpha 128, dropout 0.05 on q, k, v, o, gate, up, down.
@@ -112,6 +116,7 @@ impl Default for TrainConfig {
             epochs: 1,
             micro_batch_size: 1,
             negative_weight: 1.0,
+            loss_aggregation: LossAggregation::SequenceMean,
             tis: TisConfig::default(),
             lora: LoraOptions::default(),
             seed: 0,

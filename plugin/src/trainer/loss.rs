@@ -11,9 +11,72 @@
 //! loss    = mean_t pg_t + beta * mean_t kl_t                                  (per sequence)
 //! ```
 //!
-//! and the batch loss is the mean of the sequence losses.
+//! and the batch loss is the mean of the sequence losses (the spec's [`LossAggregation::SequenceMean`]),
+//! or, with [`LossAggregation::TokenMean`], the mean over every valid token of the batch (each
+//! sequence weighted by its length, as DAPO and verl's `token-mean` do).
 
 use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// How the per-token terms of a batch become its loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// The spec's: the token mean of each sequence, then the mean over sequences. Every
+    /// sequence weighs the same, however long.
+    #[default]
+    SequenceMean,
+    /// The mean over every valid token of the batch: a sequence weighs as many tokens as it
+    /// has (DAPO; verl's `token-mean`; what supervised fine-tuning's cross-entropy does).
+    TokenMean,
+}
+
+impl LossAggregation {
+    /// The CLI's and the config's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossAggregation::SequenceMean => "sequence_mean",
+            LossAggregation::TokenMean => "token_mean",
+        }
+    }
+
+    /// One micro-batch's share of the batch loss, from its per-sequence losses `[batch]`
+    /// (token means) and valid-token counts `[batch]`: `sum_s loss_s / sequences` or
+    /// `sum_s count_s loss_s / tokens`, where `sequences` and `tokens` count the whole batch,
+    /// so that the shares of its micro-batches add up to the batch loss.
+    pub fn micro_batch_loss(
+        self,
+        per_sequence: &Tensor,
+        counts: &Tensor,
+        sequences: usize,
+        tokens: usize,
+    ) -> Result<Tensor> {
+        match self {
+            LossAggregation::SequenceMean => per_sequence.sum_all()? / sequences as f64,
+            LossAggregation::TokenMean => per_sequence.mul(counts)?.sum_all()? / tokens as f64,
+        }
+    }
+}
+
+impl std::fmt::Display for LossAggregation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LossAggregation {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.replace('-', "_").as_str() {
+            "sequence_mean" => Ok(LossAggregation::SequenceMean),
+            "token_mean" => Ok(LossAggregation::TokenMean),
+            other => Err(format!(
+                "unknown loss aggregation {other:?} (sequence_mean or token_mean)"
+            )),
+        }
+    }
+}
 
 /// Per-sequence terms of the objective, differentiable with respect to `logp_new`.
 #[derive(Debug, Clone)]
@@ -22,6 +85,8 @@ pub struct SequenceTerms {
     pub pg: Tensor,
     /// `mean_t kl_t` per sequence, `[batch]`.
     pub kl: Tensor,
+    /// Valid tokens per sequence, `[batch]`.
+    pub counts: Tensor,
 }
 
 /// Tensors of one micro-batch, all `[batch, max_completion]` in the model's dtype.
@@ -55,7 +120,7 @@ pub fn sequence_terms(x: LossInputs<'_>, clip_eps: f64) -> Result<SequenceTerms>
     let counts = x.mask.sum(D::Minus1)?;
     let pg = pg_tok.mul(x.mask)?.sum(D::Minus1)?.div(&counts)?;
     let kl = kl_tok.mul(x.mask)?.sum(D::Minus1)?.div(&counts)?;
-    Ok(SequenceTerms { pg, kl })
+    Ok(SequenceTerms { pg, kl, counts })
 }
 
 /// One token's `(pg_t, kl_t, clipped)` in `f64`, the reference the tensor code is tested

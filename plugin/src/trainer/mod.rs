@@ -25,6 +25,7 @@ pub mod synthetic;
 pub mod update;
 
 pub use config::{TisConfig, TisMode, TrainConfig};
+pub use loss::LossAggregation;
 pub use schedule::CosineSchedule;
 pub use update::{StepStats, TrainSample, Trainer};
 

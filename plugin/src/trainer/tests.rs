@@ -272,19 +272,28 @@ fn micro_batching_does_not_change_the_update() {
         sample(&[9], &[10, 11], &[-1.0, 2.0]),
         sample(&[12, 13], &[14], &[0.7]),
     ];
-    let mut results = Vec::new();
-    for mb in [1, 2, 3] {
-        let mut t = trainer_with(
-            TrainConfig {
-                micro_batch_size: mb,
-                ..config(1e-2)
-            },
-            DType::F64,
-        );
-        let s1 = t.step(&batch).unwrap();
-        let s2 = t.step(&batch).unwrap();
-        results.push((s1, s2, values(t.model())));
+    for aggregation in [LossAggregation::SequenceMean, LossAggregation::TokenMean] {
+        let mut results = Vec::new();
+        for mb in [1, 2, 3] {
+            let mut t = trainer_with(
+                TrainConfig {
+                    micro_batch_size: mb,
+                    loss_aggregation: aggregation,
+                    ..config(1e-2)
+                },
+                DType::F64,
+            );
+            let s1 = t.step(&batch).unwrap();
+            let s2 = t.step(&batch).unwrap();
+            results.push((s1, s2, values(t.model())));
+        }
+        same_updates(&results);
     }
+}
+
+type StepsAndWeights = (StepStats, StepStats, Vec<(String, Vec<f64>)>);
+
+fn same_updates(results: &[StepsAndWeights]) {
     for r in &results[1..] {
         assert!((r.0.loss - results[0].0.loss).abs() < 1e-12);
         assert!((r.1.loss - results[0].1.loss).abs() < 1e-10);
@@ -295,6 +304,42 @@ fn micro_batching_does_not_change_the_update() {
             }
         }
     }
+}
+
+#[test]
+fn token_mean_weighs_sequences_by_their_length() {
+    // First pass: ratio 1 and the adapter is still zero (policy = reference, KL 0), so each
+    // token's term is -A_t. Sequence mean: mean(-0.8/3, -1/2, -0.7) = -0.48889; token mean:
+    // -(0.8 + 1 + 0.7) / 6 = -0.41667.
+    let batch = vec![
+        sample(&[1, 2, 3], &[4, 5, 6], &[1.0, -0.5, 0.3]),
+        sample(&[9], &[10, 11], &[-1.0, 2.0]),
+        sample(&[12, 13], &[14], &[0.7]),
+    ];
+    let loss = |aggregation| {
+        let mut t = trainer_with(
+            TrainConfig {
+                loss_aggregation: aggregation,
+                ..config(1e-2)
+            },
+            DType::F64,
+        );
+        t.step(&batch).unwrap()
+    };
+    let seq = loss(LossAggregation::SequenceMean);
+    let tok = loss(LossAggregation::TokenMean);
+    let want_seq = -(0.8 / 3.0 + 0.5 + 0.7) / 3.0;
+    assert!((seq.loss - want_seq).abs() < 1e-12, "{}", seq.loss);
+    assert!((tok.loss - -2.5 / 6.0).abs() < 1e-12, "{}", tok.loss);
+    // The diagnostics stay sequence means whatever the objective.
+    assert!((tok.pg_loss - want_seq).abs() < 1e-12);
+    assert_eq!(tok.kl, 0.0);
+    assert!(seq.grad_norm > 0.0 && (seq.grad_norm - tok.grad_norm).abs() > 1e-9);
+    // Names round-trip.
+    for a in [LossAggregation::SequenceMean, LossAggregation::TokenMean] {
+        assert_eq!(a.name().parse::<LossAggregation>().unwrap(), a);
+    }
+    assert!("tokens".parse::<LossAggregation>().unwrap_err().contains("tokens"));
 }
 
 #[test]

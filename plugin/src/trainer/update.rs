@@ -42,11 +42,12 @@ pub struct StepStats {
     pub step: u64,
     /// Learning rate used.
     pub learning_rate: f64,
-    /// `pg + beta * kl`.
+    /// The objective, `pg + beta * kl` per token, aggregated as
+    /// [`TrainConfig::loss_aggregation`] says.
     pub loss: f64,
-    /// PPO-clip term.
+    /// PPO-clip term (mean over sequences of their token means).
     pub pg_loss: f64,
-    /// k3 KL to the reference.
+    /// k3 KL to the reference (mean over sequences of their token means).
     pub kl: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -95,6 +96,7 @@ struct Micro {
 
 #[derive(Default)]
 struct Totals {
+    loss: f64,
     pg: f64,
     kl: f64,
     clipped: usize,
@@ -341,7 +343,8 @@ impl Trainer {
     }
 
     /// One update over `samples`: the PPO-clip + k3 KL loss (per-sequence token mean, then the
-    /// mean over sequences), gradients accumulated over micro-batches, clipped to
+    /// mean over sequences; or the token mean of the batch, [`TrainConfig::loss_aggregation`]),
+    /// gradients accumulated over micro-batches, clipped to
     /// `max_grad_norm`, and one Adam step per epoch at the scheduled learning rate.
     ///
     /// Samples with an empty completion are skipped. A non-finite loss or gradient norm returns
@@ -385,7 +388,7 @@ impl Trainer {
         let mut last = Totals::default();
         let mut first: Option<(f64, f64, f64)> = None;
         for epoch in 0..epochs {
-            let (grads, totals) = self.accumulate(&micros, epoch, n_seq)?;
+            let (grads, totals) = self.accumulate(&micros, epoch, n_seq, n_tok)?;
             let norm = global_norm(&grads)?;
             if !norm.is_finite() {
                 return Err(TrainError::NonFinite {
@@ -405,7 +408,7 @@ impl Trainer {
             self.optimizer.step(&grads, lr)?;
             let pg = totals.pg / n_seq as f64;
             let kl = totals.kl / n_seq as f64;
-            sums.0 += pg + self.config.kl_beta * kl;
+            sums.0 += totals.loss;
             sums.1 += pg;
             sums.2 += kl;
             sums.3 += norm;
@@ -464,12 +467,13 @@ impl Trainer {
     }
 
     /// Forward + backward over every micro-batch; returns the summed gradients (of the batch
-    /// loss, already divided by the number of sequences) and the loss totals.
+    /// loss, already divided by the batch's sequences or tokens) and the loss totals.
     fn accumulate(
         &self,
         micros: &[Micro],
         epoch: usize,
         n_seq: usize,
+        n_tok: usize,
     ) -> Result<(Vec<Tensor>, Totals), TrainError> {
         let vars = self.optimizer.vars();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
@@ -501,13 +505,17 @@ impl Trainer {
                 eps,
             )?;
             let per_seq = (&terms.pg + (&terms.kl * self.config.kl_beta)?)?;
-            let loss = (per_seq.sum_all()? / n_seq as f64)?;
+            let loss =
+                self.config
+                    .loss_aggregation
+                    .micro_batch_loss(&per_seq, &terms.counts, n_seq, n_tok)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
                     what: format!("loss {value} in micro-batch {mi}"),
                 });
             }
+            totals.loss += value;
             totals.pg += terms
                 .pg
                 .to_dtype(DType::F64)?
