@@ -68,6 +68,9 @@ pub struct Args {
     /// KL penalty weight.
     #[arg(long, default_value_t = RunConfig::default().kl_beta)]
     pub kl_beta: f64,
+    /// Adam's beta2, the decay of the squared-gradient average (0.95 in the LEAF spec).
+    #[arg(long, default_value_t = RunConfig::default().adam_beta2)]
+    pub adam_beta2: f64,
     /// PPO epochs (passes over each batch).
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     pub epochs: usize,
@@ -161,6 +164,7 @@ impl Args {
             rank: self.rank,
             alpha: self.alpha,
             kl_beta: self.kl_beta,
+            adam_beta2: self.adam_beta2,
             epochs: self.epochs,
             negative_weight: self.negative_weight,
             micro_batch: self.micro_batch,

@@ -150,6 +150,10 @@ pub struct RunConfig {
     pub alpha: f64,
     /// Weight of the KL penalty to the base model.
     pub kl_beta: f64,
+    /// Adam's beta2 ([`TrainConfig::adam_beta2`]): the decay of the squared-gradient average
+    /// (0.95 in the LEAF spec; supervised fine-tuning usually runs 0.99-0.999).
+    #[serde(default = "spec_beta2")]
+    pub adam_beta2: f64,
     /// PPO epochs: passes over each batch of rollouts (the ratio and clip act from the
     /// second pass on).
     #[serde(default = "one")]
@@ -233,6 +237,10 @@ fn eight() -> usize {
     8
 }
 
+fn spec_beta2() -> f64 {
+    TrainConfig::default().adam_beta2
+}
+
 fn unit_weight() -> f64 {
     1.0
 }
@@ -264,9 +272,10 @@ impl Default for RunConfig {
             rank: 32,
             alpha: 64.0,
             kl_beta: 0.02,
+            adam_beta2: spec_beta2(),
             epochs: 1,
             negative_weight: 1.0,
-            micro_batch: 32,
+            micro_batch: 8,
             loss_aggregation: LossAggregation::SequenceMean,
             reference_guidance: false,
             supervised_weight: 1.0,
@@ -330,6 +339,9 @@ impl RunConfig {
         }
         if !(self.kl_beta.is_finite() && self.kl_beta >= 0.0) {
             return bad("kl_beta must be >= 0");
+        }
+        if !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("adam_beta2 must be in [0, 1)");
         }
         if self.epochs == 0 {
             return bad("epochs must be at least 1");
@@ -411,6 +423,7 @@ impl RunConfig {
         TrainConfig {
             learning_rate: self.learning_rate,
             kl_beta: self.kl_beta,
+            adam_beta2: self.adam_beta2,
             total_steps: self.planned_updates(),
             warmup_fraction: 0.05,
             micro_batch_size: self.micro_batch,

@@ -266,15 +266,16 @@ fn every_lora_tensor_moves_and_gets_a_gradient_after_one_step() {
 }
 
 #[test]
-fn micro_batching_does_not_change_the_update() {
+fn micro_batching_and_sample_order_do_not_change_the_update() {
     let batch = vec![
         sample(&[1, 2, 3], &[4, 5, 6], &[1.0, -0.5, 0.3]),
         sample(&[9], &[10, 11], &[-1.0, 2.0]),
         sample(&[12, 13], &[14], &[0.7]),
     ];
+    let reversed: Vec<TrainSample> = batch.iter().rev().cloned().collect();
     for aggregation in [LossAggregation::SequenceMean, LossAggregation::TokenMean] {
         let mut results = Vec::new();
-        for mb in [1, 2, 3] {
+        for (mb, batch) in [(1, &batch), (2, &batch), (3, &batch), (2, &reversed)] {
             let mut t = trainer_with(
                 TrainConfig {
                     micro_batch_size: mb,
