@@ -340,7 +340,10 @@ fn token_mean_weighs_sequences_by_their_length() {
     for a in [LossAggregation::SequenceMean, LossAggregation::TokenMean] {
         assert_eq!(a.name().parse::<LossAggregation>().unwrap(), a);
     }
-    assert!("tokens".parse::<LossAggregation>().unwrap_err().contains("tokens"));
+    assert!("tokens"
+        .parse::<LossAggregation>()
+        .unwrap_err()
+        .contains("tokens"));
 }
 
 #[test]

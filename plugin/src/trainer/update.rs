@@ -508,10 +508,12 @@ impl Trainer {
                 eps,
             )?;
             let per_seq = (&terms.pg + (&terms.kl * self.config.kl_beta)?)?;
-            let loss =
-                self.config
-                    .loss_aggregation
-                    .micro_batch_loss(&per_seq, &terms.counts, n_seq, n_tok)?;
+            let loss = self.config.loss_aggregation.micro_batch_loss(
+                &per_seq,
+                &terms.counts,
+                n_seq,
+                n_tok,
+            )?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite {
