@@ -284,8 +284,8 @@ fn micro_batching_and_sample_order_do_not_change_the_update() {
                 },
                 DType::F64,
             );
-            let s1 = t.step(&batch).unwrap();
-            let s2 = t.step(&batch).unwrap();
+            let s1 = t.step(batch).unwrap();
+            let s2 = t.step(batch).unwrap();
             results.push((s1, s2, values(t.model())));
         }
         same_updates(&results);
