@@ -11,9 +11,10 @@
 //! loss    = mean_t pg_t + beta * mean_t kl_t                                  (per sequence)
 //! ```
 //!
-//! and the batch loss is the mean of the sequence losses (the spec's [`LossAggregation::SequenceMean`]),
-//! or, with [`LossAggregation::TokenMean`], the mean over every valid token of the batch (each
-//! sequence weighted by its length, as DAPO and verl's `token-mean` do).
+//! and the batch loss is the mean of the sequence losses (the spec's
+//! [`LossAggregation::SequenceMean`]), or, with [`LossAggregation::TokenMean`], the mean over
+//! every valid token of the batch (each sequence weighted by its length, as DAPO and verl's
+//! `token-mean` do).
 
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
