@@ -8,7 +8,7 @@
 //!    and seals every other labelled request at once as a one-response group.
 //! 3. **Traffic**: the spoken-digit training tasks, replayed by concurrent clients
 //!    ([`super::traffic`]).
-//! 4. **Learner** (this thread): B compared groups or 16 labelled singles -> advantages
+//! 4. **Learner** (this thread): B compared groups or 8 labelled singles -> advantages
 //!    (LEAF or GRPO) on the groups, plus every request's reference as a supervised
 //!    demonstration ([`SupervisedReference`]) -> one LoRA update. Every `publish_every`
 //!    updates the candidate adapter is checked on the held-out test takes (`eval_samples` per
@@ -101,8 +101,8 @@ impl EvalDecoding {
 
 /// Every setting of a run. [`RunConfig::default`] holds the defaults of `leaf run`: the
 /// supervised objective on every request's reference (weight 1) beside LEAF reinforcement on
-/// one request in 16 (K = 8 samples, B = 4 groups per update; an update also closes at 16
-/// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 64
+/// one request in 16 (K = 8 samples, B = 4 groups per update; an update also closes at 8
+/// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 128
 /// updates, 23,552 rollouts (16,384 requests: 1,024 forked into groups, 15,360 singles) over
 /// 16,384 distinct training prompts, held-out checks decoded as the server samples. The
 /// supervised objective and its volume of distinct labelled requests are what move greedy
@@ -267,7 +267,7 @@ impl Default for RunConfig {
             seed: 0,
             group_size: 8,
             groups_per_update: 4,
-            publish_every: 64,
+            publish_every: 128,
             learning_rate: 2e-3,
             rank: 32,
             alpha: 64.0,
@@ -279,7 +279,7 @@ impl Default for RunConfig {
             loss_aggregation: LossAggregation::SequenceMean,
             reference_guidance: false,
             supervised_weight: 1.0,
-            supervised_per_update: 16,
+            supervised_per_update: 8,
             fork_fraction: 0.0625,
             clients: 4,
             max_tokens: MAX_ANSWER_TOKENS,

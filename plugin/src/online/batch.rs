@@ -52,7 +52,7 @@ pub struct SupervisedReference {
     /// deviation above its group). Default 1; must be finite and positive.
     pub weight: f64,
     /// One-member groups (labelled requests nobody compared) that make an update on their
-    /// own when fewer than `groups_per_update` compared groups arrived with them. Default 16.
+    /// own when fewer than `groups_per_update` compared groups arrived with them. Default 8.
     pub singles_per_update: usize,
 }
 
@@ -60,7 +60,7 @@ impl Default for SupervisedReference {
     fn default() -> Self {
         SupervisedReference {
             weight: 1.0,
-            singles_per_update: 16,
+            singles_per_update: 8,
         }
     }
 }
