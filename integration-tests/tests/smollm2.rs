@@ -140,6 +140,10 @@ async fn serve(
     cfg.store_dir = Some(store_dir.to_path_buf());
     cfg.assembler = AssemblerConfig {
         group_size: K,
+        // The K samples are sent one after another in one case: on a loaded machine they may
+        // take longer than the default 5 s window in which identical prompts coalesce.
+        coalesce_window_s: 600.0,
+        seal_timeout_s: 600.0,
         ..AssemblerConfig::default()
     };
     start(cfg, Arc::new(HashOfIds)).await
