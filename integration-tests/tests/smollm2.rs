@@ -141,7 +141,8 @@ async fn serve(
     cfg.assembler = AssemblerConfig {
         group_size: K,
         // The K samples are sent one after another in one case: on a loaded machine they may
-        // take longer than the default 5 s window in which identical prompts coalesce.
+        // take longer than the default 5 s window in which identical prompts coalesce, or than
+        // the 120 s after which a partial group is sealed. The test checks log-probs, not timing.
         coalesce_window_s: 600.0,
         seal_timeout_s: 600.0,
         ..AssemblerConfig::default()
