@@ -5,12 +5,14 @@
 //! Generation runs prompts in batches without a KV cache: every new token re-runs the decoder
 //! over the right-padded batch (the causal mask keeps real positions from seeing padding) and
 //! reads each row's logits at its own last position. Rows that have produced a stop token are
-//! dropped from the batch.
+//! dropped from the batch. Batches run in parallel on rayon's pool (every prompt draws from its
+//! own RNG, so the result is the same as one batch after another).
 
 use candle_core::{DType, IndexOp, Tensor};
 use leaf_adapters::model::{LlamaModel, Pass};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
@@ -89,17 +91,55 @@ pub fn generate_completions<R: Rng>(
         .iter()
         .map(|_| ChaCha8Rng::seed_from_u64(rng.random::<u64>()))
         .collect();
-    let max_len = model.config().max_position_embeddings;
-    let pass = if model.lora_options().is_some() {
-        Pass::POLICY
-    } else {
-        Pass::BASE
+    let batch = BatchGeneration {
+        model,
+        pass: if model.lora_options().is_some() {
+            Pass::POLICY
+        } else {
+            Pass::BASE
+        },
+        stop,
+        decoding,
+        max_new_tokens,
     };
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    for lo in (0..prompts.len()).step_by(batch_size) {
-        let hi = (lo + batch_size).min(prompts.len());
-        let mut active: Vec<usize> = (lo..hi).collect();
-        for _ in 0..max_new_tokens {
+    // Batches are independent (each prompt draws from its own RNG, and a batch is padded only
+    // to its own longest row), so they run in parallel on rayon's pool and give what one after
+    // another would; the first failing batch, in prompt order, is the error returned.
+    let outcomes: Vec<Result<()>> = prompts
+        .par_chunks(batch_size)
+        .zip(out.par_chunks_mut(batch_size))
+        .zip(rngs.par_chunks_mut(batch_size))
+        .enumerate()
+        .map(|(b, ((prompts, out), rngs))| batch.run(prompts, b * batch_size, out, rngs))
+        .collect();
+    outcomes.into_iter().collect::<Result<()>>()?;
+    Ok(out)
+}
+
+/// What every batch of one [`generate_completions`] call shares.
+struct BatchGeneration<'a> {
+    model: &'a LlamaModel,
+    pass: Pass,
+    stop: &'a [u32],
+    decoding: &'a Decoding,
+    max_new_tokens: usize,
+}
+
+impl BatchGeneration<'_> {
+    /// Generates one batch in place: `prompts[j]`'s completion grows in `out[j]`, drawing from
+    /// `rngs[j]`; `first` is the batch's offset in the caller's prompts (for error messages).
+    fn run(
+        &self,
+        prompts: &[Vec<u32>],
+        first: usize,
+        out: &mut [Vec<u32>],
+        rngs: &mut [ChaCha8Rng],
+    ) -> Result<()> {
+        let (model, decoding, stop) = (self.model, self.decoding, self.stop);
+        let max_len = model.config().max_position_embeddings;
+        let mut active: Vec<usize> = (0..prompts.len()).collect();
+        for _ in 0..self.max_new_tokens {
             active.retain(|&i| prompts[i].len() + out[i].len() < max_len);
             if active.is_empty() {
                 break;
@@ -114,7 +154,7 @@ pub fn generate_completions<R: Rng>(
                 ids[r * t..r * t + row.len()].copy_from_slice(row);
             }
             let input = candle(Tensor::from_vec(ids, (rows.len(), t), model.device()))?;
-            let logits = model.forward(&input, &pass)?;
+            let logits = model.forward(&input, &self.pass)?;
             let mut next_active = Vec::with_capacity(active.len());
             for (r, &i) in active.iter().enumerate() {
                 let last: Vec<f32> = candle(
@@ -124,7 +164,7 @@ pub fn generate_completions<R: Rng>(
                         .and_then(|l| l.to_vec1()),
                 )?;
                 let tok = pick_token(&last, decoding, &mut rngs[i])
-                    .map_err(|e| TrainError::Config(format!("prompt {i}: {e}")))?
+                    .map_err(|e| TrainError::Config(format!("prompt {}: {e}", first + i)))?
                     .id;
                 out[i].push(tok);
                 if !stop.contains(&tok) {
@@ -133,8 +173,8 @@ pub fn generate_completions<R: Rng>(
             }
             active = next_active;
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// A candle result as this crate's error.
@@ -215,5 +255,57 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let pick = pick_token(&[0.0, 1.0, 1.0], &zero, &mut rng).unwrap();
         assert_eq!((pick.id, pick.logprob), (1, 0.0));
+    }
+
+    #[test]
+    fn parallel_batches_give_what_one_after_another_would() {
+        use candle_core::Device;
+        use leaf_adapters::model::{ModelOptions, Trainable};
+        let config: leaf_adapters::LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "vocab_size": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+        }))
+        .unwrap();
+        let options = ModelOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: Trainable::Full,
+            frozen_matmul: false,
+        };
+        let model = LlamaModel::random(&config, 7, &options).unwrap();
+        // Eleven prompts of different lengths: batches of 3 are padded differently.
+        let prompts: Vec<Vec<u32>> = (0..11u32)
+            .map(|i| (0..1 + i % 5).map(|j| (i * 7 + j * 3) % 20 + 1).collect())
+            .collect();
+        let sample = Decoding::Sample {
+            temperature: 1.5,
+            top_p: 0.9,
+        };
+        for decoding in [Decoding::Greedy, sample] {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let together =
+                generate_completions(&model, &prompts, &[0], &decoding, 12, 3, &mut rng).unwrap();
+            // The same seed stream, each batch in its own call (one batch, nothing parallel).
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let apart: Vec<Vec<u32>> = prompts
+                .chunks(3)
+                .flat_map(|chunk| {
+                    generate_completions(&model, chunk, &[0], &decoding, 12, 3, &mut rng).unwrap()
+                })
+                .collect();
+            assert_eq!(together, apart, "{decoding:?}");
+            assert!(together.iter().all(|c| !c.is_empty()));
+        }
+        // A failing batch (an id outside the vocabulary) is an error, not a panic.
+        let mut bad = prompts.clone();
+        bad[7] = vec![100];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let err = generate_completions(&model, &bad, &[0], &Decoding::Greedy, 4, 3, &mut rng);
+        assert!(err.is_err());
     }
 }
