@@ -261,16 +261,7 @@ mod tests {
     fn parallel_batches_give_what_one_after_another_would() {
         use candle_core::Device;
         use leaf_adapters::model::{ModelOptions, Trainable};
-        let config: leaf_adapters::LlamaConfig = serde_json::from_value(serde_json::json!({
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "vocab_size": 24,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 64,
-        }))
-        .unwrap();
+        let config = crate::trainer::tests::tiny();
         let options = ModelOptions {
             dtype: DType::F32,
             device: Device::Cpu,

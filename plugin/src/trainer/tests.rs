@@ -6,7 +6,8 @@ use leaf_adapters::LlamaConfig;
 
 use super::*;
 
-fn tiny() -> LlamaConfig {
+/// A two-layer model small enough for unit tests (also [`super::generate`]'s).
+pub(super) fn tiny() -> LlamaConfig {
     serde_json::from_value(serde_json::json!({
         "hidden_size": 16,
         "intermediate_size": 32,
