@@ -851,3 +851,112 @@ fn half_precision_models_give_f32_logprobs_close_to_f32() {
         assert!((a - b).abs() < 0.05, "{dtype:?}: {a} vs {b}");
     }
 }
+
+/// Generation with a [`KvCache`]: the prompts once, then one position per new token, gives the
+/// logits of a whole-sequence forward pass at every step, for rows of different lengths in
+/// one batch (right padding), with grouped-query attention and LoRA on, also after rows leave.
+#[test]
+fn prefill_and_decode_steps_equal_the_whole_sequence_forward() {
+    for dtype in [DType::F32, DType::F64] {
+        let model = LlamaModel::random(
+            &tiny(false),
+            5,
+            &options(dtype, Trainable::Lora(lora(4, 0.0))),
+        )
+        .unwrap();
+        randomise_b(&model, 13);
+        let prompts: [&[u32]; 3] = [&[3, 17, 5, 31], &[9], &[0, 2, 4, 6, 8, 10, 12]];
+        // Tokens fed after the prompts (fixed, so rows can be compared with forward).
+        let fed: [[u32; 4]; 3] = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]];
+        let t = prompts.iter().map(|p| p.len()).max().unwrap();
+        let mut ids = vec![0u32; prompts.len() * t];
+        for (r, p) in prompts.iter().enumerate() {
+            ids[r * t..r * t + p.len()].copy_from_slice(p);
+        }
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let input = Tensor::from_vec(ids, (3, t), &Device::Cpu).unwrap();
+        let (mut logits, mut cache) = model.prefill(&input, &lens, 4, &Pass::POLICY).unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        let mut rows: Vec<usize> = vec![0, 1, 2];
+        for step in 0..=fed[0].len() {
+            // Row r's reference: forward over its prompt and the tokens fed so far.
+            for (k, &r) in rows.iter().enumerate() {
+                let seq: Vec<u32> = prompts[r].iter().chain(&fed[r][..step]).copied().collect();
+                let whole = model
+                    .forward(
+                        &Tensor::new(seq.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap(),
+                        &Pass::POLICY,
+                    )
+                    .unwrap();
+                let want = flat(&whole.get(0).unwrap().get(seq.len() - 1).unwrap());
+                let got = flat(&logits.get(k).unwrap());
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    diff < tol,
+                    "{dtype:?} step {step} row {r}: max difference {diff}"
+                );
+            }
+            if step == fed[0].len() {
+                break;
+            }
+            if step == 2 {
+                // The middle row stops; the others go on.
+                cache.retain(&[0, 2]).unwrap();
+                rows = vec![0, 2];
+            }
+            let tokens: Vec<u32> = rows.iter().map(|&r| fed[r][step]).collect();
+            logits = model
+                .decode_step(&mut cache, &tokens, &Pass::POLICY)
+                .unwrap();
+            assert_eq!(logits.dims(), &[rows.len(), 32]);
+        }
+        assert_eq!(cache.columns(), t + fed[0].len());
+        assert_eq!(cache.positions(), vec![8, 11]);
+    }
+}
+
+#[test]
+fn bad_cache_use_is_a_typed_error() {
+    let model = LlamaModel::random(
+        &tiny(true),
+        5,
+        &options(DType::F32, Trainable::Lora(lora(4, 0.0))),
+    )
+    .unwrap();
+    let input = Tensor::new(&[[3u32, 4, 0], [5, 6, 7]], &Device::Cpu).unwrap();
+    // Lengths that do not fit the batch.
+    for lens in [vec![2], vec![0, 3], vec![2, 4]] {
+        let err = model.prefill(&input, &lens, 2, &Pass::BASE).unwrap_err();
+        assert!(matches!(err, Error::Model(_)), "{lens:?}: {err}");
+    }
+    let (_, mut cache) = model.prefill(&input, &[2, 3], 1, &Pass::BASE).unwrap();
+    // One token for two rows; a token outside the vocabulary.
+    assert!(model
+        .decode_step(&mut cache, &[1], &Pass::BASE)
+        .unwrap_err()
+        .to_string()
+        .contains("1 tokens"));
+    assert!(model
+        .decode_step(&mut cache, &[1, 99], &Pass::BASE)
+        .unwrap_err()
+        .to_string()
+        .contains("vocabulary"));
+    // Rows out of range or out of order.
+    assert!(cache.retain(&[2]).is_err());
+    assert!(cache.retain(&[1, 0]).is_err());
+    // The cache was made for one more position per row.
+    model.decode_step(&mut cache, &[1, 2], &Pass::BASE).unwrap();
+    let err = model
+        .decode_step(&mut cache, &[1, 2], &Pass::BASE)
+        .unwrap_err();
+    assert!(err.to_string().contains("beyond"), "{err}");
+    // The failed steps changed nothing.
+    assert_eq!((cache.rows(), cache.columns()), (2, 4));
+}

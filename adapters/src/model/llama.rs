@@ -10,6 +10,7 @@ use super::batch::Batch;
 use super::checkpoint;
 use super::frozen::frozen_linear;
 use super::init;
+use super::kv_cache::KvCache;
 use super::lora::{plain_linear, Linear, LoraOptions, Param};
 use super::ops;
 use crate::config::{Family, LlamaConfig};
@@ -85,6 +86,18 @@ impl Pass {
             dropout_seed: Some(seed),
         }
     }
+}
+
+/// How a decoder pass attends.
+enum Attention<'a> {
+    /// Causal attention over a right-padded batch (`lens[r]` real tokens in row `r`); with
+    /// `kv`, every layer's keys (after RoPE) and values are kept for generation.
+    Causal {
+        lens: &'a [usize],
+        kv: Option<&'a mut Vec<(Tensor, Tensor)>>,
+    },
+    /// One new position per row, attending over a [`KvCache`] that it extends.
+    Step(&'a mut KvCache),
 }
 
 #[derive(Debug, Clone)]
@@ -517,8 +530,14 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Hidden states `[b, t, d]` after the last decoder layer (before the final norm).
+    /// Hidden states `[b, t, d]` after the last decoder layer (before the final norm), under
+    /// causal attention over the right-padded batch.
     fn hidden(&self, ids: &Tensor, lens: &[usize], pass: &Pass) -> Result<Tensor> {
+        self.decoder(ids, Attention::Causal { lens, kv: None }, pass)
+    }
+
+    /// The decoder layers over `ids` (`[b, t]`), attending as `attention` says.
+    fn decoder(&self, ids: &Tensor, mut attention: Attention<'_>, pass: &Pass) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.config;
         let d = cfg.hidden_size;
@@ -531,19 +550,41 @@ impl LlamaModel {
             .tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
-        let (cos, sin) = ops::rope_tables_from(&cfg.rope_inv_freq(), t, self.dtype, &self.device)?;
         let slots = Slots {
             fused: cfg.family().fused(),
         };
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
         let inner = cfg.intermediate_size;
-        let mask = ops::attention_mask(lens, t, self.dtype, &self.device)?;
+        // RoPE tables and the mask: positions 0..t under a causal mask, or each row's next
+        // position over the cache.
+        let (cos, sin, mask) = match &attention {
+            Attention::Causal { lens, .. } => {
+                let (cos, sin) =
+                    ops::rope_tables_from(&cfg.rope_inv_freq(), t, self.dtype, &self.device)?;
+                (
+                    cos,
+                    sin,
+                    ops::attention_mask(lens, t, self.dtype, &self.device)?,
+                )
+            }
+            Attention::Step(cache) => {
+                let (cos, sin) = cache.tables();
+                let cols = cache.columns() + 1;
+                let mask = ops::step_mask(
+                    cache.lens(),
+                    cache.prompt_columns(),
+                    cols,
+                    self.dtype,
+                    &self.device,
+                )?;
+                (cos.clone(), sin.clone(), mask)
+            }
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let drop = |j: usize| pass.dropout_seed.map(|s| (s, lora_stream(li, j)));
             let p = &layer.proj;
             let h = ops::rms_norm(&x, layer.input_norm.tensor(), cfg.rms_norm_eps)?;
-            let rope = Some((&cos, &sin));
             let (q, k, v) = if slots.fused {
                 let qkv = p[Slots::Q].forward(&h, pass.lora, drop(Slots::Q))?;
                 (
@@ -558,9 +599,35 @@ impl LlamaModel {
                     p[Slots::V].forward(&h, pass.lora, drop(Slots::V))?,
                 )
             };
-            let q = ops::split_heads(&q, heads, rope)?;
-            let k = ops::split_heads(&k, kv_heads, rope)?;
             let v = ops::split_heads(&v, kv_heads, None)?;
+            let (q, k, v) = match &mut attention {
+                Attention::Causal { kv, .. } => {
+                    let rope = Some((&cos, &sin));
+                    let q = ops::split_heads(&q, heads, rope)?;
+                    let k = ops::split_heads(&k, kv_heads, rope)?;
+                    if let Some(kv) = kv {
+                        kv.push((k.clone(), v.clone()));
+                    }
+                    (q, k, v)
+                }
+                Attention::Step(cache) => {
+                    let positions = cache.positions();
+                    let q = ops::rope_rows(
+                        &ops::split_heads(&q, heads, None)?,
+                        &cos,
+                        &sin,
+                        &positions,
+                    )?;
+                    let k = ops::rope_rows(
+                        &ops::split_heads(&k, kv_heads, None)?,
+                        &cos,
+                        &sin,
+                        &positions,
+                    )?;
+                    let (k, v) = cache.append(li, &k, &v)?;
+                    (q, k, v)
+                }
+            };
             let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
             let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
             let probs = ops::masked_softmax(&ops::attention_matmul(&q, &k.t()?)?, &mask, scale)?;
@@ -585,7 +652,87 @@ impl LlamaModel {
             let down = slots.down();
             x = ops::add_scaled(&x, &p[down].forward(&act, pass.lora, drop(down))?, 1.0)?;
         }
+        if let Attention::Step(cache) = attention {
+            cache.advance();
+        }
         Ok(x)
+    }
+
+    /// Starts generation: runs the right-padded prompts `input_ids` (`[b, t]`, u32; row `r`'s
+    /// real tokens are its first `lens[r]`) once and returns the logits `[b, vocab]` at each
+    /// row's last real token with a [`KvCache`] holding every layer's keys and values, room for
+    /// `max_new_tokens` more positions per row ([`LlamaModel::decode_step`]). Inference only:
+    /// nothing flows back through the cache.
+    pub fn prefill(
+        &self,
+        input_ids: &Tensor,
+        lens: &[usize],
+        max_new_tokens: usize,
+        pass: &Pass,
+    ) -> Result<(Tensor, KvCache)> {
+        let (b, t) = input_ids.dims2()?;
+        if t == 0 || b != lens.len() || lens.iter().any(|&l| l == 0 || l > t) {
+            return Err(Error::Model(format!(
+                "prefill: {b} rows of {t} columns do not fit the row lengths {lens:?}"
+            )));
+        }
+        let max_token = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        self.check_ids(max_token, t)?;
+        let mut kv = Vec::with_capacity(self.layers.len());
+        let h = self.decoder(
+            input_ids,
+            Attention::Causal {
+                lens,
+                kv: Some(&mut kv),
+            },
+            pass,
+        )?;
+        let last: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| (r * t + len - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, b, &self.device)?;
+        let h = h
+            .reshape((b * t, self.config.hidden_size))?
+            .index_select(&last, 0)?;
+        let positions = t + max_new_tokens;
+        let (cos, sin) = ops::rope_tables_from(
+            &self.config.rope_inv_freq(),
+            positions,
+            self.dtype,
+            &self.device,
+        )?;
+        Ok((self.head(&h)?, KvCache::new(kv, lens.to_vec(), t, cos, sin)))
+    }
+
+    /// One generation step: feeds `tokens[r]` as row `r`'s next token and returns the logits
+    /// `[rows, vocab]` after it, attending to the row's prompt and earlier tokens in `cache`
+    /// (which grows by one column). The same values as [`LlamaModel::forward`] over the whole
+    /// sequence, up to rounding.
+    pub fn decode_step(&self, cache: &mut KvCache, tokens: &[u32], pass: &Pass) -> Result<Tensor> {
+        let rows = cache.rows();
+        if tokens.len() != rows {
+            return Err(Error::Model(format!(
+                "decode step: {} tokens for a cache of {rows} rows",
+                tokens.len()
+            )));
+        }
+        if rows == 0 {
+            return Err(Error::Model("decode step: the cache has no rows".into()));
+        }
+        let longest = cache.positions().into_iter().max().unwrap_or(0) + 1;
+        self.check_ids(tokens.iter().copied().max().unwrap_or(0), longest)?;
+        if longest > cache.capacity() {
+            return Err(Error::Model(format!(
+                "decode step: position {} is beyond the {} the cache was made for",
+                longest - 1,
+                cache.capacity()
+            )));
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (rows, 1), &self.device)?;
+        let h = self.decoder(&ids, Attention::Step(cache), pass)?;
+        self.head(&h.reshape((rows, self.config.hidden_size))?)
     }
 
     /// Final norm and LM head on hidden states `[.., d]`.

@@ -245,6 +245,37 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
 }
 
+/// [`rope`] for one new position per row, as generation with a [`super::KvCache`] needs:
+/// `x` is `[batch, heads, 1, head_dim]` and row `r` is rotated by the angles of
+/// `positions[r]` in the tables `(cos, sin)` from [`rope_tables`]; the arithmetic of [`rope`].
+pub fn rope_rows(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let (b, _h, one, dim) = x.dims4()?;
+    let (table, half) = cos.dims2()?;
+    if one != 1 || b != positions.len() || half * 2 != dim || sin.dims2()? != (table, half) {
+        candle_core::bail!(
+            "rope rows: x {:?} does not match {} positions and cos {:?} / sin {:?}",
+            x.shape(),
+            positions.len(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    if let Some(p) = positions.iter().find(|&&p| p >= table) {
+        candle_core::bail!("rope rows: position {p} is beyond the {table} positions of the tables");
+    }
+    let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let index = Tensor::from_vec(index, b, cos.device())?;
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        let t = t.index_select(&index, 0)?;
+        Tensor::cat(&[&t, &t], D::Minus1)?.reshape((b, 1, 1, dim))
+    };
+    let (cos, sin) = (rows(cos)?, rows(sin)?);
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
+}
+
 /// Repeats each key/value head `n_rep` times along the head axis (grouped-query attention):
 /// `[b, kv_heads, t, d] -> [b, kv_heads * n_rep, t, d]`, query head `i` reading kv head
 /// `i / n_rep`, as in Hugging Face and mistral.rs.
@@ -274,6 +305,29 @@ pub fn attention_mask(lens: &[usize], seq: usize, dtype: DType, device: &Device)
         }
     }
     Tensor::from_vec(data, (lens.len(), 1, seq, seq), device)?.to_dtype(dtype)
+}
+
+/// The additive mask `[batch, 1, 1, cols]` of one generation step over a [`super::KvCache`]:
+/// row `r` sees its prompt's columns `0..lens[r]` and every column from `prompt_cols` on (the
+/// tokens it generated, the new one included), not the padding between them.
+pub fn step_mask(
+    lens: &[usize],
+    prompt_cols: usize,
+    cols: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut data = Vec::with_capacity(lens.len() * cols);
+    for &len in lens {
+        data.extend((0..cols).map(|j| {
+            if j < len || j >= prompt_cols {
+                0f32
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+    }
+    Tensor::from_vec(data, (lens.len(), 1, 1, cols), device)?.to_dtype(dtype)
 }
 
 /// The ops composed of basic candle ops: the reference the fused kernels are tested against,

@@ -2,13 +2,14 @@
 //! held-out checks and evaluations answer with. Tokens are picked exactly as the serving tap
 //! picks them ([`crate::sampling`]).
 //!
-//! Generation runs prompts in batches without a KV cache: every new token re-runs the decoder
-//! over the right-padded batch (the causal mask keeps real positions from seeing padding) and
-//! reads each row's logits at its own last position. Rows that have produced a stop token are
-//! dropped from the batch. Batches run in parallel on rayon's pool (every prompt draws from its
+//! Generation runs prompts in batches: the right-padded prompts once through the decoder
+//! ([`LlamaModel::prefill`], which keeps every layer's keys and values in a
+//! [`leaf_adapters::model::KvCache`]), then one position per row and new token
+//! ([`LlamaModel::decode_step`]). Rows that have produced a stop token are dropped from the
+//! batch and the cache. Batches run in parallel on rayon's pool (every prompt draws from its
 //! own RNG, so the result is the same as one batch after another).
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Tensor};
 use leaf_adapters::model::{LlamaModel, Pass};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -138,40 +139,42 @@ impl BatchGeneration<'_> {
     ) -> Result<()> {
         let (model, decoding, stop) = (self.model, self.decoding, self.stop);
         let max_len = model.config().max_position_embeddings;
-        let mut active: Vec<usize> = (0..prompts.len()).collect();
-        for _ in 0..self.max_new_tokens {
-            active.retain(|&i| prompts[i].len() + out[i].len() < max_len);
-            if active.is_empty() {
-                break;
-            }
-            let rows: Vec<Vec<u32>> = active
-                .iter()
-                .map(|&i| prompts[i].iter().chain(&out[i]).copied().collect())
-                .collect();
-            let t = rows.iter().map(Vec::len).max().unwrap_or(1);
-            let mut ids = vec![0u32; rows.len() * t];
-            for (r, row) in rows.iter().enumerate() {
-                ids[r * t..r * t + row.len()].copy_from_slice(row);
-            }
-            let input = candle(Tensor::from_vec(ids, (rows.len(), t), model.device()))?;
-            let logits = model.forward(&input, &self.pass)?;
-            let mut next_active = Vec::with_capacity(active.len());
+        // Rows that can still grow; row r of the logits (and of the cache) is active[r].
+        let mut active: Vec<usize> = (0..prompts.len())
+            .filter(|&i| prompts[i].len() < max_len)
+            .collect();
+        if active.is_empty() || self.max_new_tokens == 0 {
+            return Ok(());
+        }
+        let t = active.iter().map(|&i| prompts[i].len()).max().unwrap_or(1);
+        let mut ids = vec![0u32; active.len() * t];
+        for (r, &i) in active.iter().enumerate() {
+            ids[r * t..r * t + prompts[i].len()].copy_from_slice(&prompts[i]);
+        }
+        let lens: Vec<usize> = active.iter().map(|&i| prompts[i].len()).collect();
+        let input = candle(Tensor::from_vec(ids, (active.len(), t), model.device()))?;
+        let (mut logits, mut cache) =
+            model.prefill(&input, &lens, self.max_new_tokens, &self.pass)?;
+        for step in 0..self.max_new_tokens {
+            let rows: Vec<Vec<f32>> =
+                candle(logits.to_dtype(DType::F32).and_then(|l| l.to_vec2()))?;
+            let mut keep = Vec::with_capacity(active.len());
             for (r, &i) in active.iter().enumerate() {
-                let last: Vec<f32> = candle(
-                    logits
-                        .i((r, rows[r].len() - 1))
-                        .and_then(|l| l.to_dtype(DType::F32))
-                        .and_then(|l| l.to_vec1()),
-                )?;
-                let tok = pick_token(&last, decoding, &mut rngs[i])
+                let tok = pick_token(&rows[r], decoding, &mut rngs[i])
                     .map_err(|e| TrainError::Config(format!("prompt {}: {e}", first + i)))?
                     .id;
                 out[i].push(tok);
-                if !stop.contains(&tok) {
-                    next_active.push(i);
+                if !stop.contains(&tok) && prompts[i].len() + out[i].len() < max_len {
+                    keep.push(r);
                 }
             }
-            active = next_active;
+            if keep.is_empty() || step + 1 == self.max_new_tokens {
+                break;
+            }
+            cache.retain(&keep)?;
+            active = keep.iter().map(|&r| active[r]).collect();
+            let tokens: Vec<u32> = active.iter().map(|&i| out[i][out[i].len() - 1]).collect();
+            logits = model.decode_step(&mut cache, &tokens, &self.pass)?;
         }
         Ok(())
     }
@@ -298,5 +301,72 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let err = generate_completions(&model, &bad, &[0], &Decoding::Greedy, 4, 3, &mut rng);
         assert!(err.is_err());
+    }
+
+    /// Generation over the cache gives what re-running the decoder over the whole sequence for
+    /// every new token gives (the reference below, one prompt at a time), greedy and sampled,
+    /// including rows that stop early and a row that reaches `max_position_embeddings`.
+    #[test]
+    fn cached_generation_gives_what_rerunning_the_whole_sequence_would() {
+        use candle_core::{Device, IndexOp};
+        use leaf_adapters::model::{ModelOptions, Trainable};
+        let config = crate::trainer::tests::tiny();
+        let options = ModelOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            trainable: Trainable::Full,
+            frozen_matmul: false,
+        };
+        let model = LlamaModel::random(&config, 11, &options).unwrap();
+        let mut prompts: Vec<Vec<u32>> = (0..9u32)
+            .map(|i| (0..1 + i % 6).map(|j| (i * 5 + j * 7) % 22 + 1).collect())
+            .collect();
+        // 60 of the 64 positions: only 4 new tokens fit.
+        prompts.push((0..60u32).map(|j| j % 22 + 1).collect());
+        let stop = [0u32, 2, 4, 6, 8, 10];
+        let reference = |decoding: &Decoding, seed: u64| -> Vec<Vec<u32>> {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let seeds: Vec<u64> = prompts.iter().map(|_| rng.random::<u64>()).collect();
+            prompts
+                .iter()
+                .zip(seeds)
+                .map(|(p, s)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(s);
+                    let mut out: Vec<u32> = Vec::new();
+                    while out.len() < 12 && p.len() + out.len() < 64 {
+                        let seq: Vec<u32> = p.iter().chain(&out).copied().collect();
+                        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap();
+                        let logits = model.forward(&ids, &Pass::BASE).unwrap();
+                        let last: Vec<f32> =
+                            logits.i((0, seq.len() - 1)).unwrap().to_vec1().unwrap();
+                        let tok = pick_token(&last, decoding, &mut rng).unwrap().id;
+                        out.push(tok);
+                        if stop.contains(&tok) {
+                            break;
+                        }
+                    }
+                    out
+                })
+                .collect()
+        };
+        let sample = Decoding::Sample {
+            temperature: 1.2,
+            top_p: 0.95,
+        };
+        for decoding in [Decoding::Greedy, sample] {
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let got =
+                generate_completions(&model, &prompts, &stop, &decoding, 12, 4, &mut rng).unwrap();
+            assert_eq!(got, reference(&decoding, 9), "{decoding:?}");
+            assert!(got[9].len() <= 4, "the long prompt fills the positions");
+            assert!(
+                got.iter()
+                    .any(|c| c.len() < 12 && stop.contains(c.last().unwrap())),
+                "some rows stop early"
+            );
+        }
     }
 }
