@@ -52,7 +52,9 @@ fn prompts(from: usize, to: usize) -> Vec<Vec<u32>> {
     (0..PROMPTS)
         .map(|i| {
             let len = from + (to - from) * i / (PROMPTS - 1);
-            (0..len).map(|j| ((i * 31 + j * 7) % 690) as u32 + 1).collect()
+            (0..len)
+                .map(|j| ((i * 31 + j * 7) % 690) as u32 + 1)
+                .collect()
         })
         .collect()
 }
@@ -75,11 +77,17 @@ fn rerun(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec
         let input = Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu).expect("ids");
         let logits = model.forward(&input, &Pass::BASE).expect("forward");
         for (r, row) in rows.iter().enumerate() {
-            let last: Vec<f32> = logits.i((r, row.len() - 1)).and_then(|l| l.to_vec1()).expect("row");
+            let last: Vec<f32> = logits
+                .i((r, row.len() - 1))
+                .and_then(|l| l.to_vec1())
+                .expect("row");
             let best = last
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
             out[r].push(best.0 as u32);
         }
     }
@@ -88,8 +96,16 @@ fn rerun(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec
 
 fn cached(model: &LlamaModel, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    generate_completions(model, prompts, &[], &Decoding::Greedy, new_tokens, PROMPTS, &mut rng)
-        .expect("generate")
+    generate_completions(
+        model,
+        prompts,
+        &[],
+        &Decoding::Greedy,
+        new_tokens,
+        PROMPTS,
+        &mut rng,
+    )
+    .expect("generate")
 }
 
 fn millis_per_call(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -113,15 +129,24 @@ fn bench(c: &mut Criterion) {
     println!("workload  rerun_ms  cached_ms  rerun/cached");
     for &(name, from, to, new_tokens) in &WORKLOADS {
         let prompts = prompts(from, to);
-        let (a, b) = one.install(|| (rerun(&model, &prompts, new_tokens), cached(&model, &prompts, new_tokens)));
+        let (a, b) = one.install(|| {
+            (
+                rerun(&model, &prompts, new_tokens),
+                cached(&model, &prompts, new_tokens),
+            )
+        });
         assert_eq!(a, b, "{name}: the two decodings disagree");
         let budget = Duration::from_secs(3);
-        let t_rerun = one.install(|| millis_per_call(budget, || {
-            black_box(rerun(&model, black_box(&prompts), new_tokens));
-        }));
-        let t_cached = one.install(|| millis_per_call(budget, || {
-            black_box(cached(&model, black_box(&prompts), new_tokens));
-        }));
+        let t_rerun = one.install(|| {
+            millis_per_call(budget, || {
+                black_box(rerun(&model, black_box(&prompts), new_tokens));
+            })
+        });
+        let t_cached = one.install(|| {
+            millis_per_call(budget, || {
+                black_box(cached(&model, black_box(&prompts), new_tokens));
+            })
+        });
         println!(
             "{name:<9} {t_rerun:>8.1}  {t_cached:>9.1}  {:>11.2}",
             t_rerun / t_cached
