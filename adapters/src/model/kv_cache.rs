@@ -85,8 +85,8 @@ impl KvCache {
             .layers
             .get_mut(layer)
             .ok_or_else(|| Error::Model(format!("the cache has no layer {layer}")))?;
-        *keys = Tensor::cat(&[&*keys, k], D::Minus2)?;
-        *values = Tensor::cat(&[&*values, v], D::Minus2)?;
+        *keys = Tensor::cat(&[&*keys, &k.detach()], D::Minus2)?;
+        *values = Tensor::cat(&[&*values, &v.detach()], D::Minus2)?;
         Ok((keys.clone(), values.clone()))
     }
 

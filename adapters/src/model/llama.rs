@@ -606,7 +606,7 @@ impl LlamaModel {
                     let q = ops::split_heads(&q, heads, rope)?;
                     let k = ops::split_heads(&k, kv_heads, rope)?;
                     if let Some(kv) = kv {
-                        kv.push((k.clone(), v.clone()));
+                        kv.push((k.detach(), v.detach()));
                     }
                     (q, k, v)
                 }
@@ -709,7 +709,8 @@ impl LlamaModel {
     /// One generation step: feeds `tokens[r]` as row `r`'s next token and returns the logits
     /// `[rows, vocab]` after it, attending to the row's prompt and earlier tokens in `cache`
     /// (which grows by one column). The same values as [`LlamaModel::forward`] over the whole
-    /// sequence, up to rounding.
+    /// sequence, up to rounding. Bad tokens and a full cache are refused before anything
+    /// changes; after any other error the cache is not to be used again.
     pub fn decode_step(&self, cache: &mut KvCache, tokens: &[u32], pass: &Pass) -> Result<Tensor> {
         let rows = cache.rows();
         if tokens.len() != rows {

@@ -272,11 +272,16 @@ fn micro_batching_and_sample_order_do_not_change_the_update() {
         sample(&[1, 2, 3], &[4, 5, 6], &[1.0, -0.5, 0.3]),
         sample(&[9], &[10, 11], &[-1.0, 2.0]),
         sample(&[12, 13], &[14], &[0.7]),
+        // A demonstration: cut alone (no KL, no reference pass) or with sampled rows.
+        TrainSample {
+            demonstration: true,
+            ..sample(&[2, 7], &[8, 3, 1], &[1.0, 1.0, 1.0])
+        },
     ];
     let reversed: Vec<TrainSample> = batch.iter().rev().cloned().collect();
     for aggregation in [LossAggregation::SequenceMean, LossAggregation::TokenMean] {
         let mut results = Vec::new();
-        for (mb, batch) in [(1, &batch), (2, &batch), (3, &batch), (2, &reversed)] {
+        for (mb, batch) in [(1, &batch), (2, &batch), (4, &batch), (3, &reversed)] {
             let mut t = trainer_with(
                 TrainConfig {
                     micro_batch_size: mb,
@@ -291,6 +296,46 @@ fn micro_batching_and_sample_order_do_not_change_the_update() {
         }
         same_updates(&results);
     }
+}
+
+/// The KL term counts only what the policy sampled: on demonstrations alone the update does not
+/// depend on `kl_beta` and the reported KL is 0; on sampled rows it does.
+#[test]
+fn demonstrations_carry_no_kl_term() {
+    let rows = [
+        sample(&[1, 2, 3], &[4, 5, 6], &[1.0, 1.0, 1.0]),
+        sample(&[9], &[10, 11], &[1.0, 1.0]),
+    ];
+    let demonstrations: Vec<TrainSample> = rows
+        .iter()
+        .map(|s| TrainSample {
+            demonstration: true,
+            ..s.clone()
+        })
+        .collect();
+    let after = |batch: &[TrainSample], kl_beta: f64| {
+        let mut t = trainer_with(
+            TrainConfig {
+                kl_beta,
+                ..config(1e-2)
+            },
+            DType::F64,
+        );
+        t.step(batch).unwrap();
+        let second = t.step(batch).unwrap();
+        (second.kl, values(t.model()))
+    };
+    let (kl0, w0) = after(&demonstrations, 0.0);
+    let (kl1, w1) = after(&demonstrations, 1.0);
+    assert_eq!((kl0, kl1), (0.0, 0.0));
+    assert_eq!(w0, w1, "the KL weight changed an update of demonstrations");
+    let (kl0, w0) = after(&rows, 0.0);
+    let (kl1, w1) = after(&rows, 1.0);
+    assert!(kl0 > 0.0 && kl1 > 0.0);
+    assert_ne!(
+        w0, w1,
+        "the KL weight must change an update of sampled rows"
+    );
 }
 
 type StepsAndWeights = (StepStats, StepStats, Vec<(String, Vec<f64>)>);

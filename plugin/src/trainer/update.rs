@@ -47,7 +47,8 @@ pub struct StepStats {
     pub loss: f64,
     /// PPO-clip term (mean over sequences of their token means).
     pub pg_loss: f64,
-    /// k3 KL to the reference (mean over sequences of their token means).
+    /// k3 KL to the reference (mean over the sequences the policy sampled of their token
+    /// means; demonstrations carry no KL term).
     pub kl: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -90,6 +91,10 @@ struct Micro {
     /// Rows whose behaviour log-probs are known (one per completion token).
     has_behaviour: Vec<bool>,
     tis_rows: Vec<bool>,
+    /// 1 for rows the policy sampled, 0 for demonstrations: the KL term counts only the former.
+    kl_rows: Tensor,
+    /// Every row is a demonstration: no KL term, so the reference pass is skipped.
+    demonstrations_only: bool,
     logp_old: Option<Tensor>,
     logp_ref: Option<Tensor>,
 }
@@ -331,7 +336,13 @@ impl Trainer {
             tis_rows.push(self.wants_tis(s));
         }
         let shape = (samples.len(), c);
+        let kl_rows: Vec<f64> = samples
+            .iter()
+            .map(|s| if s.demonstration { 0.0 } else { 1.0 })
+            .collect();
         Ok(Micro {
+            kl_rows: Tensor::from_vec(kl_rows, samples.len(), device)?.to_dtype(dtype)?,
+            demonstrations_only: samples.iter().all(|s| s.demonstration),
             batch,
             advantages: Tensor::from_vec(adv, shape, device)?.to_dtype(dtype)?,
             behaviour: Tensor::from_vec(beh, shape, &Device::Cpu)?,
@@ -367,13 +378,16 @@ impl Trainer {
             .filter(|s| !s.completion.is_empty())
             .collect();
         // Rows are padded to the longest row of their micro-batch: cut from length order, the
-        // micro-batches pad little. The loss does not depend on how the batch is cut (tested).
-        used.sort_by_key(|s| s.prompt.len() + s.completion.len());
+        // micro-batches pad little. Demonstrations come after the sampled rows, so that most
+        // micro-batches of them hold nothing else and skip the reference pass (the KL term
+        // counts only sampled rows). The loss does not depend on how the batch is cut (tested).
+        used.sort_by_key(|s| (s.demonstration, s.prompt.len() + s.completion.len()));
         if used.is_empty() {
             return Err(TrainError::EmptyBatch);
         }
         let n_seq = used.len();
         let n_tok: usize = used.iter().map(|s| s.completion.len()).sum();
+        let n_sampled = used.iter().filter(|s| !s.demonstration).count();
         let mut micros = used
             .chunks(self.config.micro_batch_size)
             .map(|chunk| self.micro_batch(chunk))
@@ -382,7 +396,9 @@ impl Trainer {
         if epochs > 1 {
             for m in &mut micros {
                 m.logp_old = Some(self.model.logprobs(&m.batch, true)?.detach());
-                m.logp_ref = Some(self.model.logprobs(&m.batch, false)?.detach());
+                if !m.demonstrations_only {
+                    m.logp_ref = Some(self.model.logprobs(&m.batch, false)?.detach());
+                }
             }
         }
         let lr = self.schedule.lr(self.steps);
@@ -410,7 +426,7 @@ impl Trainer {
             };
             self.optimizer.step(&grads, lr)?;
             let pg = totals.pg / n_seq as f64;
-            let kl = totals.kl / n_seq as f64;
+            let kl = totals.kl / n_sampled.max(1) as f64;
             sums.0 += totals.loss;
             sums.1 += pg;
             sums.2 += kl;
@@ -490,8 +506,12 @@ impl Trainer {
                 Some(t) => t.clone(),
                 None => new.detach(),
             };
+            // A demonstration is not a sample of the policy, so k3 (an estimate under the
+            // policy's samples) says nothing of the KL there: the reference pass of a
+            // micro-batch of demonstrations alone is skipped, its KL term is 0.
             let reference = match &m.logp_ref {
                 Some(t) => t.clone(),
+                None if m.demonstrations_only => new.detach(),
                 None => self.model.logprobs(&m.batch, false)?.detach(),
             };
             let mask = m.batch.mask(dtype)?;
@@ -507,7 +527,8 @@ impl Trainer {
                 },
                 eps,
             )?;
-            let per_seq = (&terms.pg + (&terms.kl * self.config.kl_beta)?)?;
+            let kl = terms.kl.mul(&m.kl_rows)?;
+            let per_seq = (&terms.pg + (&kl * self.config.kl_beta)?)?;
             let loss = self.config.loss_aggregation.micro_batch_loss(
                 &per_seq,
                 &terms.counts,
@@ -526,11 +547,7 @@ impl Trainer {
                 .to_dtype(DType::F64)?
                 .sum_all()?
                 .to_scalar::<f64>()?;
-            totals.kl += terms
-                .kl
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            totals.kl += kl.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
             self.token_stats(m, &new, &old, &mut totals)?;
             let grads = loss.backward()?;
             for (slot, var) in acc.iter_mut().zip(vars) {
