@@ -612,18 +612,10 @@ impl LlamaModel {
                 }
                 Attention::Step(cache) => {
                     let positions = cache.positions();
-                    let q = ops::rope_rows(
-                        &ops::split_heads(&q, heads, None)?,
-                        &cos,
-                        &sin,
-                        &positions,
-                    )?;
-                    let k = ops::rope_rows(
-                        &ops::split_heads(&k, kv_heads, None)?,
-                        &cos,
-                        &sin,
-                        &positions,
-                    )?;
+                    let rotate = |x: &Tensor, n: usize| {
+                        ops::rope_rows(&ops::split_heads(x, n, None)?, &cos, &sin, &positions)
+                    };
+                    let (q, k) = (rotate(&q, heads)?, rotate(&k, kv_heads)?);
                     let (k, v) = cache.append(li, &k, &v)?;
                     (q, k, v)
                 }

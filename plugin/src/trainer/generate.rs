@@ -260,18 +260,21 @@ mod tests {
         assert_eq!((pick.id, pick.logprob), (1, 0.0));
     }
 
-    #[test]
-    fn parallel_batches_give_what_one_after_another_would() {
-        use candle_core::Device;
+    /// The trainer tests' tiny decoder with random weights from `seed`.
+    fn tiny_model(seed: u64) -> LlamaModel {
         use leaf_adapters::model::{ModelOptions, Trainable};
-        let config = crate::trainer::tests::tiny();
         let options = ModelOptions {
             dtype: DType::F32,
-            device: Device::Cpu,
+            device: candle_core::Device::Cpu,
             trainable: Trainable::Full,
             frozen_matmul: false,
         };
-        let model = LlamaModel::random(&config, 7, &options).unwrap();
+        LlamaModel::random(&crate::trainer::tests::tiny(), seed, &options).unwrap()
+    }
+
+    #[test]
+    fn parallel_batches_give_what_one_after_another_would() {
+        let model = tiny_model(7);
         // Eleven prompts of different lengths: batches of 3 are padded differently.
         let prompts: Vec<Vec<u32>> = (0..11u32)
             .map(|i| (0..1 + i % 5).map(|j| (i * 7 + j * 3) % 20 + 1).collect())
@@ -309,15 +312,7 @@ mod tests {
     #[test]
     fn cached_generation_gives_what_rerunning_the_whole_sequence_would() {
         use candle_core::{Device, IndexOp};
-        use leaf_adapters::model::{ModelOptions, Trainable};
-        let config = crate::trainer::tests::tiny();
-        let options = ModelOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            trainable: Trainable::Full,
-            frozen_matmul: false,
-        };
-        let model = LlamaModel::random(&config, 11, &options).unwrap();
+        let model = tiny_model(11);
         let mut prompts: Vec<Vec<u32>> = (0..9u32)
             .map(|i| (0..1 + i % 6).map(|j| (i * 5 + j * 7) % 22 + 1).collect())
             .collect();
