@@ -555,8 +555,8 @@ impl LlamaModel {
         };
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
         let inner = cfg.intermediate_size;
-        // RoPE tables and the mask: positions 0..t under a causal mask, or each row's next
-        // position over the cache.
+        // RoPE tables and the mask: positions 0..t under a causal mask, or the angles of each
+        // row's next position (once per step, for every layer) over the cache.
         let (cos, sin, mask) = match &attention {
             Attention::Causal { lens, .. } => {
                 let (cos, sin) =
@@ -569,6 +569,7 @@ impl LlamaModel {
             }
             Attention::Step(cache) => {
                 let (cos, sin) = cache.tables();
+                let (cos, sin) = ops::rope_tables_at(cos, sin, &cache.positions())?;
                 let cols = cache.columns() + 1;
                 let mask = ops::step_mask(
                     cache.lens(),
@@ -577,7 +578,7 @@ impl LlamaModel {
                     self.dtype,
                     &self.device,
                 )?;
-                (cos.clone(), sin.clone(), mask)
+                (cos, sin, mask)
             }
         };
         let scale = 1.0 / (hd as f64).sqrt();
@@ -611,9 +612,8 @@ impl LlamaModel {
                     (q, k, v)
                 }
                 Attention::Step(cache) => {
-                    let positions = cache.positions();
                     let rotate = |x: &Tensor, n: usize| {
-                        ops::rope_rows(&ops::split_heads(x, n, None)?, &cos, &sin, &positions)
+                        ops::rope_rows(&ops::split_heads(x, n, None)?, &cos, &sin)
                     };
                     let (q, k) = (rotate(&q, heads)?, rotate(&k, kv_heads)?);
                     let (k, v) = cache.append(li, &k, &v)?;

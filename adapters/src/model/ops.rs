@@ -239,41 +239,54 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let sin = sin.narrow(0, 0, seq)?;
     let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
     let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
+    rotate_half_rope(x, &cos, &sin)
 }
 
-/// [`rope`] for one new position per row, as generation with a [`super::KvCache`] needs:
-/// `x` is `[batch, heads, 1, head_dim]` and row `r` is rotated by the angles of
-/// `positions[r]` in the tables `(cos, sin)` from [`rope_tables`]; the arithmetic of [`rope`].
-pub fn rope_rows(x: &Tensor, cos: &Tensor, sin: &Tensor, positions: &[usize]) -> Result<Tensor> {
-    let (b, _h, one, dim) = x.dims4()?;
+/// The RoPE angles of one position per row, as generation with a [`super::KvCache`] needs:
+/// `(cos, sin)`, each `[batch, 1, 1, head_dim]`, row `r` holding position `positions[r]` of the
+/// tables from [`rope_tables`] (both halves, as [`rope`] lays them out). Computed once per step
+/// and applied to every layer's queries and keys by [`rope_rows`].
+pub fn rope_tables_at(cos: &Tensor, sin: &Tensor, positions: &[usize]) -> Result<(Tensor, Tensor)> {
     let (table, half) = cos.dims2()?;
-    if one != 1 || b != positions.len() || half * 2 != dim || sin.dims2()? != (table, half) {
-        candle_core::bail!(
-            "rope rows: x {:?} does not match {} positions and cos {:?} / sin {:?}",
-            x.shape(),
-            positions.len(),
-            cos.shape(),
-            sin.shape()
-        );
+    if sin.dims2()? != (table, half) {
+        candle_core::bail!("rope tables: cos {:?} / sin {:?}", cos.shape(), sin.shape());
     }
     if let Some(p) = positions.iter().find(|&&p| p >= table) {
         candle_core::bail!("rope rows: position {p} is beyond the {table} positions of the tables");
     }
+    let b = positions.len();
     let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
     let index = Tensor::from_vec(index, b, cos.device())?;
     let rows = |t: &Tensor| -> Result<Tensor> {
         let t = t.index_select(&index, 0)?;
-        Tensor::cat(&[&t, &t], D::Minus1)?.reshape((b, 1, 1, dim))
+        Tensor::cat(&[&t, &t], D::Minus1)?.reshape((b, 1, 1, 2 * half))
     };
-    let (cos, sin) = (rows(cos)?, rows(sin)?);
+    Ok((rows(cos)?, rows(sin)?))
+}
+
+/// [`rope`] for one new position per row: `x` is `[batch, heads, 1, head_dim]`, rotated by the
+/// row angles `(cos, sin)` of [`rope_tables_at`]; the arithmetic of [`rope`].
+pub fn rope_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _h, one, dim) = x.dims4()?;
+    if one != 1 || cos.dims4()? != (b, 1, 1, dim) || sin.dims4()? != (b, 1, 1, dim) {
+        candle_core::bail!(
+            "rope rows: x {:?} does not match cos {:?} / sin {:?}",
+            x.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    rotate_half_rope(x, cos, sin)
+}
+
+/// `x * cos + rotate_half(x) * sin` for `cos`, `sin` holding both halves and broadcasting
+/// against `x`: the arithmetic [`rope`] and [`rope_rows`] share.
+fn rotate_half_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
 }
 
 /// Repeats each key/value head `n_rep` times along the head axis (grouped-query attention):
