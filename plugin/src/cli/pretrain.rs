@@ -53,7 +53,7 @@ pub struct Args {
     /// code_recognition, code_translation, arithmetic); repeat a kind to weight it [default:
     /// recognition three times, code_recognition twice, the others once].
     #[arg(long, value_delimiter = ',')]
-    pub train_kinds: Vec<String>,
+    pub train_kinds: Vec<TaskKind>,
     /// Test examples per task family for the model card (0 skips the evaluation).
     #[arg(long, default_value_t = DEFAULT_EVAL_SAMPLES)]
     pub eval_samples: usize,
@@ -88,17 +88,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         defaults.train_kinds.clone()
     } else {
         a.train_kinds
-            .iter()
-            .map(|k| {
-                serde_json::from_value::<TaskKind>(serde_json::json!(k.trim())).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--train-kinds: unknown task kind {k:?} (expected recognition, \
-                         translation, sum, largest, count, code_recognition, code_translation \
-                         or arithmetic)"
-                    )
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?
     };
     let config = PretrainConfig {
         steps: a.steps,

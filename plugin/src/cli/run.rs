@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use leaf_plugin::job::run::{
     default_cache_dir, run as run_job, Estimator, EvalDecoding, RunConfig,
 };
+use leaf_plugin::speech::tasks::TaskKind;
 use leaf_plugin::trainer::LossAggregation;
 
 /// Arguments of `leaf run` (defaults: the tuned settings of [`RunConfig::default`]).
@@ -107,6 +108,12 @@ pub struct Args {
     /// rollouts / K replays each prompt more than once).
     #[arg(long, default_value_t = RunConfig::default().traffic_prompts)]
     pub prompts: usize,
+    /// Task kinds of the traffic, comma-separated (recognition, translation, sum, largest,
+    /// count, code_recognition, code_translation, arithmetic); repeat a kind to weight it
+    /// [default: the pretraining's mix, recognition three times, code_recognition twice, the
+    /// others once].
+    #[arg(long, value_delimiter = ',')]
+    pub traffic_kinds: Vec<TaskKind>,
     /// Augmented renderings (speed, gain, noise, masks) of each prompt's audio; replays after
     /// the first send them in turn, so a replayed recording sounds different (0: none).
     #[arg(long, default_value_t = RunConfig::default().traffic_augment)]
@@ -174,6 +181,11 @@ impl Args {
             supervised_per_update: self.supervised_per_update,
             fork_fraction: self.fork_fraction,
             traffic_prompts: self.prompts,
+            traffic_kinds: if self.traffic_kinds.is_empty() {
+                RunConfig::default().traffic_kinds
+            } else {
+                self.traffic_kinds.clone()
+            },
             traffic_augment: self.augment_traffic,
             ceiling_samples: self.ceiling_samples,
             clients: self.clients,

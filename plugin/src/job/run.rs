@@ -59,7 +59,9 @@ use crate::speech::prepare::ExampleEncoder;
 use crate::speech::pretrain::{
     default_data_dir, ensure_default_model, load_encoder, DEFAULT_TRAIN_KINDS,
 };
-use crate::speech::tasks::{is_traffic_take, Corpus, Split, TaskFamily, MAX_ANSWER_TOKENS};
+use crate::speech::tasks::{
+    is_traffic_take, Corpus, Split, TaskFamily, TaskKind, MAX_ANSWER_TOKENS,
+};
 use crate::trainer::{LossAggregation, TrainConfig};
 
 /// File of the saved run state inside the output directory.
@@ -196,6 +198,10 @@ pub struct RunConfig {
     pub top_p: f64,
     /// Distinct training prompts in the traffic (replayed cyclically).
     pub traffic_prompts: usize,
+    /// Task kinds of the traffic's prompts, drawn uniformly (repeat a kind to weight it);
+    /// by default the pretraining's mix ([`DEFAULT_TRAIN_KINDS`]).
+    #[serde(default = "default_traffic_kinds")]
+    pub traffic_kinds: Vec<TaskKind>,
     /// Augmented renderings of each traffic prompt's audio: replays after the first send
     /// them in turn (0: every replay sends the same audio).
     #[serde(default)]
@@ -245,6 +251,10 @@ fn unit_weight() -> f64 {
     1.0
 }
 
+fn default_traffic_kinds() -> Vec<TaskKind> {
+    DEFAULT_TRAIN_KINDS.to_vec()
+}
+
 /// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
 pub fn default_cache_dir() -> PathBuf {
     match std::env::var_os("HOME") {
@@ -286,6 +296,7 @@ impl Default for RunConfig {
             temperature: 1.0,
             top_p: 1.0,
             traffic_prompts: 16_384,
+            traffic_kinds: default_traffic_kinds(),
             traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,
             eval_samples: 8,
@@ -369,6 +380,9 @@ impl RunConfig {
         }
         if self.clients == 0 || self.max_tokens == 0 || self.traffic_prompts == 0 {
             return bad("clients, max_tokens and traffic_prompts must be positive");
+        }
+        if self.traffic_kinds.is_empty() {
+            return bad("traffic_kinds must name at least one task kind");
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return bad("temperature must be positive");
@@ -977,11 +991,11 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         }
     };
     let prepared_at = Instant::now();
-    // The traffic asks what the model was trained to answer, in the same mix.
+    // The traffic asks what the model was trained to answer, by default in the same mix.
     let items = Arc::new(traffic::prepare(
         &model_dir,
         &traffic_corpus,
-        &DEFAULT_TRAIN_KINDS,
+        &config.traffic_kinds,
         config.traffic_prompts,
         config.seed,
         config.traffic_augment,
@@ -1375,4 +1389,27 @@ pub fn run(config: &RunConfig) -> crate::Result<RunReport> {
         super::plot::diagnostics(&out.join(DIAGNOSTICS_FILE), &report)?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_traffic_defaults_to_the_pretraining_mix_and_needs_a_kind() {
+        let defaults = RunConfig::default();
+        assert_eq!(defaults.traffic_kinds, DEFAULT_TRAIN_KINDS.to_vec());
+        assert!(defaults.validate().is_ok());
+        // Settings written before the field existed read as the default mix.
+        let mut json = serde_json::to_value(&defaults).unwrap();
+        json.as_object_mut().unwrap().remove("traffic_kinds");
+        let read: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(read, defaults);
+        let none = RunConfig {
+            traffic_kinds: Vec::new(),
+            ..RunConfig::default()
+        };
+        let err = none.validate().unwrap_err().to_string();
+        assert!(err.contains("traffic_kinds"), "{err}");
+    }
 }

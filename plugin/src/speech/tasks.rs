@@ -426,6 +426,22 @@ impl std::str::FromStr for TaskFamily {
     }
 }
 
+impl std::str::FromStr for TaskKind {
+    type Err = SpeechError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = TaskKind::ALL.iter().map(|k| k.name()).collect();
+                SpeechError::Config(format!(
+                    "unknown task kind {s:?} (expected one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
 /// Most digits in one utterance of any kind: ten clips of up to 1.3 s plus nine gaps stay
 /// within the audio limit and, at 50 unit frames per second, within the model's positions.
 pub const MAX_UTTERANCE_DIGITS: usize = 10;
@@ -503,6 +519,22 @@ impl TaskKind {
         TaskKind::CodeTranslation,
         TaskKind::Arithmetic,
     ];
+
+    /// The kind's name in configurations and on the command line: `recognition`,
+    /// `translation`, `sum`, `largest`, `count`, `code_recognition`, `code_translation` or
+    /// `arithmetic` (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Recognition => "recognition",
+            TaskKind::Translation => "translation",
+            TaskKind::Sum => "sum",
+            TaskKind::Largest => "largest",
+            TaskKind::Count => "count",
+            TaskKind::CodeRecognition => "code_recognition",
+            TaskKind::CodeTranslation => "code_translation",
+            TaskKind::Arithmetic => "arithmetic",
+        }
+    }
 
     /// Fewest and most digits of this kind's utterances by default (see [`TaskConfig::digits`]).
     pub fn digit_range(self) -> (usize, usize) {
@@ -846,6 +878,27 @@ mod tests {
         ] {
             assert_eq!(Clip::parse_name(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn kind_names_parse_back_and_match_serde() {
+        for kind in TaskKind::ALL {
+            assert_eq!(kind.name().parse::<TaskKind>().unwrap(), kind);
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.name())
+            );
+        }
+        assert_eq!(
+            " sum".parse::<TaskKind>().unwrap(),
+            TaskKind::Sum,
+            "surrounding space is trimmed"
+        );
+        let err = "recognise".parse::<TaskKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("\"recognise\"") && err.contains("code_translation"),
+            "{err}"
+        );
     }
 
     #[test]
