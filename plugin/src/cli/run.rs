@@ -110,8 +110,9 @@ pub struct Args {
     pub prompts: usize,
     /// Task kinds of the traffic, comma-separated (recognition, translation, sum, largest,
     /// count, code_recognition, code_translation, arithmetic); repeat a kind to weight it
-    /// [default: the pretraining's mix, recognition three times, code_recognition twice, the
-    /// others once].
+    /// [default: the short families in the pretraining's proportions, recognition three times,
+    /// translation, sum, largest and count once; the pretraining's whole mix adds
+    /// code_recognition twice, code_translation and arithmetic].
     #[arg(long, value_delimiter = ',')]
     pub traffic_kinds: Vec<TaskKind>,
     /// Augmented renderings (speed, gain, noise, masks) of each prompt's audio; replays after
