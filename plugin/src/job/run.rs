@@ -106,7 +106,7 @@ impl EvalDecoding {
 /// one request in 16 (K = 8 samples, B = 4 groups per update; an update also closes at 8
 /// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 224
 /// updates, 40,000 rollouts (about 27,830 requests, one in 16 forked into a group) over 27,840
-/// distinct training prompts of the short families ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks
+/// distinct training prompts of the short families ([`default_traffic_kinds`]), held-out checks
 /// decoded as the server samples. The supervised objective and its volume of distinct labelled
 /// requests are what move greedy answers on this workload; a long family's prompt costs about
 /// three short ones in training and those families showed no exact answer to gain, so the
@@ -202,7 +202,7 @@ pub struct RunConfig {
     /// Distinct training prompts in the traffic (replayed cyclically).
     pub traffic_prompts: usize,
     /// Task kinds of the traffic's prompts, drawn uniformly (repeat a kind to weight it);
-    /// by default [`DEFAULT_TRAFFIC_KINDS`]. Settings saved without it read as the
+    /// by default [`default_traffic_kinds`]. Settings saved without it read as the
     /// pretraining's mix ([`DEFAULT_TRAIN_KINDS`]), the traffic of every earlier run.
     #[serde(default = "pretraining_mix")]
     pub traffic_kinds: Vec<TaskKind>,
@@ -259,17 +259,14 @@ fn pretraining_mix() -> Vec<TaskKind> {
     DEFAULT_TRAIN_KINDS.to_vec()
 }
 
-/// The default traffic's task kinds: the short families' kinds in the pretraining's proportions
-/// (recognition three times, translation, sum, largest, count once each).
-pub const DEFAULT_TRAFFIC_KINDS: [TaskKind; 7] = [
-    TaskKind::Recognition,
-    TaskKind::Recognition,
-    TaskKind::Recognition,
-    TaskKind::Translation,
-    TaskKind::Sum,
-    TaskKind::Largest,
-    TaskKind::Count,
-];
+/// The default traffic's task kinds: the short families' part of the pretraining's mix, in its
+/// proportions (recognition three times, translation, sum, largest, count once each).
+pub fn default_traffic_kinds() -> Vec<TaskKind> {
+    DEFAULT_TRAIN_KINDS
+        .into_iter()
+        .filter(|k| !k.family().is_long())
+        .collect()
+}
 
 /// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
 pub fn default_cache_dir() -> PathBuf {
@@ -312,7 +309,7 @@ impl Default for RunConfig {
             temperature: 1.0,
             top_p: 1.0,
             traffic_prompts: 27_840,
-            traffic_kinds: DEFAULT_TRAFFIC_KINDS.to_vec(),
+            traffic_kinds: default_traffic_kinds(),
             traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,
             eval_samples: 8,
@@ -1415,12 +1412,20 @@ mod tests {
 
     #[test]
     fn the_default_traffic_is_the_short_part_of_the_pretraining_mix_and_needs_a_kind() {
-        let short: Vec<TaskKind> = DEFAULT_TRAIN_KINDS
-            .into_iter()
-            .filter(|k| !k.family().is_long())
-            .collect();
+        use TaskKind::*;
         let defaults = RunConfig::default();
-        assert_eq!(defaults.traffic_kinds, short);
+        assert_eq!(
+            defaults.traffic_kinds,
+            [
+                Recognition,
+                Recognition,
+                Recognition,
+                Translation,
+                Sum,
+                Largest,
+                Count
+            ]
+        );
         assert!(defaults.validate().is_ok());
         // Every forked or single request of the default budget gets its own prompt.
         let requests = defaults.rollouts as f64
