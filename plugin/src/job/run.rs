@@ -111,10 +111,9 @@ impl EvalDecoding {
 /// requests are what move greedy answers on this workload; a long family's prompt costs about
 /// three short ones in training and those families showed no exact answer to gain, so the
 /// default traffic spends the budget on the short ones (the README measures both). The
-/// evaluation sizes (8
-/// examples per family per check: with 16 every 4 updates the checks took 90 % of the
-/// learning phase; 100 per family for the base and final evaluations, 50 for the base
-/// model's pass@K) keep the six-family run within its 20-minute budget on 2 cores;
+/// evaluation sizes (8 examples per family per check: with 16 every 4 updates the checks took
+/// 90 % of the learning phase; 100 per family for the base and final evaluations, 50 for the
+/// base model's pass@K) keep the six-family run within its 20-minute budget on 2 cores;
 /// at 100 examples a family's exact match has a standard error of about 0.05, so small
 /// differences need `--final-eval-samples` raised. The README holds the tuning figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
