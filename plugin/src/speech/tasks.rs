@@ -413,33 +413,36 @@ impl std::fmt::Display for TaskFamily {
 impl std::str::FromStr for TaskFamily {
     type Err = SpeechError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TaskFamily::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = TaskFamily::ALL.iter().map(|f| f.name()).collect();
-                SpeechError::Config(format!(
-                    "unknown task {s:?} (expected one of {})",
-                    names.join(", ")
-                ))
-            })
+        by_name(&TaskFamily::ALL, TaskFamily::name, "task", s, s)
     }
 }
 
 impl std::str::FromStr for TaskKind {
     type Err = SpeechError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TaskKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s.trim())
-            .ok_or_else(|| {
-                let names: Vec<&str> = TaskKind::ALL.iter().map(|k| k.name()).collect();
-                SpeechError::Config(format!(
-                    "unknown task kind {s:?} (expected one of {})",
-                    names.join(", ")
-                ))
-            })
+        by_name(&TaskKind::ALL, TaskKind::name, "task kind", s, s.trim())
     }
+}
+
+/// The entry of `all` whose `name` is `key`; otherwise an error naming the `input` and listing
+/// every name (the parsing of [`TaskFamily`] and [`TaskKind`]).
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    what: &str,
+    input: &str,
+    key: &str,
+) -> Result<T, SpeechError> {
+    all.iter()
+        .copied()
+        .find(|&t| name(t) == key)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+            SpeechError::Config(format!(
+                "unknown {what} {input:?} (expected one of {})",
+                names.join(", ")
+            ))
+        })
 }
 
 /// Most digits in one utterance of any kind: ten clips of up to 1.3 s plus nine gaps stay
