@@ -72,6 +72,9 @@ pub struct Args {
     /// Adam's beta2, the decay of the squared-gradient average (0.95 in the LEAF spec).
     #[arg(long, default_value_t = RunConfig::default().adam_beta2)]
     pub adam_beta2: f64,
+    /// LoRA+: the LoRA B matrices' learning rate is this multiple of `--lr` (1: plain LoRA).
+    #[arg(long, default_value_t = RunConfig::default().lora_plus_ratio)]
+    pub lora_plus_ratio: f64,
     /// PPO epochs (passes over each batch).
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     pub epochs: usize,
@@ -173,6 +176,7 @@ impl Args {
             alpha: self.alpha,
             kl_beta: self.kl_beta,
             adam_beta2: self.adam_beta2,
+            lora_plus_ratio: self.lora_plus_ratio,
             epochs: self.epochs,
             negative_weight: self.negative_weight,
             micro_batch: self.micro_batch,

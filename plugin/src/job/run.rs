@@ -158,6 +158,10 @@ pub struct RunConfig {
     /// (0.95 in the LEAF spec; supervised fine-tuning usually runs 0.99-0.999).
     #[serde(default = "spec_beta2")]
     pub adam_beta2: f64,
+    /// LoRA+ ([`TrainConfig::lora_plus_ratio`]): the B matrices' learning rate is this multiple
+    /// of `learning_rate`; 1 is plain LoRA.
+    #[serde(default = "unit_weight")]
+    pub lora_plus_ratio: f64,
     /// PPO epochs: passes over each batch of rollouts (the ratio and clip act from the
     /// second pass on).
     #[serde(default = "one")]
@@ -295,6 +299,7 @@ impl Default for RunConfig {
             alpha: 64.0,
             kl_beta: 0.02,
             adam_beta2: spec_beta2(),
+            lora_plus_ratio: 1.0,
             epochs: 1,
             negative_weight: 1.0,
             micro_batch: 8,
@@ -367,6 +372,9 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&self.adam_beta2) {
             return bad("adam_beta2 must be in [0, 1)");
+        }
+        if !(self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0) {
+            return bad("lora_plus_ratio must be positive");
         }
         if self.epochs == 0 {
             return bad("epochs must be at least 1");
@@ -452,6 +460,7 @@ impl RunConfig {
             learning_rate: self.learning_rate,
             kl_beta: self.kl_beta,
             adam_beta2: self.adam_beta2,
+            lora_plus_ratio: self.lora_plus_ratio,
             total_steps: self.planned_updates(),
             warmup_fraction: 0.05,
             micro_batch_size: self.micro_batch,
@@ -1446,5 +1455,27 @@ mod tests {
         };
         let err = none.validate().unwrap_err().to_string();
         assert!(err.contains("traffic_kinds"), "{err}");
+    }
+
+    #[test]
+    fn lora_plus_reaches_the_trainer_and_is_validated() {
+        let plus = RunConfig {
+            lora_plus_ratio: 4.0,
+            ..RunConfig::default()
+        };
+        assert_eq!(plus.train_config().lora_plus_ratio, 4.0);
+        for bad in [0.0, -2.0, f64::NAN] {
+            let cfg = RunConfig {
+                lora_plus_ratio: bad,
+                ..RunConfig::default()
+            };
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("lora_plus_ratio"), "{err}");
+        }
+        // Settings written before the field existed read as plain LoRA.
+        let mut json = serde_json::to_value(&plus).unwrap();
+        json.as_object_mut().unwrap().remove("lora_plus_ratio");
+        let read: RunConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(read.lora_plus_ratio, 1.0);
     }
 }

@@ -89,6 +89,10 @@ pub struct TrainConfig {
     pub loss_aggregation: LossAggregation,
     /// Truncated importance weighting against behaviour log-probs.
     pub tis: TisConfig,
+    /// LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): the
+    /// learning rate of every LoRA B matrix is this multiple of the A matrices' (and of every
+    /// other trainable tensor's). 1 (default) is plain LoRA; the paper recommends 2-16.
+    pub lora_plus_ratio: f64,
     /// LoRA: rank 64, alpha 128, dropout 0.05 on q, k, v, o, gate, up, down.
     pub lora: LoraOptions,
     /// Seed of the dropout masks of training passes.
@@ -118,6 +122,7 @@ impl Default for TrainConfig {
             negative_weight: 1.0,
             loss_aggregation: LossAggregation::SequenceMean,
             tis: TisConfig::default(),
+            lora_plus_ratio: 1.0,
             lora: LoraOptions::default(),
             seed: 0,
             device: ComputeDevice::Cpu,
@@ -193,6 +198,12 @@ impl TrainConfig {
             return bad(
                 "negative_weight",
                 format!("{} must be in [0, 1]", self.negative_weight),
+            );
+        }
+        if !(self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0) {
+            return bad(
+                "lora_plus_ratio",
+                format!("{} must be positive and finite", self.lora_plus_ratio),
             );
         }
         if !(self.tis.cap.is_finite() && self.tis.cap > 0.0) {

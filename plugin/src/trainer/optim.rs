@@ -11,10 +11,13 @@ use candle_core::{Result, Tensor, Var};
 /// theta <- theta - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
 /// ```
 ///
-/// With `weight_decay = 0` (the spec's default) it is plain Adam.
+/// With `weight_decay = 0` (the spec's default) it is plain Adam. Each variable may scale the
+/// step's learning rate by its own factor ([`Adam::with_lr_scales`], 1 by default): LoRA+ gives
+/// the B matrices a larger one.
 #[derive(Debug)]
 pub struct Adam {
     vars: Vec<Var>,
+    lr_scales: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     t: u64,
@@ -39,6 +42,7 @@ impl Adam {
             .collect::<Result<Vec<_>>>()?;
         let v = m.clone();
         Ok(Adam {
+            lr_scales: vec![1.0; vars.len()],
             vars,
             m,
             v,
@@ -48,6 +52,23 @@ impl Adam {
             eps,
             weight_decay,
         })
+    }
+
+    /// Multiplies the learning rate of `vars[i]` by `scales[i]` in every later step. Fails when
+    /// the count differs from the variables' or a factor is not positive and finite.
+    pub fn with_lr_scales(mut self, scales: Vec<f64>) -> Result<Self> {
+        if scales.len() != self.vars.len() {
+            candle_core::bail!(
+                "adam: {} learning-rate scales for {} variables",
+                scales.len(),
+                self.vars.len()
+            );
+        }
+        if let Some(bad) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            candle_core::bail!("adam: learning-rate scale {bad} must be positive and finite");
+        }
+        self.lr_scales = scales;
+        Ok(self)
     }
 
     /// Number of optimizer steps taken.
@@ -115,7 +136,9 @@ impl Adam {
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         let slots = self.m.iter_mut().zip(self.v.iter_mut());
-        for ((var, g), (m_slot, v_slot)) in self.vars.iter().zip(grads).zip(slots) {
+        let vars = self.vars.iter().zip(&self.lr_scales);
+        for (((var, scale), g), (m_slot, v_slot)) in vars.zip(grads).zip(slots) {
+            let lr = lr * scale;
             let m = ((&*m_slot * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             let v = ((&*v_slot * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let m_hat = (&m / bc1)?;
@@ -207,6 +230,44 @@ mod tests {
             theta -= lr * mh / (vh.sqrt() + eps);
         }
         assert!((vals(&x)[0] - theta).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_scaled_variable_steps_as_if_its_learning_rate_were_scaled() {
+        let (a, b) = (var(&[0.7, -0.2]), var(&[0.7, -0.2]));
+        let (c, d) = (var(&[0.7, -0.2]), var(&[0.7, -0.2]));
+        let mut scaled = Adam::new(vec![a.clone(), b.clone()], 0.9, 0.95, 1e-8, 0.01)
+            .unwrap()
+            .with_lr_scales(vec![1.0, 16.0])
+            .unwrap();
+        let mut plain_a = Adam::new(vec![c.clone()], 0.9, 0.95, 1e-8, 0.01).unwrap();
+        let mut plain_b = Adam::new(vec![d.clone()], 0.9, 0.95, 1e-8, 0.01).unwrap();
+        for g in [[0.5f64, -1.0], [-0.25, 2.0], [0.1, 0.1]] {
+            let g = Tensor::new(&g, &Device::Cpu).unwrap();
+            scaled.step(&[g.clone(), g.clone()], 0.01).unwrap();
+            plain_a.step(&[g.clone()], 0.01).unwrap();
+            plain_b.step(&[g], 0.16).unwrap();
+        }
+        assert_eq!(vals(&a), vals(&c));
+        assert_eq!(vals(&b), vals(&d));
+        assert_ne!(vals(&a), vals(&b));
+    }
+
+    #[test]
+    fn bad_learning_rate_scales_are_an_error() {
+        let adam = || Adam::new(vec![var(&[1.0]), var(&[2.0])], 0.9, 0.95, 1e-8, 0.0).unwrap();
+        let err = adam().with_lr_scales(vec![1.0]).unwrap_err().to_string();
+        assert!(
+            err.contains("1 learning-rate scales for 2 variables"),
+            "{err}"
+        );
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = adam()
+                .with_lr_scales(vec![1.0, bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be positive and finite"), "{err}");
+        }
     }
 
     #[test]

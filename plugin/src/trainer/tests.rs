@@ -267,6 +267,52 @@ fn every_lora_tensor_moves_and_gets_a_gradient_after_one_step() {
 }
 
 #[test]
+fn lora_plus_scales_the_b_matrices_step_only() {
+    // Step 1 moves only B (A's gradient is zero while B = 0), each element by lr * ratio
+    // (Adam's first step has unit size), so the largest B entry measures the B learning rate.
+    let batch = vec![sample(&[1, 2, 3], &[4, 5, 6], &[1.0, -0.5, 0.3])];
+    let largest_b = |ratio: f64| {
+        let mut t = trainer_with(
+            TrainConfig {
+                lora_plus_ratio: ratio,
+                ..config(1e-2)
+            },
+            DType::F64,
+        );
+        t.step(&batch).unwrap();
+        values(t.model())
+            .into_iter()
+            .filter(|(n, _)| n.contains("lora_B"))
+            .flat_map(|(_, v)| v)
+            .fold(0.0f64, |m, x| m.max(x.abs()))
+    };
+    let (plain, plus) = (largest_b(1.0), largest_b(16.0));
+    assert!((plain - 1e-2).abs() < 1e-6, "{plain}");
+    assert!((plus - 16e-2).abs() < 1e-5, "{plus}");
+    let err = Trainer::new(
+        LlamaModel::random(
+            &tiny(),
+            42,
+            &ModelOptions {
+                dtype: DType::F32,
+                device: Device::Cpu,
+                trainable: Trainable::Lora(config(1e-2).lora),
+                frozen_matmul: true,
+            },
+        )
+        .unwrap(),
+        TrainConfig {
+            lora_plus_ratio: 0.0,
+            ..config(1e-2)
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("lora_plus_ratio"), "{err}");
+}
+
+#[test]
 fn micro_batching_and_sample_order_do_not_change_the_update() {
     let batch = vec![
         sample(&[1, 2, 3], &[4, 5, 6], &[1.0, -0.5, 0.3]),

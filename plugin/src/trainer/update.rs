@@ -150,13 +150,21 @@ impl Trainer {
             }
         }
         let (names, vars): (Vec<String>, Vec<Var>) = model.trainable_vars().into_iter().unzip();
+        let lr_scales = names
+            .iter()
+            .map(|n| match n.ends_with(".lora_B.weight") {
+                true => config.lora_plus_ratio,
+                false => 1.0,
+            })
+            .collect();
         let optimizer = Adam::new(
             vars,
             config.adam_beta1,
             config.adam_beta2,
             config.adam_eps,
             config.weight_decay,
-        )?;
+        )?
+        .with_lr_scales(lr_scales)?;
         let schedule = CosineSchedule::new(
             config.learning_rate,
             config.total_steps,
