@@ -245,7 +245,7 @@ mod tests {
         for g in [[0.5f64, -1.0], [-0.25, 2.0], [0.1, 0.1]] {
             let g = Tensor::new(&g, &Device::Cpu).unwrap();
             scaled.step(&[g.clone(), g.clone()], 0.01).unwrap();
-            plain_a.step(&[g.clone()], 0.01).unwrap();
+            plain_a.step(std::slice::from_ref(&g), 0.01).unwrap();
             plain_b.step(&[g], 0.16).unwrap();
         }
         assert_eq!(vals(&a), vals(&c));
