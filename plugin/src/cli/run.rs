@@ -113,9 +113,9 @@ pub struct Args {
     pub prompts: usize,
     /// Task kinds of the traffic, comma-separated (recognition, translation, sum, largest,
     /// count, code_recognition, code_translation, arithmetic); repeat a kind to weight it
-    /// [default: the short families in the pretraining's proportions, recognition three times,
-    /// translation, sum, largest and count once; the pretraining's whole mix adds
-    /// code_recognition twice, code_translation and arithmetic].
+    /// [default: the short families, recognition, translation, sum and largest twice, count
+    /// once; the pretraining's mix is recognition three times, translation, sum, largest and
+    /// count once, code_recognition twice, code_translation and arithmetic once].
     #[arg(long, value_delimiter = ',')]
     pub traffic_kinds: Vec<TaskKind>,
     /// Augmented renderings (speed, gain, noise, masks) of each prompt's audio; replays after

@@ -1,9 +1,9 @@
 //! Live traffic: the spoken-digit **training** tasks replayed through the plugin by several
 //! concurrent clients. The prompts' task kinds are the run's setting: by default the short
-//! families ([`super::run::default_traffic_kinds`]: recognition weighted most), or any mix
-//! of the pretraining's kinds, the long families (5-10 digit codes and arithmetic with the
-//! working, whose answers run to 20 tokens) included; each request names its family (`task`),
-//! so the server can report them apart.
+//! families ([`super::run::DEFAULT_TRAFFIC_KINDS`]: translation and spoken QA weighted up), or
+//! any mix of the pretraining's kinds, the long families (5-10 digit codes and arithmetic with
+//! the working, whose answers run to 20 tokens) included; each request names its family
+//! (`task`), so the server can report them apart.
 //!
 //! Every request carries its reference answer, so the server's
 //! [`crate::harvest::ReferenceReward`] scores each sample (the job uses cased sentence
