@@ -107,16 +107,17 @@ impl EvalDecoding {
 /// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 224
 /// updates, 40,000 rollouts (about 27,830 requests, one in 16 forked into a group) over 27,840
 /// distinct training prompts of the short families, weighted toward translation and spoken QA
-/// ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks
-/// decoded as the server samples. The supervised objective and its volume of distinct labelled
-/// requests are what move greedy answers on this workload; a long family's prompt costs about
-/// three short ones in training and those families showed no exact answer to gain, so the
-/// default traffic spends the budget on the short ones (the README measures both). The
-/// evaluation sizes (8 examples per family per check: with 16 every 4 updates the checks took
-/// 90 % of the learning phase; 100 per family for the base and final evaluations, 50 for the
-/// base model's pass@K) keep the six-family run within its 20-minute budget on 2 cores;
-/// at 100 examples a family's exact match has a standard error of about 0.05, so small
-/// differences need `--final-eval-samples` raised. The README holds the tuning figures.
+/// ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks decoded as the server samples. The supervised
+/// objective and its volume of distinct labelled requests are what move greedy answers on
+/// this workload; a long family's prompt costs about three short ones in training and those
+/// families showed no exact answer to gain, so the default traffic spends the budget on the
+/// short ones (the README measures both). The evaluation sizes (8 examples per family per
+/// check: with 16 every 4 updates the checks took 90 % of the learning phase; 100 per family
+/// for the base and final evaluations, 50 for the base model's pass@K) keep the six-family run
+/// within its 20-minute budget on 2 quiet cores; at 100 examples a family's exact match has a
+/// standard error of about 0.05 (at 50, pass@K's about 0.07), so small differences need
+/// `--final-eval-samples` and `--ceiling-samples` raised. The README holds the tuning
+/// figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
     /// The base model directory; `None` uses (and on first use trains) the cached default.

@@ -91,7 +91,8 @@ pub struct TrainConfig {
     pub tis: TisConfig,
     /// LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): the
     /// learning rate of every LoRA B matrix is this multiple of the A matrices' (and of every
-    /// other trainable tensor's). 1 (default) is plain LoRA; the paper recommends 2-16.
+    /// other trainable tensor's). 1 (default) is plain LoRA; a larger ratio usually wants a
+    /// lower learning rate (the README measures 4 at `leaf run`'s).
     pub lora_plus_ratio: f64,
     /// LoRA: rank 64, alpha 128, dropout 0.05 on q, k, v, o, gate, up, down.
     pub lora: LoraOptions,
