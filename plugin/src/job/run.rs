@@ -207,7 +207,7 @@ pub struct RunConfig {
     /// Distinct training prompts in the traffic (replayed cyclically).
     pub traffic_prompts: usize,
     /// Task kinds of the traffic's prompts, drawn uniformly (repeat a kind to weight it);
-    /// by default [`default_traffic_kinds`]. Settings saved without it read as the
+    /// by default [`DEFAULT_TRAFFIC_KINDS`]. Settings saved without it read as the
     /// pretraining's mix ([`DEFAULT_TRAIN_KINDS`]), the traffic of every earlier run.
     #[serde(default = "pretraining_mix")]
     pub traffic_kinds: Vec<TaskKind>,
@@ -283,11 +283,6 @@ pub const DEFAULT_TRAFFIC_KINDS: [TaskKind; 9] = [
     TaskKind::Count,
 ];
 
-/// [`DEFAULT_TRAFFIC_KINDS`] as the setting's list.
-pub fn default_traffic_kinds() -> Vec<TaskKind> {
-    DEFAULT_TRAFFIC_KINDS.to_vec()
-}
-
 /// The default model cache: `$HOME/.cache/leaf/models`, or `out/cache` without a home.
 pub fn default_cache_dir() -> PathBuf {
     match std::env::var_os("HOME") {
@@ -330,7 +325,7 @@ impl Default for RunConfig {
             temperature: 1.0,
             top_p: 1.0,
             traffic_prompts: 27_840,
-            traffic_kinds: default_traffic_kinds(),
+            traffic_kinds: DEFAULT_TRAFFIC_KINDS.to_vec(),
             traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,
             eval_samples: 8,

@@ -152,9 +152,12 @@ impl Trainer {
         let (names, vars): (Vec<String>, Vec<Var>) = model.trainable_vars().into_iter().unzip();
         let lr_scales = names
             .iter()
-            .map(|n| match n.ends_with(".lora_B.weight") {
-                true => config.lora_plus_ratio,
-                false => 1.0,
+            .map(|n| {
+                if n.ends_with(".lora_B.weight") {
+                    config.lora_plus_ratio
+                } else {
+                    1.0
+                }
             })
             .collect();
         let optimizer = Adam::new(
