@@ -4,7 +4,7 @@
 //!    [`ensure_default_model`] on first use, with a progress bar).
 //! 2. **Server**: a [`LeafServer`] on mistral.rs with its adapter store in `OUT/store`; the
 //!    reward is cased sentence BLEU / 100 against the reference each request carries; the
-//!    group policy draws K - 1 extra samples of one client prompt in 16 (`fork_fraction`),
+//!    group policy draws K - 1 extra samples of one client prompt in 32 (`fork_fraction`),
 //!    and seals every other labelled request at once as a one-response group.
 //! 3. **Traffic**: the spoken-digit training tasks, replayed by concurrent clients
 //!    ([`super::traffic`]).
@@ -103,9 +103,9 @@ impl EvalDecoding {
 
 /// Every setting of a run. [`RunConfig::default`] holds the defaults of `leaf run`: the
 /// supervised objective on every request's reference (weight 1) beside LEAF reinforcement on
-/// one request in 16 (K = 8 samples, B = 4 groups per update; an update also closes at 8
+/// one request in 32 (K = 8 samples, B = 4 groups per update; an update also closes at 8
 /// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 224
-/// updates, 40,000 rollouts (about 27,830 requests, one in 16 forked into a group) over 27,840
+/// updates, 40,000 rollouts (about 32,820 requests, one in 32 forked into a group) over 32,832
 /// distinct training prompts of the short families, weighted toward translation and spoken QA
 /// ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks decoded as the server samples. The supervised
 /// objective and its volume of distinct labelled requests are what move greedy answers on
@@ -319,12 +319,12 @@ impl Default for RunConfig {
             reference_guidance: false,
             supervised_weight: 1.0,
             supervised_per_update: 8,
-            fork_fraction: 0.0625,
+            fork_fraction: 0.03125,
             clients: 4,
             max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
             top_p: 1.0,
-            traffic_prompts: 27_840,
+            traffic_prompts: 32_832,
             traffic_kinds: DEFAULT_TRAFFIC_KINDS.to_vec(),
             traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,

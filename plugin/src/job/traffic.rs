@@ -82,8 +82,8 @@ impl TrafficItem {
 /// Generates `n` training-split examples, task kinds drawn uniformly from `kinds` (seeded;
 /// repeat a kind to weight it), and encodes their audio with the codebook of the model in
 /// `model_dir`, clean, plus `augment_variants` augmented renderings of each (the pretraining
-/// augmentation, [`AugmentConfig::default`], each variant with its own seed). Answers of the long kinds need
-/// up to [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
+/// augmentation, [`AugmentConfig::default`], each variant with its own seed). Answers of the
+/// long kinds need up to [`crate::speech::tasks::MAX_ANSWER_TOKENS`] new tokens; a smaller
 /// [`TrafficConfig::max_tokens`] cuts them short.
 pub fn prepare(
     model_dir: &Path,
