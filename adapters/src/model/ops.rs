@@ -252,7 +252,9 @@ pub fn rope_tables_at(cos: &Tensor, sin: &Tensor, positions: &[usize]) -> Result
         candle_core::bail!("rope tables: cos {:?} / sin {:?}", cos.shape(), sin.shape());
     }
     if let Some(p) = positions.iter().find(|&&p| p >= table) {
-        candle_core::bail!("rope tables at: position {p} is beyond the {table} positions of the tables");
+        candle_core::bail!(
+            "rope tables at: position {p} is beyond the {table} positions of the tables"
+        );
     }
     let b = positions.len();
     let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
