@@ -104,7 +104,7 @@ impl EvalDecoding {
 /// Every setting of a run. [`RunConfig::default`] holds the defaults of `leaf run`: the
 /// supervised objective on every request's reference (weight 1) beside LEAF reinforcement on
 /// one request in 32 (K = 8 samples, B = 4 groups per update; an update also closes at 8
-/// labelled singles), LoRA rank 32 / alpha 64, learning rate 2e-3, check + hot-swap every 224
+/// labelled singles), LoRA rank 32 / alpha 64, learning rate 1.5e-3, check + hot-swap every 224
 /// updates, 40,000 rollouts (about 32,820 requests, one in 32 forked into a group) over 32,832
 /// distinct training prompts of the short families, weighted toward translation and spoken QA
 /// ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks decoded as the server samples. The supervised
@@ -306,7 +306,7 @@ impl Default for RunConfig {
             group_size: 8,
             groups_per_update: 4,
             publish_every: 224,
-            learning_rate: 2e-3,
+            learning_rate: 1.5e-3,
             rank: 32,
             alpha: 64.0,
             kl_beta: 0.02,
@@ -346,11 +346,12 @@ impl RunConfig {
     /// `leaf compare` compares estimators, so that the estimator is all that differs): every
     /// request forked into a group of K, 8,192 rollouts over 512 distinct prompts (each
     /// replayed twice) in the pretraining's task mix (long families included), LoRA rank 8 /
-    /// alpha 16, a check every 8 updates.
+    /// alpha 16, learning rate 2e-3, a check every 8 updates.
     pub fn reinforcement_only() -> Self {
         RunConfig {
             rollouts: 8192,
             publish_every: 8,
+            learning_rate: 2e-3,
             rank: 8,
             alpha: 16.0,
             supervised_weight: 0.0,
