@@ -94,6 +94,11 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     let out = tmp.path().join("run");
     let cfg = RunConfig {
         fault_nan_update: Some(3),
+        // chrF scores partial matches, so the tiny model's group members almost never tie and
+        // every batch makes an update. Under BLEU about half the groups tied at 0, and whether
+        // the third update came at all depended on scheduling.
+        metric: leaf_plugin::reward::Metric::Chrf,
+        rollouts: 96,
         ..short_run(&model, &data, &out)
     };
     let report = run(&cfg).expect("leaf run");
@@ -150,10 +155,10 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
     );
 
     // Budget, updates, swaps.
-    assert!(report.rollouts >= 48, "{}", report.rollouts);
-    // Six batches of rollouts; a batch whose groups all had equal rewards makes no update.
+    assert!(report.rollouts >= 96, "{}", report.rollouts);
+    // Twelve batches of rollouts; a batch whose groups all had equal rewards makes no update.
     assert!(
-        report.updates >= 3 && report.updates <= 6,
+        report.updates >= 3 && report.updates <= 12,
         "{}",
         report.updates
     );
@@ -205,14 +210,14 @@ fn leaf_run_trains_swaps_rolls_back_on_nan_and_resumes() {
 
     // --resume continues from the saved counters and the store's current version.
     let resumed = run(&RunConfig {
-        rollouts: 80,
+        rollouts: 144,
         resume: true,
         fault_nan_update: None,
         ..cfg.clone()
     })
     .expect("leaf run --resume");
     assert_eq!(resumed.sessions, 2);
-    assert!(resumed.rollouts >= 80);
+    assert!(resumed.rollouts >= 144);
     assert!(resumed.updates > report.updates);
     assert_eq!(&resumed.curve[..report.curve.len()], &report.curve[..]);
     assert!(resumed.curve.len() > report.curve.len());
