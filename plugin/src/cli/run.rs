@@ -122,7 +122,8 @@ pub struct Args {
     /// the first send them in turn, so a replayed recording sounds different (0: none).
     #[arg(long, default_value_t = RunConfig::default().traffic_augment)]
     pub augment_traffic: usize,
-    /// Examples per task family of the base model's pass@K (cached per model).
+    /// Examples per task family of the base model's pass@K, on the families the traffic asks
+    /// (cached per model).
     #[arg(long, default_value_t = RunConfig::default().ceiling_samples)]
     pub ceiling_samples: usize,
     /// Concurrent traffic clients.

@@ -279,7 +279,10 @@ pub fn evaluate_examples(
 }
 
 /// The examples [`evaluate`] asks of family number `family` of `config` for speaker group
-/// `group` (0: the in-speaker group, 1: the held-out speaker), drawn from `corpus`.
+/// `group` (0: the in-speaker group, 1: the held-out speaker), drawn from `corpus`. They depend
+/// on the family, the seed, the split, the sample count and the group, not on which other
+/// families `config` lists: an evaluation of spoken QA alone asks the same examples as one of
+/// every family.
 pub fn family_examples(
     corpus: &Corpus,
     config: &EvalConfig,
@@ -296,7 +299,7 @@ pub fn family_examples(
     let seed = config
         .seed
         .wrapping_add(1000 * group)
-        .wrapping_add(family as u64 + 1);
+        .wrapping_add(f.index() as u64 + 1);
     Ok(generate(
         corpus,
         config.split,
@@ -353,5 +356,40 @@ mod tests {
         assert!(s.bleu > 0.0 && s.bleu < 100.0);
         assert!(s.chrf > 50.0 && s.chrf < 100.0);
         assert!(score_pairs(std::iter::empty()).is_none());
+    }
+
+    #[test]
+    fn a_family_asks_the_same_examples_whatever_else_is_evaluated() {
+        let clips = (0..10u8)
+            .flat_map(|digit| {
+                (0..6u32).map(move |take| crate::speech::Clip {
+                    digit,
+                    speaker: "ann".into(),
+                    take,
+                    path: format!("{digit}_ann_{take}.wav").into(),
+                })
+            })
+            .collect();
+        let corpus = Corpus::from_clips(clips).unwrap();
+        let all = EvalConfig {
+            samples: 20,
+            ..EvalConfig::default()
+        };
+        let sqa = EvalConfig {
+            families: vec![TaskFamily::Sqa],
+            ..all.clone()
+        };
+        let alone = family_examples(&corpus, &sqa, 0, 0).unwrap();
+        assert_eq!(alone.len(), 20);
+        assert_eq!(alone, family_examples(&corpus, &all, 2, 0).unwrap());
+        // Another family draws other examples; a family number out of range is an error.
+        assert_ne!(alone, family_examples(&corpus, &all, 0, 0).unwrap());
+        let e = family_examples(&corpus, &sqa, 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("family number 1"), "{e}");
+        for (i, f) in TaskFamily::ALL.iter().enumerate() {
+            assert_eq!(f.index(), i);
+        }
     }
 }

@@ -374,6 +374,15 @@ impl TaskFamily {
     /// The families whose answers are long enough for prefix trees to branch (5 words and more).
     pub const LONG: [TaskFamily; 3] = [TaskFamily::AsrLong, TaskFamily::AstLong, TaskFamily::Arith];
 
+    /// The family's place in [`TaskFamily::ALL`]: a number that does not depend on which
+    /// other families are asked for (evaluation seeds its examples with it).
+    pub fn index(self) -> usize {
+        TaskFamily::ALL
+            .iter()
+            .position(|f| *f == self)
+            .unwrap_or(TaskFamily::ALL.len())
+    }
+
     /// True for the families in [`TaskFamily::LONG`].
     pub fn is_long(self) -> bool {
         TaskFamily::LONG.contains(&self)
