@@ -116,7 +116,7 @@ impl EvalDecoding {
 /// learning phase cheap; the base and final evaluations and the base model's pass@K (only on
 /// the traffic's families) take 400 examples per family, so that the printed share of the gap
 /// closed is a measurement (at 100 examples a family's exact match has a standard error of
-/// about 0.05, most of a gap of 0.1-0.25; at 400 about 0.025) for about 2 more minutes on a
+/// about 0.05, most of a gap of 0.1-0.25; at 400 about 0.025) for about a minute more on a
 /// fresh cache (the base model's figures are cached). The README holds the tuning figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
