@@ -105,7 +105,7 @@ impl EvalDecoding {
 /// supervised objective on every request's reference (weight 1) beside LEAF reinforcement on
 /// one request in 32 (K = 8 samples, B = 4 groups per update; an update also closes at 8
 /// labelled singles), LoRA rank 32 / alpha 64, learning rate 1.5e-3, check + hot-swap every 224
-/// updates, 60,000 rollouts (about 49,230 requests, one in 32 forked into a group) over 49,248
+/// updates, 80,000 rollouts (about 65,640 requests, one in 32 forked into a group) over 65,664
 /// distinct training prompts of the short families, weighted toward translation and spoken QA
 /// ([`DEFAULT_TRAFFIC_KINDS`]), held-out checks decoded as the server samples. The supervised
 /// objective and its volume of distinct labelled requests are what move greedy answers on
@@ -302,7 +302,7 @@ impl Default for RunConfig {
             estimator: Estimator::Leaf,
             metric: default_metric(),
             placebo_reward: false,
-            rollouts: 60_000,
+            rollouts: 80_000,
             seed: 0,
             group_size: 8,
             groups_per_update: 4,
@@ -325,7 +325,7 @@ impl Default for RunConfig {
             max_tokens: MAX_ANSWER_TOKENS,
             temperature: 1.0,
             top_p: 1.0,
-            traffic_prompts: 49_248,
+            traffic_prompts: 65_664,
             traffic_kinds: DEFAULT_TRAFFIC_KINDS.to_vec(),
             traffic_augment: 0,
             eval_decoding: EvalDecoding::Serving,
